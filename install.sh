@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Install relu-opt and everything it needs into a virtual environment (default .venv).
+#
+# Why a script and not one `pip install`:
+# - torch is pinned to 2.13.0 first, so pip takes the CPU build instead of a multi-GB CUDA one;
+# - crypten 0.4.1 cannot be installed with its own requirements (it asks for the deprecated `sklearn`
+#   placeholder package and a torchvision that would replace torch), so it is installed with --no-deps
+#   after the `crypten` extra has installed what it really imports;
+# - Fashion-MNIST, the default data, comes from Debian's dataset-fashion-mnist package.
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV="${VENV:-.venv}"
+
+data=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+if [ ! -f "$data" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  else
+    echo "note: Fashion-MNIST not found; run 'sudo apt-get install dataset-fashion-mnist' or pass --data-dir" >&2
+  fi
+fi
+
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+py="$VENV/bin/python"
+"$py" -m pip install -q --upgrade pip
+"$py" -m pip install -q torch==2.13.0
+"$py" -m pip install -q -e ".[dev,crypten]"
+"$py" -m pip install -q --no-deps crypten==0.4.1
+"$py" -c "import relu_opt; print('relu-opt', relu_opt.__version__, 'installed in $VENV')"

@@ -1,0 +1,47 @@
+"""Atomic file writes: a temporary file in the target's folder, fsync, then rename over the target."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path` atomically; returns the path. A crash leaves the old file or none."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write UTF-8 text atomically; returns the path."""
+    return write_bytes(path, text.encode())
+
+
+def write_json(path: str | os.PathLike, obj) -> Path:
+    """Write `obj` as indented JSON atomically; returns the path."""
+    return write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def save_torch(obj, path: str | os.PathLike) -> Path:
+    """torch.save `obj` atomically; returns the path."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return write_bytes(path, buf.getvalue())

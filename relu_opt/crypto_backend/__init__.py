@@ -1,0 +1,1 @@
+"""Encrypted inference under CrypTen: conversion, party launch, measurement and the cost model."""

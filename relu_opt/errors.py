@@ -1,0 +1,39 @@
+"""Errors relu-opt reports to users: one line each, naming the bad input and the fix."""
+
+from __future__ import annotations
+
+
+class ReluOptError(Exception):
+    """Base class: the CLI prints the message as one line and exits with code 2."""
+
+
+class ModelSpecError(ReluOptError):
+    """MODEL could not be resolved to an nn.Module."""
+
+
+class WeightsError(ReluOptError):
+    """A weights file is missing, unreadable, or does not fit the model."""
+
+
+class TraceError(ReluOptError):
+    """torch.fx could not trace the model."""
+
+
+class ExportError(ReluOptError):
+    """ONNX export, checking or parity failed."""
+
+
+class InputShapeError(ReluOptError):
+    """--input-shape is malformed or missing."""
+
+
+class DataError(ReluOptError):
+    """A dataset is missing or malformed."""
+
+
+class BudgetError(ReluOptError):
+    """A ReLU budget is out of range."""
+
+
+class CryptenError(ReluOptError):
+    """CrypTen is missing, a model cannot be converted, or a party failed."""

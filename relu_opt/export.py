@@ -1,0 +1,255 @@
+"""ONNX export with verification: checker, onnxruntime parity, and a census of the ONNX graph."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from relu_opt import atomic
+from relu_opt.errors import ExportError
+from relu_opt.graph import eval_mode
+
+DEFAULT_OPSET = 17
+PARITY_TOLERANCE = 1e-4  # max abs error relative to the output's max magnitude
+
+# ONNX op type -> census kind. Only "relu" and "maxpool" must match the fx census exactly;
+# exporters decompose the others (SiLU becomes Sigmoid*x, GELU becomes Erf), so those are indicative.
+_ONNX_KINDS = {
+    "Relu": "relu",
+    "LeakyRelu": "leaky_relu",
+    "PRelu": "prelu",
+    "MaxPool": "maxpool",
+    "HardSwish": "hardswish",
+    "HardSigmoid": "hardsigmoid",
+    "Gelu": "gelu",
+    "Erf": "gelu",
+    "Mish": "mish",
+    "Elu": "elu",
+    "Selu": "elu",
+    "Softplus": "softplus",
+    "Sigmoid": "sigmoid",
+    "Tanh": "tanh",
+    "Softmax": "softmax",
+    "LogSoftmax": "softmax",
+    "LayerNormalization": "layernorm",
+    "Sqrt": "rsqrt",
+}
+EXACT_KINDS = ("relu", "maxpool")
+
+
+@dataclass(frozen=True)
+class OnnxSite:
+    """One non-linear ONNX node with its elements per sample (comparisons, for MaxPool)."""
+
+    node: str
+    op_type: str
+    kind: str
+    elements: int
+
+
+@dataclass(frozen=True)
+class OnnxCensus:
+    sites: tuple[OnnxSite, ...]
+    totals_by_kind: dict[str, int]
+
+    @property
+    def total_relu(self) -> int:
+        return self.totals_by_kind.get("relu", 0)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What export wrote and how it was verified."""
+
+    path: str
+    opset: int
+    max_abs_err: float
+    output_scale: float
+    onnx_totals: dict[str, int]
+    census_totals: dict[str, int] = field(default_factory=dict)
+    op_types: tuple[str, ...] = ()
+
+    @property
+    def rel_err(self) -> float:
+        return self.max_abs_err / max(self.output_scale, 1e-12)
+
+    @property
+    def onnx_relu(self) -> int:
+        return self.onnx_totals.get("relu", 0)
+
+    def to_dict(self) -> dict:
+        """Return a JSON-ready dict."""
+        return {
+            "path": self.path,
+            "opset": self.opset,
+            "max_abs_err": self.max_abs_err,
+            "output_scale": self.output_scale,
+            "rel_err": self.rel_err,
+            "onnx_relu": self.onnx_relu,
+            "onnx_totals": dict(self.onnx_totals),
+            "census_totals": dict(self.census_totals),
+            "op_types": list(self.op_types),
+        }
+
+
+def to_onnx_bytes(model: nn.Module, example: torch.Tensor, opset: int = DEFAULT_OPSET) -> bytes:
+    """Return the ONNX bytes of `model` (eval mode, TorchScript exporter, dynamic batch axis)."""
+    buf = io.BytesIO()
+    with eval_mode(model), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(
+                model,
+                (example,),
+                buf,
+                dynamo=False,
+                opset_version=opset,
+                input_names=["input"],
+                output_names=["output"],
+                dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+                do_constant_folding=True,
+            )
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ExportError(f"ONNX export (opset {opset}) failed: {first}") from exc
+    return buf.getvalue()
+
+
+def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for n in graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    values[n.output[0]] = numpy_helper.to_array(a.t)
+    return values
+
+
+def _clip_kind(node: onnx.NodeProto, consts: dict[str, np.ndarray]) -> str:
+    def value(i: int):
+        if len(node.input) > i and node.input[i]:
+            v = consts.get(node.input[i])
+            return None if v is None else float(np.asarray(v).reshape(-1)[0])
+        return None
+
+    attrs = {a.name: a.f for a in node.attribute}  # before opset 11 the bounds are attributes
+    lo = value(1) if len(node.input) > 1 else attrs.get("min")
+    hi = value(2) if len(node.input) > 2 else attrs.get("max")
+    if lo == 0 and hi is None:
+        return "relu"
+    return "hardtanh" if lo is not None and hi is not None else "clamp"
+
+
+def _output_shapes(mp: onnx.ModelProto, names: list[str], sample: np.ndarray) -> dict[str, tuple[int, ...]]:
+    """Per-sample shapes of `names`: static shape inference first, one onnxruntime run for the rest."""
+    inferred = onnx.shape_inference.infer_shapes(mp)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        rest = [d.dim_value if d.HasField("dim_value") else None for d in dims[1:]]
+        if dims and None not in rest:
+            shapes[vi.name] = tuple(rest)
+    unknown = [n for n in names if n not in shapes]
+    if unknown:
+        import onnxruntime as ort
+
+        probe = onnx.ModelProto()
+        probe.CopyFrom(mp)
+        probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in unknown)
+        sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+        outs = sess.run(unknown, {sess.get_inputs()[0].name: sample})
+        shapes.update({n: tuple(o.shape[1:]) for n, o in zip(unknown, outs)})
+    return shapes
+
+
+def onnx_census(mp: onnx.ModelProto, input_shape: tuple[int, ...]) -> OnnxCensus:
+    """Return the non-linear ONNX nodes with elements per sample, counted as the fx census counts."""
+    consts = _constants(mp.graph)
+    picked = []
+    for n in mp.graph.node:
+        kind = _clip_kind(n, consts) if n.op_type == "Clip" else _ONNX_KINDS.get(n.op_type)
+        if kind:
+            picked.append((n, kind))
+    sample = np.random.default_rng(0).standard_normal((1, *input_shape[1:])).astype(np.float32)
+    shapes = _output_shapes(mp, [n.output[0] for n, _ in picked], sample)
+    sites = []
+    for n, kind in picked:
+        elements = math.prod(shapes[n.output[0]])
+        if kind == "maxpool":
+            kernel = next(a.ints for a in n.attribute if a.name == "kernel_shape")
+            elements *= math.prod(kernel) - 1
+        sites.append(OnnxSite(n.name, n.op_type, kind, int(elements)))
+    totals = Counter()
+    for s in sites:
+        totals[s.kind] += s.elements
+    return OnnxCensus(tuple(sites), dict(totals))
+
+
+def check_parity(
+    onnx_bytes: bytes, model: nn.Module, example: torch.Tensor, batch: int = 2, seed: int = 0
+) -> tuple[float, float]:
+    """Return (max abs error, output scale) of onnxruntime vs PyTorch on random input."""
+    import onnxruntime as ort
+
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((batch, *example.shape[1:]), generator=gen, dtype=example.dtype)
+    with eval_mode(model), torch.no_grad():
+        ref = model(x).float().numpy()
+    sess = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    if got.shape != ref.shape:
+        raise ExportError(f"onnxruntime output shape {got.shape} differs from PyTorch's {ref.shape}")
+    return float(np.abs(got - ref).max()), float(np.abs(ref).max())
+
+
+def export(
+    model: nn.Module,
+    example: torch.Tensor,
+    path: str | os.PathLike,
+    opset: int = DEFAULT_OPSET,
+    census_totals: dict[str, int] | None = None,
+) -> ExportResult:
+    """Export, check, verify parity and ReLU count, then write `path` atomically; returns the result.
+
+    Raises ExportError (and writes nothing) when the checker fails, the onnxruntime output differs by
+    more than PARITY_TOLERANCE of the output scale, or the ONNX ReLU/max-pool count differs from
+    `census_totals` when given.
+    """
+    data = to_onnx_bytes(model, example, opset)
+    mp = onnx.load_from_string(data)
+    try:
+        onnx.checker.check_model(mp)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"onnx.checker rejected the exported graph: {exc}") from exc
+    err, scale = check_parity(data, model, example)
+    if not math.isfinite(err) or err > PARITY_TOLERANCE * max(scale, 1e-12):
+        raise ExportError(
+            f"onnxruntime output differs from PyTorch by {err:.3g} (output scale {scale:.3g}), "
+            f"over the {PARITY_TOLERANCE:g} relative tolerance; try another --opset"
+        )
+    counted = onnx_census(mp, tuple(example.shape))
+    if census_totals is not None:
+        for kind in EXACT_KINDS:
+            a, b = counted.totals_by_kind.get(kind, 0), census_totals.get(kind, 0)
+            if a != b:
+                raise ExportError(f"ONNX graph has {a} {kind} elements per sample but the census has {b}")
+    atomic.write_bytes(path, data)
+    return ExportResult(
+        path=str(path),
+        opset=opset,
+        max_abs_err=err,
+        output_scale=scale,
+        onnx_totals=counted.totals_by_kind,
+        census_totals=dict(census_totals or {}),
+        op_types=tuple(sorted({n.op_type for n in mp.graph.node})),
+    )

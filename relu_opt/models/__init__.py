@@ -1,0 +1,20 @@
+"""Built-in architectures, registered by name."""
+
+from relu_opt.models import resnet_cifar, small_cnn, vgg, wide_resnet  # noqa: F401  (registers)
+from relu_opt.models.registry import (
+    ModelEntry,
+    create_model,
+    get_entry,
+    is_registered,
+    list_models,
+    register_model,
+)
+
+__all__ = [
+    "ModelEntry",
+    "create_model",
+    "get_entry",
+    "is_registered",
+    "list_models",
+    "register_model",
+]

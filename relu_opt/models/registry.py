@@ -1,0 +1,68 @@
+"""A timm-style model registry: `@register_model` on factories, `create_model(name, ...)`."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from relu_opt.errors import ModelSpecError
+
+DEFAULT_INPUT_SHAPE = (1, 3, 32, 32)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    factory: Callable[..., nn.Module]
+    description: str
+    default_input_shape: tuple[int, ...] = DEFAULT_INPUT_SHAPE
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(
+    fn: Callable[..., nn.Module] | None = None, *, input_shape: tuple[int, ...] = DEFAULT_INPUT_SHAPE
+):
+    """Register a factory under its function name; returns the factory unchanged."""
+
+    def wrap(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        doc = (factory.__doc__ or "").strip().splitlines()
+        _REGISTRY[factory.__name__] = ModelEntry(
+            factory.__name__, factory, doc[0] if doc else "", tuple(input_shape)
+        )
+        return factory
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Return the sorted names of registered models matching a shell-style pattern."""
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+
+
+def get_entry(name: str) -> ModelEntry:
+    """Return the registry entry for `name`, or raise ModelSpecError naming close matches."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, _REGISTRY, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ModelSpecError(
+            f"unknown model '{name}'.{hint} Zoo models: {', '.join(list_models())}; "
+            "or give path/to/file.py:Class or package.module:factory"
+        ) from None
+
+
+def is_registered(name: str) -> bool:
+    """Return True when `name` is a zoo model."""
+    return name in _REGISTRY
+
+
+def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:
+    """Return a new, randomly initialised zoo model."""
+    return get_entry(name).factory(num_classes=num_classes, in_channels=in_channels, **kwargs)

@@ -1,0 +1,1 @@
+"""torch.fx passes: each takes a GraphModule (and keyword options) and returns one."""
