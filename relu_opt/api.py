@@ -12,6 +12,9 @@ from relu_opt.export import DEFAULT_OPSET, ExportResult
 from relu_opt.export import export as _export
 from relu_opt.graph import propagate_shapes, trace
 from relu_opt.passes.census import Census, census
+from relu_opt.plan import load
+
+__all__ = ["count", "export", "load"]
 
 
 def count(model: nn.Module, example: torch.Tensor, leaf: Iterable[str | type] = (), name: str = "") -> Census:

@@ -9,11 +9,13 @@ from typing import Annotated
 
 import torch
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from relu_opt import api, atomic
+from relu_opt.data import load_dataset
 from relu_opt.errors import InputShapeError, ReluOptError
 from relu_opt.export import DEFAULT_OPSET
 from relu_opt.graph import parse_input_shape
@@ -88,9 +90,7 @@ def _load(spec: str, input_shape: str | None, weights: Path | None, num_classes:
     loaded = resolve_model(spec, num_classes=num_classes, in_channels=shape[1] if shape else 3)
     shape = shape or loaded.default_input_shape
     if shape is None:
-        raise InputShapeError(
-            f"'{spec}' has no default input shape; pass --input-shape, e.g. --input-shape 1,3,32,32"
-        )
+        raise InputShapeError(f"'{spec}' has no default input shape; pass --input-shape, e.g. --input-shape 1,3,32,32")
     if weights is not None:
         load_weights(loaded.model, weights)
     return loaded.model.eval(), loaded.name, shape
@@ -135,17 +135,13 @@ def count_cmd(
     weights: WeightsOpt = None,
     leaf: LeafOpt = None,
     num_classes: NumClassesOpt = 10,
-    json_path: Annotated[
-        Path | None, typer.Option("--json", help="Also write the census as JSON here.")
-    ] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the census as JSON here.")] = None,
 ) -> None:
     """Print where the ReLUs (and other non-linear ops) are: per site elements, share and feeding MACs."""
     net, name, shape = _load(model, input_shape, weights, num_classes)
     c = api.count(net, torch.randn(shape), leaf or (), name=name)
     out.print(_census_table(c))
-    out.print(
-        f"ReLU elements per sample: [bold]{c.total_relu:,}[/]   MACs: {c.total_macs:,}   params: {c.params:,}"
-    )
+    out.print(f"ReLU elements per sample: [bold]{c.total_relu:,}[/]   MACs: {c.total_macs:,}   params: {c.params:,}")
     if json_path:
         atomic.write_json(json_path, c.to_dict())
         out.print(f"wrote {json_path}")
@@ -169,12 +165,131 @@ def export_cmd(
         f"parity vs PyTorch: max abs error {r.max_abs_err:.3g} (output scale {r.output_scale:.3g}, "
         f"relative {r.rel_err:.2g})"
     )
-    out.print(
-        f"ONNX ReLU elements per sample: [bold]{r.onnx_relu:,}[/] (census {r.census_totals.get('relu', 0):,})"
-    )
+    out.print(f"ONNX ReLU elements per sample: [bold]{r.onnx_relu:,}[/] (census {r.census_totals.get('relu', 0):,})")
     others = {k: v for k, v in r.onnx_totals.items() if k != "relu"}
     if others:
         out.print("other non-linear ONNX elements: " + ", ".join(f"{k} {v:,}" for k, v in others.items()))
+
+
+def _samples(data: str | None, data_dir: Path | None, samples: int, shape: tuple[int, ...]):
+    """Return (x, y) test samples from a dataset, or (random x, None) when no dataset is named."""
+    if data is None:
+        return torch.randn((samples, *shape[1:]), generator=torch.Generator().manual_seed(0)), None
+    ds = load_dataset(data, data_dir)
+    if tuple(ds.input_shape[1:]) != tuple(shape[1:]):
+        raise InputShapeError(
+            f"dataset '{data}' has inputs {ds.input_shape[1:]} but the model expects {shape[1:]}; "
+            f"pass --input-shape 1,{','.join(map(str, ds.input_shape[1:]))}"
+        )
+    test = ds.test.subset(samples)
+    return test.x, test.y
+
+
+def _bench_table(r) -> Table:
+    t = Table(
+        title=f"CrypTen, {r.parties} parties, batch {r.batch}",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        collapse_padding=True,
+        pad_edge=False,
+    )
+    for col in ("model", "ReLUs", "rounds", "MB/party", "wall s", "LAN s", "WAN s", "err", "top-1", "acc"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    for m in r.models:
+        t.add_row(
+            m.name,
+            f"{m.relu_elements:,}",
+            str(m.rounds),
+            f"{max(m.bytes_per_party) / 1e6:.1f}",
+            f"{m.wall_s_median:.2f}",
+            f"{m.lan_s:.2f}",
+            f"{m.wan_s:.2f}",
+            f"{m.max_abs_err:.1g}",
+            f"{m.top1_agreement:.2f}",
+            "-" if m.accuracy is None else f"{m.accuracy:.0%}",
+        )
+    return t
+
+
+@command("bench")
+def bench_cmd(
+    model: ModelArg,
+    optimized: Annotated[
+        Path | None, typer.Option("--optimized", help="An `relu-opt optimize` output folder to compare.")
+    ] = None,
+    parties: Annotated[int, typer.Option("--parties", min=2, help="Number of parties.")] = 2,
+    samples: Annotated[int, typer.Option("--samples", min=1, help="Test samples, run as one batch.")] = 2,
+    data: Annotated[
+        str | None, typer.Option("--data", help="Dataset for real samples and accuracy (default: random inputs).")
+    ] = None,
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Folder holding the dataset files.")] = None,
+    runs: Annotated[int, typer.Option("--runs", min=1, help="Timed runs per model.")] = 3,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed warm-up runs per model.")] = 1,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds before stuck parties are stopped.")] = 300,
+    lan: Annotated[str, typer.Option("--lan", help="LAN profile RTT_MS,MB_PER_S.")] = "0.5,1000",
+    wan: Annotated[str, typer.Option("--wan", help="WAN profile RTT_MS,MB_PER_S.")] = "40,100",
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
+    input_shape: InputShapeOpt = None,
+    weights: WeightsOpt = None,
+    num_classes: NumClassesOpt = 10,
+    rank: Annotated[int | None, typer.Option("--rank", help="Run only this party (one per host); see README.")] = None,
+    world_size: Annotated[int | None, typer.Option("--world-size", help="Parties in a multi-host run.")] = None,
+    master_addr: Annotated[str, typer.Option("--master-addr", help="Party 0's address.")] = "127.0.0.1",
+    master_port: Annotated[int, typer.Option("--master-port", help="Party 0's rendezvous port.")] = 29500,
+) -> None:
+    """Run the original, optimized and linear-floor models under CrypTen; report rounds, bytes, latency."""
+    from relu_opt.crypto_backend import bench as cb
+    from relu_opt.crypto_backend.cost_model import calibrate, parse_network
+
+    try:
+        networks = (parse_network("lan", lan), parse_network("wan", wan))
+    except ValueError as exc:
+        raise InputShapeError(str(exc)) from None
+    net, _, shape = _load(model, input_shape, weights, num_classes)
+    opt = api.load(optimized) if optimized else None
+    x, y = _samples(data, data_dir, samples, shape)
+    if rank is not None:
+        r = cb.run_one_party(
+            net,
+            x,
+            rank,
+            world_size or parties,
+            master_addr,
+            master_port,
+            optimized=opt,
+            runs=runs,
+            warmup=warmup,
+            timeout=timeout,
+        )
+        out.print_json(data=r)
+        if json_path:
+            atomic.write_json(json_path, r)
+        return
+    with out.status("calibrating the cost model (cached after the first run)"):
+        cost = calibrate(parties, timeout=timeout)
+    with out.status(f"running {parties} CrypTen parties"):
+        r = cb.bench(
+            net,
+            x,
+            y,
+            optimized=opt,
+            parties=parties,
+            runs=runs,
+            warmup=warmup,
+            timeout=timeout,
+            networks=networks,
+            cost_model=cost,
+            log=lambda m: err.print(escape(m), soft_wrap=True),
+        )
+    out.print(_bench_table(r))
+    for name, ratio in r.ratios.items():
+        out.print(
+            f"{name} / original: rounds x{ratio['rounds']:.2f}, bytes x{ratio['bytes_per_party']:.2f}, "
+            f"LAN x{ratio['lan_s']:.2f}, WAN x{ratio['wan_s']:.2f}"
+        )
+    if json_path:
+        atomic.write_json(json_path, r.to_dict())
+        out.print(f"wrote {json_path}")
 
 
 def main() -> None:

@@ -114,7 +114,5 @@ def parse_input_shape(text: str | Iterable[int]) -> tuple[int, ...]:
                 f"--input-shape '{text}' is not a list of integers; write it like 1,3,32,32"
             ) from None
     if len(shape) < 2 or any(v <= 0 for v in shape):
-        raise InputShapeError(
-            f"input shape {shape} must have a batch dimension and positive sizes, e.g. 1,3,32,32"
-        )
+        raise InputShapeError(f"input shape {shape} must have a batch dimension and positive sizes, e.g. 1,3,32,32")
     return shape

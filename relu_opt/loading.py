@@ -16,9 +16,7 @@ from torch import nn
 from relu_opt.errors import ModelSpecError, WeightsError
 from relu_opt.models import get_entry
 
-_SPEC_HELP = (
-    "MODEL is a zoo name (see `relu-opt models`), path/to/file.py:ClassOrFactory, or package.module:factory"
-)
+_SPEC_HELP = "MODEL is a zoo name (see `relu-opt models`), path/to/file.py:ClassOrFactory, or package.module:factory"
 
 
 @dataclass(frozen=True)
@@ -81,9 +79,7 @@ def resolve_model(spec: str, num_classes: int = 10, in_channels: int = 3) -> Loa
             ) from exc
     if not hasattr(module, attr):
         found = ", ".join(_candidates(module)) or "none"
-        raise ModelSpecError(
-            f"'{where}' has no attribute '{attr}'. Module classes and functions it defines: {found}"
-        )
+        raise ModelSpecError(f"'{where}' has no attribute '{attr}'. Module classes and functions it defines: {found}")
     obj = getattr(module, attr)
     try:
         model = obj()
@@ -106,8 +102,7 @@ def _state_dict_of(obj, path: Path) -> dict[str, torch.Tensor]:
                 break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(
-            f"'{path}' does not hold a state dict of tensors; save one with "
-            "torch.save(model.state_dict(), path)"
+            f"'{path}' does not hold a state dict of tensors; save one with torch.save(model.state_dict(), path)"
         )
     if obj and all(k.startswith("module.") for k in obj):  # saved from DataParallel
         obj = {k[len("module.") :]: v for k, v in obj.items()}
@@ -143,14 +138,10 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             f"'{path}' does not fit the model: {'; '.join(parts)}. Is it a checkpoint of this architecture?"
         )
     wrong = [
-        f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in own.items()
-        if state[k].shape != v.shape
+        f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items() if state[k].shape != v.shape
     ]
     if wrong:
-        raise WeightsError(
-            f"'{path}' has wrong shapes: {_first(wrong)}. Check --num-classes and --input-shape"
-        )
+        raise WeightsError(f"'{path}' has wrong shapes: {_first(wrong)}. Check --num-classes and --input-shape")
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise WeightsError(f"'{path}' has non-finite (NaN or Inf) values in: {_first(bad)}")

@@ -167,8 +167,7 @@ def test_vgg16_maxpool_comparisons():
     outputs = [64 * 16 * 16, 128 * 8 * 8, 256 * 4 * 4, 512 * 2 * 2, 512 * 1 * 1]
     assert c.totals_by_kind["maxpool"] == 3 * sum(outputs)
     assert c.total_relu == sum(
-        w * s * s
-        for w, s in [(64, 32)] * 2 + [(128, 16)] * 2 + [(256, 8)] * 3 + [(512, 4)] * 3 + [(512, 2)] * 3
+        w * s * s for w, s in [(64, 32)] * 2 + [(128, 16)] * 2 + [(256, 8)] * 3 + [(512, 4)] * 3 + [(512, 2)] * 3
     )
 
 

@@ -31,9 +31,7 @@ def test_models_lists_zoo():
         assert name in r.output
 
 
-@pytest.mark.parametrize(
-    "name,total", [("resnet18", 557_056), ("resnet20", 188_416), ("wide_resnet22_8", 1_392_640)]
-)
+@pytest.mark.parametrize("name,total", [("resnet18", 557_056), ("resnet20", 188_416), ("wide_resnet22_8", 1_392_640)])
 def test_count_json(name, total, tmp_path):
     path = tmp_path / "r.json"
     r = invoke("count", name, "--json", path)

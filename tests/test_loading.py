@@ -66,8 +66,7 @@ def test_file_spec_class_and_factory(user_file):
 def test_package_module_spec():
     loaded = resolve_model("relu_opt.models.small_cnn:small_cnn")
     assert (
-        relu_opt.count(loaded.model, torch.randn(1, 3, 32, 32)).total_relu
-        == 16 * 32 * 32 + 32 * 16 * 16 + 64 * 8 * 8
+        relu_opt.count(loaded.model, torch.randn(1, 3, 32, 32)).total_relu == 16 * 32 * 32 + 32 * 16 * 16 + 64 * 8 * 8
     )
 
 
@@ -122,9 +121,7 @@ def test_weights_errors(tmp_path):
         load_weights(model, tmp_path / "none.pt")
     state = model.state_dict()
     wrong_keys = {("x." + k): v for k, v in state.items()}
-    with pytest.raises(
-        WeightsError, match=r"missing keys: features\.0\.weight.*\(\+\d+ more\).*unexpected keys"
-    ):
+    with pytest.raises(WeightsError, match=r"missing keys: features\.0\.weight.*\(\+\d+ more\).*unexpected keys"):
         load_weights(model, _save(tmp_path, wrong_keys))
     other = relu_opt.create_model("small_cnn", num_classes=7).state_dict()
     with pytest.raises(WeightsError, match=r"wrong shapes: fc\.weight \(7, 64\) vs model \(10, 64\)"):

@@ -25,16 +25,12 @@ class ModelEntry:
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
-def register_model(
-    fn: Callable[..., nn.Module] | None = None, *, input_shape: tuple[int, ...] = DEFAULT_INPUT_SHAPE
-):
+def register_model(fn: Callable[..., nn.Module] | None = None, *, input_shape: tuple[int, ...] = DEFAULT_INPUT_SHAPE):
     """Register a factory under its function name; returns the factory unchanged."""
 
     def wrap(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         doc = (factory.__doc__ or "").strip().splitlines()
-        _REGISTRY[factory.__name__] = ModelEntry(
-            factory.__name__, factory, doc[0] if doc else "", tuple(input_shape)
-        )
+        _REGISTRY[factory.__name__] = ModelEntry(factory.__name__, factory, doc[0] if doc else "", tuple(input_shape))
         return factory
 
     return wrap(fn) if fn is not None else wrap

@@ -8,9 +8,7 @@ from relu_opt.models.registry import register_model
 
 
 def _conv_bn(cin: int, cout: int, k: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=False), nn.BatchNorm2d(cout)
-    )
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=False), nn.BatchNorm2d(cout))
 
 
 class BasicBlock(nn.Module):

@@ -189,46 +189,48 @@ def _maxpool_comparisons(node: fx.Node, mod: nn.Module | None, out: tuple[int, .
     return _per_sample(out) * (math.prod(k) - 1)
 
 
+def node_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """Return the census kind of a standard non-linear op node (None for anything else)."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        return next((kind for cls, kind in _MODULE_KINDS if isinstance(mod, cls)), None)
+    if node.op == "call_function":
+        if node.target in _CLAMPS:
+            return _clamp_kind(node, False)
+        if node.target is F.threshold:
+            return "relu" if _arg(node, 1, "threshold") == 0 and _arg(node, 2, "value") == 0 else "clamp"
+        return _FUNCTION_KINDS.get(node.target)
+    if node.op == "call_method":
+        if node.target in _CLAMP_METHODS:
+            return _clamp_kind(node, True)
+        return _METHOD_KINDS.get(node.target)
+    return None
+
+
 def _classify(gm: fx.GraphModule, node: fx.Node) -> list[tuple[str, int]]:
     """Return (kind, elements per sample) pairs for a node; empty for linear nodes."""
     out = _meta_shape(node)
     if out is None:
         return []
-    numel = _per_sample(out)
-    if node.op == "call_module":
-        mod = gm.get_submodule(node.target)
-        custom = getattr(mod, "census_items", None)
-        if callable(custom):  # relu-opt's own activations report what they compute
-            return list(custom(out[1:]))
-        for cls, kind in _MODULE_KINDS:
-            if isinstance(mod, cls):
-                if kind == "maxpool":
-                    return [(kind, _maxpool_comparisons(node, mod, out))]
-                if kind == "layernorm" and isinstance(mod, nn.LayerNorm):
-                    return [(kind, numel // math.prod(mod.normalized_shape))]
-                if kind == "layernorm":
-                    return [(kind, mod.num_groups)]
-                return [(kind, numel)]
+    mod = gm.get_submodule(node.target) if node.op == "call_module" else None
+    custom = getattr(mod, "census_items", None)
+    if callable(custom):  # relu-opt's own activations report what they compute
+        return list(custom(out[1:]))
+    kind = node_kind(gm, node)
+    if kind is None:
         return []
-    if node.op == "call_function":
-        if node.target in _CLAMPS:
-            return [(_clamp_kind(node, False), numel)]
-        if node.target is F.threshold and _arg(node, 1, "threshold") == 0:
-            return [("relu", numel)] if _arg(node, 2, "value") == 0 else []
-        kind = _FUNCTION_KINDS.get(node.target)
-        if kind == "maxpool":
-            return [(kind, _maxpool_comparisons(node, None, out))]
-        if kind == "layernorm" and node.target is F.layer_norm:
+    numel = _per_sample(out)
+    if kind == "maxpool":
+        return [(kind, _maxpool_comparisons(node, mod, out))]
+    if kind == "layernorm":
+        if isinstance(mod, nn.LayerNorm):
+            return [(kind, numel // math.prod(mod.normalized_shape))]
+        if isinstance(mod, nn.GroupNorm):
+            return [(kind, mod.num_groups)]
+        if node.target is F.layer_norm:
             return [(kind, numel // math.prod(_arg(node, 1, "normalized_shape")))]
-        if kind == "layernorm":
-            return [(kind, _arg(node, 1, "num_groups"))]
-        return [(kind, numel)] if kind else []
-    if node.op == "call_method":
-        if node.target in _CLAMP_METHODS:
-            return [(_clamp_kind(node, True), numel)]
-        kind = _METHOD_KINDS.get(node.target)
-        return [(kind, numel)] if kind else []
-    return []
+        return [(kind, _arg(node, 1, "num_groups"))]
+    return [(kind, numel)]
 
 
 def node_macs(gm: fx.GraphModule, node: fx.Node) -> int:

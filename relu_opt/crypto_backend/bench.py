@@ -1,0 +1,295 @@
+"""Measure encrypted inference: original vs optimized vs the linear floor, in one CrypTen run."""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+import torch.fx as fx
+from torch import nn
+
+from relu_opt.crypto_backend.convert import crypten_onnx, linear_floor, prepare_for_pi
+from relu_opt.crypto_backend.cost_model import LAN, WAN, CostFeatures, CostModel, Network, features
+from relu_opt.crypto_backend.launch import launch_local
+from relu_opt.crypto_backend.party import PartyJob, start_watchdog
+from relu_opt.crypto_backend.party import run as run_party
+from relu_opt.export import onnx_census
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One model's encrypted forward as the parties measured it (`batch` samples at once)."""
+
+    name: str
+    relu_elements: int  # per sample, counted on the exported ONNX graph
+    rounds: int
+    bytes_per_party: list[int]
+    wall_s_runs: list[float]
+    conversion_s: float
+    encryption_s: float
+    logits: np.ndarray
+    features: CostFeatures
+
+    @property
+    def wall_s_median(self) -> float:
+        return statistics.median(self.wall_s_runs)
+
+
+def measure(
+    models: Sequence[tuple[str, nn.Module]],
+    x: torch.Tensor,
+    parties: int = 2,
+    runs: int = 3,
+    warmup: int = 1,
+    timeout: float = 300,
+    workdir: str | Path | None = None,
+) -> list[Measurement]:
+    """Return each model's Measurement from one run of `parties` CrypTen processes on localhost."""
+    with tempfile.TemporaryDirectory(prefix="relu-opt-bench-") as tmp:
+        work = Path(workdir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        specs, feats, relus = [], [], []
+        for name, model in models:
+            prepared = prepare_for_pi(model, x[:1])
+            data = crypten_onnx(prepared, x[:1])
+            path = work / f"{name}.onnx"
+            path.write_bytes(data)
+            specs.append({"name": name, "onnx": str(path)})
+            feats.append(features(prepared, batch=len(x)))
+            relus.append(onnx_census(onnx.load_from_string(data), tuple(x[:1].shape)).total_relu)
+        torch.save(x.clone(), work / "inputs.pt")
+        job = PartyJob(
+            rank=0,
+            world_size=parties,
+            master_addr="127.0.0.1",
+            master_port=0,
+            models=specs,
+            input_shape=list(x.shape),
+            result="",
+            inputs=str(work / "inputs.pt"),
+            warmup=warmup,
+            runs=runs,
+            timeout=timeout,
+        )
+        results = launch_local(job, work, timeout)
+    out = []
+    for i, (name, _) in enumerate(models):
+        per_party = [r["models"][i] for r in results]
+        p0 = per_party[0]
+        out.append(
+            Measurement(
+                name=name,
+                relu_elements=relus[i],
+                rounds=int(statistics.median(p0["rounds"])),
+                bytes_per_party=[int(statistics.median(p["bytes"])) for p in per_party],
+                wall_s_runs=[max(w) for w in zip(*(p["wall_s_runs"] for p in per_party))],
+                conversion_s=max(p["conversion_s"] for p in per_party),
+                encryption_s=max(p["encryption_s"] for p in per_party),
+                logits=np.asarray(p0["logits"], dtype=np.float64),
+                features=feats[i],
+            )
+        )
+    return out
+
+
+def fixed_point_warnings(gm: fx.GraphModule, x: torch.Tensor, precision_bits: int = 16) -> list[str]:
+    """Return a warning for each site whose plaintext activations on `x` come near CrypTen's
+    fixed-point range: a value v is stored as v * 2**precision_bits in a 64-bit ring, so products
+    (and squares) of values past 2**((63 - 2 * precision_bits) / 2) wrap around."""
+    limit = 2 ** ((63 - 2 * precision_bits) / 2)
+    peaks: dict[str, float] = {}
+
+    class Probe(fx.Interpreter):
+        def run_node(self, n):
+            value = super().run_node(n)
+            if n.op in ("placeholder", "output"):
+                return value
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
+                peaks[n.name] = float(value.detach().abs().max())
+            return value
+
+    with torch.no_grad():
+        Probe(gm).run(x)
+    near = sorted(((v, k) for k, v in peaks.items() if v >= limit / 4), key=lambda t: -t[0])
+    return [
+        f"site '{k}' reaches |x| = {v:.3g} on these samples, near the fixed-point limit {limit:.3g} "
+        f"({precision_bits}-bit precision); encrypted results there may wrap around"
+        for v, k in near[:5]
+    ]
+
+
+def pi_variants(
+    model: nn.Module, example: torch.Tensor, optimized: nn.Module | None = None
+) -> list[tuple[str, fx.GraphModule]]:
+    """Return the prepared models one bench compares: original, optimized (if given), linear floor."""
+    original = prepare_for_pi(model, example)
+    variants = [("original", original)]
+    if optimized is not None:
+        variants.append(("optimized", prepare_for_pi(optimized, example)))
+    return variants + [("floor", linear_floor(original, example))]
+
+
+def run_one_party(
+    model: nn.Module,
+    x: torch.Tensor,
+    rank: int,
+    world_size: int,
+    master_addr: str,
+    master_port: int,
+    optimized: nn.Module | None = None,
+    runs: int = 3,
+    warmup: int = 1,
+    timeout: float = 300,
+) -> dict:
+    """Run this process as one party of a multi-host bench and return its own measurements.
+
+    Every party runs the same models (party 0's weights reach the others only as secret shares), and
+    the data owner's samples are the input; the others pass zeros of the same shape."""
+    with tempfile.TemporaryDirectory(prefix="relu-opt-party-") as tmp:
+        specs = []
+        for name, gm in pi_variants(model, x[:1], optimized):
+            path = Path(tmp) / f"{name}.onnx"
+            path.write_bytes(crypten_onnx(gm, x[:1]))
+            specs.append({"name": name, "onnx": str(path)})
+        torch.save(x.clone(), Path(tmp) / "inputs.pt")
+        job = PartyJob(
+            rank=rank,
+            world_size=world_size,
+            master_addr=master_addr,
+            master_port=master_port,
+            models=specs,
+            input_shape=list(x.shape),
+            result=str(Path(tmp) / "result.json"),
+            inputs=str(Path(tmp) / "inputs.pt"),
+            warmup=warmup,
+            runs=runs,
+            timeout=timeout,
+        )
+        start_watchdog(job)
+        result = run_party(job)
+    for m in result["models"]:
+        m.pop("logits")
+        m["wall_s_median"] = statistics.median(m["wall_s_runs"])
+    return result
+
+
+@dataclass(frozen=True)
+class ModelReport:
+    """One model's row of a bench: measured cost, agreement with plaintext, modelled latency."""
+
+    name: str
+    relu_elements: int
+    rounds: int
+    bytes_per_party: list[int]
+    wall_s_median: float
+    wall_s_runs: list[float]
+    conversion_s: float
+    encryption_s: float
+    max_abs_err: float
+    top1_agreement: float
+    accuracy: float | None
+    plain_accuracy: float | None
+    lan_s: float
+    wan_s: float
+    predicted_rounds: float | None = None
+    predicted_bytes: float | None = None
+
+    @property
+    def wall_s_spread(self) -> float:
+        return max(self.wall_s_runs) - min(self.wall_s_runs)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "wall_s_spread": self.wall_s_spread}
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    parties: int
+    batch: int
+    models: tuple[ModelReport, ...]
+    warnings: tuple[str, ...] = ()
+    networks: dict = field(default_factory=dict)
+
+    @property
+    def ratios(self) -> dict[str, dict[str, float]]:
+        """Each model's cost divided by the original's."""
+        base = self.models[0]
+        keys = ("relu_elements", "rounds", "wall_s_median", "lan_s", "wan_s")
+        out = {}
+        for m in self.models[1:]:
+            r = {k: getattr(m, k) / getattr(base, k) if getattr(base, k) else float("nan") for k in keys}
+            r["bytes_per_party"] = m.bytes_per_party[0] / base.bytes_per_party[0]
+            out[m.name] = r
+        return out
+
+    def to_dict(self) -> dict:
+        """Return the JSON schema `relu-opt bench --json` writes."""
+        return {
+            "parties": self.parties,
+            "batch": self.batch,
+            "models": [m.to_dict() for m in self.models],
+            "ratios": self.ratios,
+            "warnings": list(self.warnings),
+            "networks": self.networks,
+        }
+
+
+def bench(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor | None = None,
+    optimized: nn.Module | None = None,
+    parties: int = 2,
+    runs: int = 3,
+    warmup: int = 1,
+    timeout: float = 300,
+    networks: tuple[Network, Network] = (LAN, WAN),
+    cost_model: CostModel | None = None,
+    log: Callable[[str], None] = lambda _msg: None,
+) -> BenchResult:
+    """Return the BenchResult of running the original, the optimized (when given) and the linear
+    floor under CrypTen with `parties` parties on the samples `x` (labels `y` optional)."""
+    variants = pi_variants(model, x[:1], optimized)
+    warnings = []
+    for name, gm in variants:
+        warnings += [f"{name}: {w}" for w in fixed_point_warnings(gm, x)]
+    for w in warnings:
+        log(f"warning: {w}")
+    with torch.no_grad():
+        plain = {name: gm(x).double().numpy() for name, gm in variants}
+
+    log(f"running {len(variants)} models under CrypTen with {parties} parties, batch {len(x)}")
+    measured = measure(variants, x, parties=parties, runs=runs, warmup=warmup, timeout=timeout)
+    lan, wan = networks
+    reports = []
+    for m in measured:
+        ref = plain[m.name]
+        labels = None if y is None else y.numpy()
+        reports.append(
+            ModelReport(
+                name=m.name,
+                relu_elements=m.relu_elements,
+                rounds=m.rounds,
+                bytes_per_party=m.bytes_per_party,
+                wall_s_median=m.wall_s_median,
+                wall_s_runs=m.wall_s_runs,
+                conversion_s=m.conversion_s,
+                encryption_s=m.encryption_s,
+                max_abs_err=float(np.abs(m.logits - ref).max()),
+                top1_agreement=float((m.logits.argmax(1) == ref.argmax(1)).mean()),
+                accuracy=None if labels is None else float((m.logits.argmax(1) == labels).mean()),
+                plain_accuracy=None if labels is None else float((ref.argmax(1) == labels).mean()),
+                lan_s=lan.latency(m.wall_s_median, m.rounds, max(m.bytes_per_party)),
+                wan_s=wan.latency(m.wall_s_median, m.rounds, max(m.bytes_per_party)),
+                predicted_rounds=cost_model.rounds(m.features) if cost_model else None,
+                predicted_bytes=cost_model.bytes(m.features) if cost_model else None,
+            )
+        )
+    nets = {n.name: {"rtt_ms": n.rtt_s * 1e3, "bandwidth_MBps": n.bandwidth_Bps / 1e6} for n in networks}
+    return BenchResult(parties, len(x), tuple(reports), tuple(warnings), nets)

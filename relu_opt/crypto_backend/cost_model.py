@@ -1,0 +1,202 @@
+"""Predict CrypTen rounds and bytes from a model's graph, with per-op costs fitted to measured runs.
+
+Features per forward: for each op category, how many ops (each costs a fixed number of rounds) and how
+many elements they open (bytes scale with these). `calibrate` measures a suite of tiny models under
+CrypTen and fits the per-op costs by non-negative least squares; nothing is typed in.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from relu_opt import atomic
+from relu_opt.activations import ChannelAffine, MaskedReLU, Poly, Square
+from relu_opt.passes.census import _classify, _meta_shape
+
+CATEGORIES = ("linear", "affine", "relu", "poly", "square", "maxpool", "avgpool")
+BYTE_TERMS = CATEGORIES + ("poly_coeffs",)
+_AVG = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
+
+
+@dataclass(frozen=True)
+class Network:
+    """A network profile: round-trip time and bandwidth per party."""
+
+    name: str
+    rtt_s: float
+    bandwidth_Bps: float
+
+    def latency(self, compute_s: float, rounds: float, nbytes: float) -> float:
+        """Return compute time + rounds x RTT + bytes / bandwidth, in seconds."""
+        return compute_s + rounds * self.rtt_s + nbytes / self.bandwidth_Bps
+
+
+LAN = Network("lan", 0.5e-3, 1e9)
+WAN = Network("wan", 40e-3, 100e6)
+
+
+def parse_network(name: str, text: str) -> Network:
+    """Return a Network from 'RTT_MS,MB_PER_S' (e.g. '40,100')."""
+    try:
+        rtt, bw = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--{name} '{text}' must be RTT_MS,MB_PER_S, e.g. 40,100") from None
+    return Network(name, rtt / 1e3, bw * 1e6)
+
+
+@dataclass(frozen=True)
+class CostFeatures:
+    """Ops and opened elements per category for one forward at `batch`."""
+
+    ops: dict[str, int]
+    elements: dict[str, int]
+
+
+def features(gm: fx.GraphModule, batch: int = 1) -> CostFeatures:
+    """Return the cost features of a shape-propagated, PI-prepared GraphModule."""
+    ops, elements = Counter(), Counter()
+    for node in gm.graph.nodes:
+        out = _meta_shape(node)
+        if out is None:
+            continue
+        per_sample = math.prod(out[1:])
+        mod = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)):
+            # Beaver multiplication opens both the input and the (encrypted) weights.
+            in_shape = _meta_shape(node.args[0]) or out
+            ops["linear"] += 1
+            elements["linear"] += batch * math.prod(in_shape[1:]) + mod.weight.numel()
+            continue
+        if isinstance(mod, ChannelAffine):
+            ops["affine"] += 1
+            elements["affine"] += batch * per_sample + mod.scale.numel()
+            continue
+        if isinstance(mod, _AVG):
+            ops["avgpool"] += 1
+            elements["avgpool"] += batch * per_sample
+            continue
+        for kind, n in _classify(gm, node):
+            if kind in CATEGORIES and n:
+                ops[kind] += 1
+                elements[kind] += batch * n
+        poly = mod if isinstance(mod, Poly) else getattr(mod, "replacement", None)
+        if isinstance(poly, Poly):  # its (encrypted) coefficients are opened once per multiplication
+            elements["poly_coeffs"] += poly.degree * poly.coeffs.shape[1]
+    return CostFeatures(dict(ops), dict(elements))
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Per-op rounds and per-element bytes for one party count, fitted to measured runs."""
+
+    parties: int
+    rounds_per_op: dict[str, float]
+    bytes_per_element: dict[str, float]
+    fit_max_rel_err: float = 0.0
+
+    def rounds(self, f: CostFeatures) -> float:
+        """Return the predicted communication rounds of one forward."""
+        return sum(self.rounds_per_op.get(k, 0.0) * v for k, v in f.ops.items())
+
+    def bytes(self, f: CostFeatures) -> float:
+        """Return the predicted bytes per party of one forward."""
+        return sum(self.bytes_per_element.get(k, 0.0) * v for k, v in f.elements.items())
+
+    def to_dict(self) -> dict:
+        """Return a JSON-ready dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CostModel:
+        return cls(**d)
+
+
+def fit(samples: list[tuple[CostFeatures, float, float]], parties: int) -> CostModel:
+    """Return the CostModel fitted (NNLS) to (features, measured rounds, measured bytes) samples."""
+    from scipy.optimize import nnls
+
+    ops = [c for c in CATEGORIES if any(f.ops.get(c) for f, _, _ in samples)]
+    terms = [c for c in BYTE_TERMS if any(f.elements.get(c) for f, _, _ in samples)]
+    a_r = np.array([[f.ops.get(c, 0) for c in ops] for f, _, _ in samples], dtype=float)
+    a_b = np.array([[f.elements.get(c, 0) for c in terms] for f, _, _ in samples], dtype=float)
+    r = np.array([s[1] for s in samples], dtype=float)
+    b = np.array([s[2] for s in samples], dtype=float)
+    xr, _ = nnls(a_r, r)
+    xb, _ = nnls(a_b, b)
+    rel = max(
+        float(np.max(np.abs(a_r @ xr - r) / np.maximum(r, 1))),
+        float(np.max(np.abs(a_b @ xb - b) / np.maximum(b, 1))),
+    )
+    return CostModel(
+        parties,
+        {c: round(float(v), 4) for c, v in zip(ops, xr)},
+        {c: round(float(v), 4) for c, v in zip(terms, xb)},
+        rel,
+    )
+
+
+def calibration_suite() -> list[tuple[str, nn.Module]]:
+    """Return tiny models whose op counts vary independently, to fit the per-op costs."""
+    torch.manual_seed(0)
+
+    def conv(cin=3, cout=8):
+        return nn.Conv2d(cin, cout, 3, padding=1)
+
+    half = (torch.arange(16) % 2 == 0).float().view(16, 1, 1)
+
+    return [
+        ("conv", nn.Sequential(conv())),
+        ("conv_wide", nn.Sequential(conv(3, 16))),
+        ("linear", nn.Sequential(nn.Flatten(), nn.Linear(192, 10))),
+        ("relu", nn.Sequential(conv(), nn.ReLU())),
+        ("relu_wide", nn.Sequential(conv(3, 16), nn.ReLU())),
+        ("relu_twice", nn.Sequential(conv(), nn.ReLU(), conv(8, 8), nn.ReLU())),
+        ("poly", nn.Sequential(conv(), Poly(torch.randn(3, 8) * 0.1))),
+        ("poly_wide", nn.Sequential(conv(3, 16), Poly(torch.randn(3, 16) * 0.1))),
+        ("square", nn.Sequential(conv(), Square())),
+        ("partial_poly", nn.Sequential(conv(3, 16), MaskedReLU(half, Poly(torch.randn(3, 16) * 0.1)))),
+        ("maxpool", nn.Sequential(conv(), nn.MaxPool2d(2))),
+        ("avgpool", nn.Sequential(conv(), nn.AvgPool2d(2))),
+        ("affine", nn.Sequential(conv(), ChannelAffine(torch.rand(8) + 0.5, torch.randn(8)))),
+    ]
+
+
+CALIBRATION_INPUT = (1, 3, 8, 8)
+
+
+def cache_dir() -> Path:
+    """Return relu-opt's cache folder ($RELU_OPT_CACHE, else ~/.cache/relu-opt)."""
+    return Path(os.environ.get("RELU_OPT_CACHE") or Path.home() / ".cache" / "relu-opt")
+
+
+def calibrate(parties: int = 2, timeout: float = 300, refresh: bool = False) -> CostModel:
+    """Return the CostModel for `parties`, measured once under CrypTen and cached as JSON."""
+    from relu_opt.crypto_backend.bench import measure
+
+    path = cache_dir() / f"cost_model_{parties}p_crypten{_crypten_version()}.json"
+    if path.is_file() and not refresh:
+        return CostModel.from_dict(json.loads(path.read_text()))
+    x = torch.randn(CALIBRATION_INPUT)
+    runs = measure(calibration_suite(), x, parties=parties, runs=1, warmup=0, timeout=timeout)
+    model = fit([(r.features, r.rounds, max(r.bytes_per_party)) for r in runs], parties)
+    atomic.write_json(path, model.to_dict())
+    return model
+
+
+def _crypten_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("crypten")
+    except PackageNotFoundError:
+        return "unknown"

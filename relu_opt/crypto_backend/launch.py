@@ -1,0 +1,111 @@
+"""Start CrypTen parties as processes on this machine and collect their results, failing fast."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from relu_opt.crypto_backend.party import PartyJob
+from relu_opt.errors import CryptenError
+
+
+def free_port() -> int:
+    """Return a TCP port on localhost that is free now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: Path, lines: int = 3) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(t.strip() for t in text[-lines:])
+
+
+def _error_of(result: Path, log: Path, rank: int, code: int) -> str:
+    try:
+        data = json.loads(result.read_text())
+        if not data.get("ok", True):
+            return data["error"]
+    except (OSError, ValueError):
+        pass
+    how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+    tail = _tail(log)
+    return f"party {rank} {how}" + (f": {tail}" if tail else "")
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 3
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def launch_local(job: PartyJob, workdir: str | os.PathLike, timeout: float) -> list[dict]:
+    """Run `job.world_size` parties on localhost (env:// rendezvous on a free port); return each
+    party's result. Raises CryptenError when a party fails or the run outlasts `timeout` seconds;
+    every party process is gone when it returns or raises."""
+    workdir = Path(workdir)
+    port = free_port()
+    threads = max(1, (os.cpu_count() or 1) // job.world_size)
+    procs, paths = [], []
+    try:
+        for rank in range(job.world_size):
+            result, log = workdir / f"party{rank}.json", workdir / f"party{rank}.log"
+            result.unlink(missing_ok=True)
+            pj = replace(
+                job,
+                rank=rank,
+                master_addr="127.0.0.1",
+                master_port=port,
+                result=str(result),
+                timeout=timeout + 5,
+                threads=threads,
+            )
+            job_path = workdir / f"party{rank}.job.json"
+            job_path.write_text(json.dumps(asdict(pj)))
+            with open(log, "w") as logf:
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "relu_opt.crypto_backend.party", str(job_path)],
+                        stdout=logf,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,  # its own process group, so it can be killed whole
+                    )
+                )
+            paths.append((result, log))
+        deadline = time.monotonic() + timeout
+        while True:
+            codes = [p.poll() for p in procs]
+            if all(c == 0 for c in codes):
+                break
+            for rank, code in enumerate(codes):
+                if code not in (None, 0):
+                    raise CryptenError(_error_of(*paths[rank], rank, code) + "; the other parties were stopped")
+            if time.monotonic() > deadline:
+                waiting = [str(r) for r, c in enumerate(codes) if c is None]
+                raise CryptenError(
+                    f"parties {', '.join(waiting)} did not finish within --timeout {timeout:g}s and were stopped"
+                )
+            time.sleep(0.1)
+    finally:
+        _stop(procs)
+    return [json.loads(r.read_text()) for r, _ in paths]

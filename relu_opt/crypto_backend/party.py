@@ -1,0 +1,169 @@
+"""One CrypTen party: converts the models, runs encrypted forwards, and writes its measurements.
+
+Run as `python -m relu_opt.crypto_backend.party JOB.json`; the launcher starts one per party, or a user
+starts one per host. Party 0 owns the model weights; the data-owner party (1) owns the input.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from relu_opt import atomic
+
+MODEL_OWNER = 0
+DATA_OWNER = 1
+
+
+@dataclass
+class PartyJob:
+    """Everything one party needs; the same for every party but `rank` and `result`."""
+
+    rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+    models: list[dict]  # {"name", "onnx"}
+    input_shape: list[int]
+    result: str
+    inputs: str | None = None  # torch file with the samples; read by the data owner only
+    warmup: int = 1
+    runs: int = 3
+    timeout: float = 300.0
+    threads: int = 1
+    extra_env: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> PartyJob:
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def start_watchdog(job: PartyJob) -> None:
+    """Exit the process when it outlives `job.timeout` or its parent (no orphans, no hangs)."""
+    parent, deadline = os.getppid(), time.monotonic() + job.timeout
+
+    def watch():
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                os._exit(3)
+            if time.monotonic() > deadline:
+                msg = f"party {job.rank} did not finish within --timeout {job.timeout:g}s"
+                _write_error(job.result, job.rank, msg)
+                print(f"error: {msg}", file=sys.stderr, flush=True)
+                os._exit(124)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _write_error(result: str, rank: int, message: str) -> None:
+    atomic.write_json(result, {"rank": rank, "ok": False, "error": message})
+
+
+def private_weights(data: bytes, rank: int) -> bytes:
+    """Return the graph as a party other than the model owner sees it: float weights zeroed.
+
+    The architecture and public index buffers are shared; the weights reach the other parties only as
+    secret shares from party 0 (model.encrypt(src=0))."""
+    if rank == MODEL_OWNER:
+        return data
+    mp = onnx.load_from_string(data)
+    for init in mp.graph.initializer:
+        arr = numpy_helper.to_array(init)
+        if np.issubdtype(arr.dtype, np.floating):
+            init.CopyFrom(numpy_helper.from_array(np.zeros_like(arr), init.name))
+    return mp.SerializeToString()
+
+
+def run(job: PartyJob) -> dict:
+    """Run every model of `job` under CrypTen as party `job.rank`; returns the measurements."""
+    os.environ.update(
+        {
+            "RANK": str(job.rank),
+            "WORLD_SIZE": str(job.world_size),
+            "MASTER_ADDR": job.master_addr,
+            "MASTER_PORT": str(job.master_port),
+            "RENDEZVOUS": "env://",
+            "DISTRIBUTED_BACKEND": "gloo",
+            **job.extra_env,
+        }
+    )
+    torch.set_num_threads(max(1, job.threads))
+    from relu_opt.crypto_backend.compat import import_crypten
+
+    crypten = import_crypten()
+    crypten.cfg.communicator.verbose = True  # the communicator only counts rounds and bytes then
+    crypten.init()
+    comm = crypten.communicator.get()
+    if job.rank == DATA_OWNER % job.world_size and job.inputs:
+        x = torch.load(job.inputs, weights_only=True)
+    else:
+        x = torch.zeros(job.input_shape)
+    out = []
+    for spec in job.models:
+        data = private_weights(Path(spec["onnx"]).read_bytes(), job.rank)
+        t0 = time.perf_counter()
+        model = crypten.nn.from_onnx(io.BytesIO(data))
+        model.encrypt(src=MODEL_OWNER)
+        model.eval()
+        t1 = time.perf_counter()
+        x_enc = crypten.cryptensor(x, src=DATA_OWNER % job.world_size)
+        t2 = time.perf_counter()
+        walls, rounds, nbytes = [], [], []
+        with crypten.no_grad():
+            for i in range(job.warmup + job.runs):
+                comm.barrier()
+                comm.reset_communication_stats()
+                start = time.perf_counter()
+                y = model(x_enc)
+                wall = time.perf_counter() - start
+                stats = comm.get_communication_stats()
+                if i >= job.warmup:
+                    walls.append(wall)
+                    rounds.append(int(stats["rounds"]))
+                    nbytes.append(int(stats["bytes"]))
+        logits = y.get_plain_text()
+        out.append(
+            {
+                "name": spec["name"],
+                "rounds": rounds,
+                "bytes": nbytes,
+                "wall_s_runs": walls,
+                "conversion_s": t1 - t0,
+                "encryption_s": t2 - t1,
+                "logits": logits.tolist(),
+            }
+        )
+    crypten.uninit()
+    return {"rank": job.rank, "ok": True, "models": out}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of one party process; returns its exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    job = PartyJob.load(argv[0])
+    start_watchdog(job)
+    try:
+        atomic.write_json(job.result, run(job))
+    except BaseException as exc:  # any failure must reach the launcher as a message, not a hang
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        _write_error(job.result, job.rank, f"party {job.rank} failed: {type(exc).__name__}: {first}")
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

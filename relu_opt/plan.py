@@ -1,0 +1,160 @@
+"""A rewrite plan: which ReLU sites keep how many elements and what replaces the rest.
+
+A plan plus the rewritten state dict rebuilds the optimized model from the base model exactly: sites are
+named by their node names in the traced base model, and passes keep module names stable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from relu_opt.activations import MaskedReLU, Poly, Square
+from relu_opt.errors import ReluOptError
+from relu_opt.graph import propagate_shapes, trace
+from relu_opt.passes.replace import module_name_for, replace_sites
+
+REPLACEMENTS = ("identity", "poly", "square")
+
+
+@dataclass(frozen=True)
+class SitePlan:
+    """One ReLU site: `kept` of its `elements` (per sample) stay ReLUs, `replacement` computes the rest."""
+
+    site: str
+    elements: int
+    kept: int
+    replacement: str = "poly"
+    granularity: str = "channel"
+    degree: int = 2
+    poly_per: str = "channel"  # "channel": coefficients per channel; "layer": one set for the site
+    module: str = ""  # the submodule name the rewrite uses; its mask/coefficients are in model.pt
+
+    @property
+    def action(self) -> str:
+        if self.kept == self.elements:
+            return "relu"
+        return self.replacement if self.kept == 0 else "mask"
+
+
+@dataclass(frozen=True)
+class Plan:
+    base_model: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    sites: tuple[SitePlan, ...]
+    leaf: tuple[str, ...] = ()
+    state: str = "model.pt"
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def relu_elements(self) -> int:
+        return sum(s.kept for s in self.sites)
+
+    def to_dict(self) -> dict:
+        """Return the JSON form written as plan.json."""
+        d = asdict(self)
+        d["input_shape"] = list(self.input_shape)
+        d["leaf"] = list(self.leaf)
+        d["relu_elements"] = self.relu_elements
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Plan:
+        return cls(
+            base_model=d["base_model"],
+            input_shape=tuple(d["input_shape"]),
+            num_classes=int(d["num_classes"]),
+            sites=tuple(SitePlan(**s) for s in d["sites"]),
+            leaf=tuple(d.get("leaf", ())),
+            state=d.get("state", "model.pt"),
+            meta=d.get("meta", {}),
+        )
+
+
+def mask_shape(shape: tuple[int, ...], granularity: str) -> tuple[int, ...]:
+    """Return the mask's shape for a per-sample activation `shape` at a granularity."""
+    if granularity == "site":
+        return (1,)
+    if granularity == "channel":
+        return (shape[0],) + (1,) * (len(shape) - 1)
+    if granularity == "pixel":
+        return tuple(shape)
+    raise ValueError(f"unknown granularity '{granularity}'; choose site, channel or pixel")
+
+
+def replacement_module(kind: str, channels: int, degree: int = 2) -> nn.Module | None:
+    """Return a fresh replacement module (None for identity); coefficients are set later."""
+    if kind == "identity":
+        return None
+    if kind == "square":
+        return Square()
+    if kind == "poly":
+        return Poly(torch.zeros(degree + 1, channels))
+    raise ValueError(f"unknown replacement '{kind}'; choose {', '.join(REPLACEMENTS)}")
+
+
+def site_modules(gm: fx.GraphModule, sites: Iterable[SitePlan]) -> dict[str, nn.Module]:
+    """Return the new module for each rewritten site of a shape-propagated base graph."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    out = {}
+    for sp in sites:
+        if sp.action == "relu":
+            continue
+        if sp.site not in nodes:
+            raise ReluOptError(f"plan names site '{sp.site}', which the base model does not have")
+        shape = tuple(nodes[sp.site].meta["tensor_meta"].shape[1:])
+        channels = shape[0] if sp.poly_per == "channel" and len(shape) > 0 else 1
+        rep = replacement_module(sp.replacement, channels, sp.degree)
+        if sp.action == "mask":
+            out[sp.site] = MaskedReLU(torch.ones(mask_shape(shape, sp.granularity)), rep)
+        else:
+            out[sp.site] = rep if rep is not None else nn.Identity()
+    return out
+
+
+def apply_plan(base: nn.Module, plan: Plan, example: torch.Tensor | None = None) -> fx.GraphModule:
+    """Return the base model rewritten by `plan` (masks all-ones, coefficients zero until loaded)."""
+    example = torch.zeros(plan.input_shape) if example is None else example
+    gm = propagate_shapes(trace(base, plan.leaf), example)
+    return propagate_shapes(replace_sites(gm, site_modules(gm, plan.sites)), example)
+
+
+def with_module_names(gm: fx.GraphModule, sites: Iterable[SitePlan]) -> tuple[SitePlan, ...]:
+    """Return the site plans with the submodule name each rewritten site gets in `gm`."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    return tuple(
+        SitePlan(**{**asdict(sp), "module": "" if sp.action == "relu" else module_name_for(gm, nodes[sp.site])})
+        for sp in sites
+    )
+
+
+def load(outdir: str | os.PathLike) -> fx.GraphModule:
+    """Return the optimized model saved in `outdir`: the base model rebuilt, the plan applied, and the
+    saved state dict loaded (outputs match the saved model exactly)."""
+    from relu_opt.loading import resolve_model
+
+    outdir = Path(outdir)
+    plan_path = outdir / "plan.json"
+    if not plan_path.is_file():
+        raise ReluOptError(f"'{outdir}' has no plan.json; give the folder `relu-opt optimize -o` wrote")
+    plan = Plan.from_dict(json.loads(plan_path.read_text()))
+    base = resolve_model(plan.base_model, num_classes=plan.num_classes, in_channels=plan.input_shape[1]).model
+    gm = apply_plan(base, plan)
+    state = torch.load(outdir / plan.state, map_location="cpu", weights_only=True)
+    gm.load_state_dict(state)
+    return gm.eval()
+
+
+def site_elements(gm: fx.GraphModule, name: str) -> int:
+    """Return the per-sample elements of a shape-propagated node."""
+    node = next(n for n in gm.graph.nodes if n.name == name)
+    return math.prod(node.meta["tensor_meta"].shape[1:])
