@@ -73,9 +73,10 @@ class MaskedReLU(nn.Module):
         super().__init__()
         self.register_buffer("mask", mask.float().clone())
         self.replacement = replacement if replacement is not None else nn.Identity()
+        self.blend = 0.0  # > 0 during gradual replacement: dropped elements are still part ReLU
 
     def forward(self, x: Tensor) -> Tensor:
-        m = self.mask
+        m = self.mask if not self.blend else self.mask + (1 - self.mask) * self.blend
         return m * torch.relu(x) + (1 - m) * self.replacement(x)
 
     def kept(self, shape: tuple[int, ...]) -> int:
@@ -84,7 +85,7 @@ class MaskedReLU(nn.Module):
 
     def census_items(self, shape: tuple[int, ...]) -> list[tuple[str, int]]:
         kept = self.kept(shape)
-        items = [("relu", kept)]
+        items = [("relu", kept)] if kept else []
         kind = _replacement_kind(self.replacement)
         if kind and kept < math.prod(shape):
             items.append((kind, math.prod(shape) - kept))

@@ -16,9 +16,9 @@ from rich.table import Table
 
 from relu_opt import api, atomic
 from relu_opt.data import load_dataset
-from relu_opt.errors import InputShapeError, ReluOptError
+from relu_opt.errors import BudgetError, InputShapeError, ReluOptError
 from relu_opt.export import DEFAULT_OPSET
-from relu_opt.graph import parse_input_shape
+from relu_opt.graph import parse_input_shape, propagate_shapes, trace
 from relu_opt.loading import load_weights, resolve_model
 from relu_opt.models import get_entry, list_models
 from relu_opt.passes.census import Census
@@ -290,6 +290,182 @@ def bench_cmd(
     if json_path:
         atomic.write_json(json_path, r.to_dict())
         out.print(f"wrote {json_path}")
+
+
+DataOpt = Annotated[str, typer.Option("--data", help="Dataset: fashion-mnist, cifar10, cifar100, digits, synthetic.")]
+DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="Folder holding the dataset files.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda.")]
+
+
+def _check_device(device: str) -> str:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ReluOptError(f"--device {device} asked for, but torch sees no CUDA device; use --device cpu")
+    return device
+
+
+def _data_and_model(model, data, data_dir, weights):
+    ds = load_dataset(data, data_dir, download=False)
+    shape = ",".join(map(str, ds.input_shape))
+    net, name, input_shape = _load(model, shape, weights, ds.num_classes)
+    return ds, net, name, input_shape
+
+
+@command("train")
+def train_cmd(
+    model: ModelArg,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Weights file to write (a state dict).")],
+    data: DataOpt = "fashion-mnist",
+    data_dir: DataDirOpt = None,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Epochs over the train split.")] = 5,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (one-cycle cosine).")] = 0.05,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 128,
+    max_train: Annotated[int | None, typer.Option("--max-train", help="Use only the first N train examples.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUTPUT.ckpt.")] = False,
+    device: DeviceOpt = "cpu",
+    weights: WeightsOpt = None,
+) -> None:
+    """Train a baseline: SGD + cosine, a checkpoint each epoch (OUTPUT.ckpt), --resume, Ctrl-C saves."""
+    from relu_opt.train import TrainConfig, evaluate, fit
+
+    ds, net, _, _ = _data_and_model(model, data, data_dir, weights)
+    cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, max_train=max_train, device=_check_device(device))
+    ckpt = output.with_name(output.name + ".ckpt")
+    result = fit(net, ds, cfg, checkpoint=ckpt, resume=resume)
+    atomic.save_torch(net.cpu().state_dict(), output)
+    _, test_acc = evaluate(net, ds.test)
+    out.print(f"val accuracy {result.val_acc:.2%}, test accuracy {test_acc:.2%}; wrote {output}")
+
+
+StrategyOpt = Annotated[str, typer.Option("--strategy", help="Ranking: taylor, drop-one, snl or random.")]
+ReplaceOpt = Annotated[str, typer.Option("--replace", help="What replaces a dropped ReLU: poly, square, identity.")]
+GranularityOpt = Annotated[str, typer.Option("--granularity", help="Unit of keeping a ReLU: site, channel, pixel.")]
+
+
+def _parse_budgets(budget: int | None, budgets: str | None) -> list[int]:
+    if budgets:
+        try:
+            return [int(b.replace("_", "")) for b in budgets.split(",") if b.strip()]
+        except ValueError:
+            raise BudgetError(f"--budgets '{budgets}' must be integers separated by commas") from None
+    if budget is None:
+        raise BudgetError("give --budget N (ReLU elements per sample to keep) or --budgets N1,N2,...")
+    return [budget]
+
+
+@command("rank")
+def rank_cmd(
+    model: ModelArg,
+    weights: WeightsOpt = None,
+    data: DataOpt = "fashion-mnist",
+    data_dir: DataDirOpt = None,
+    strategy: StrategyOpt = "taylor",
+    replace: ReplaceOpt = "poly",
+    granularity: GranularityOpt = "channel",
+    budget: Annotated[int | None, typer.Option("--budget", help="Budget the snl masks aim for.")] = None,
+    samples: Annotated[int, typer.Option("--samples", help="Examples the ranking looks at.")] = 5000,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the criticality table here.")] = None,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Rank each ReLU site (and channel or pixel) by how much the model needs it."""
+    from relu_opt.optimizer import OptimizeConfig, _calibrate, _replacement_factory
+    from relu_opt.ranking import RankContext, rank
+
+    ds, net, _, shape = _data_and_model(model, data, data_dir, weights)
+    cfg = OptimizeConfig(budget=budget or 0, replace=replace, granularity=granularity)
+    gm = propagate_shapes(trace(net.eval()), ds.train.x[:1])
+    coeffs, _ = _calibrate(gm, ds, cfg)
+    ctx = RankContext(
+        gm,
+        ds,
+        granularity,
+        _replacement_factory(replace, coeffs, cfg.poly_per),
+        budget=budget,
+        samples=samples,
+        device=_check_device(device),
+    )
+    crit = rank(ctx, strategy)
+    t = Table("site", "units", "ReLUs/unit", "score", "mean unit score", title=f"{strategy} criticality")
+    for row in crit.to_dict()["sites"]:
+        t.add_row(
+            row["site"],
+            f"{row['units']:,}",
+            f"{row['unit_elements']:,}",
+            f"{row['score']:.4g}",
+            f"{row['mean_unit_score']:.4g}",
+        )
+    out.print(t)
+    if json_path:
+        atomic.write_json(json_path, crit.to_dict())
+        out.print(f"wrote {json_path}")
+
+
+@command("optimize")
+def optimize_cmd(
+    model: ModelArg,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for plan, model, ONNX and reports.")],
+    budget: Annotated[int | None, typer.Option("--budget", help="ReLU elements per sample to keep.")] = None,
+    budgets: Annotated[
+        str | None, typer.Option("--budgets", help="Several budgets, comma separated: a frontier.")
+    ] = None,
+    weights: WeightsOpt = None,
+    data: DataOpt = "fashion-mnist",
+    data_dir: DataDirOpt = None,
+    strategy: StrategyOpt = "taylor",
+    replace: ReplaceOpt = "poly",
+    granularity: GranularityOpt = "channel",
+    degree: Annotated[int, typer.Option("--degree", min=1, max=4, help="Polynomial degree.")] = 2,
+    poly_per: Annotated[str, typer.Option("--poly-per", help="Coefficients per 'channel' or per 'layer'.")] = "channel",
+    epochs: Annotated[float, typer.Option("--epochs", help="Fine-tuning epochs (fractions train on a subset).")] = 1.0,
+    lr: Annotated[float, typer.Option("--lr", help="Fine-tuning peak learning rate.")] = 0.01,
+    rank_samples: Annotated[int, typer.Option("--rank-samples", help="Examples the ranking looks at.")] = 5000,
+    max_train: Annotated[int | None, typer.Option("--max-train", help="Fine-tune on the first N examples.")] = None,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Keep the most critical ReLUs that fit the budget, replace the rest, fine-tune with distillation."""
+    from relu_opt.optimizer import OptimizeConfig, optimize_frontier
+
+    levels = _parse_budgets(budget, budgets)
+    ds, net, name, _ = _data_and_model(model, data, data_dir, weights)
+    if weights is None:
+        err.print("warning: no --weights given, so the model being optimized is untrained", soft_wrap=True)
+    if granularity not in ("site", "channel", "pixel"):
+        raise BudgetError(f"--granularity '{granularity}' must be site, channel or pixel")
+    if poly_per not in ("channel", "layer"):
+        raise BudgetError(f"--poly-per '{poly_per}' must be channel or layer")
+    cfg = OptimizeConfig(
+        budget=levels[0],
+        strategy=strategy,
+        replace=replace,
+        granularity=granularity,
+        degree=degree,
+        poly_per=poly_per,
+        epochs=epochs,
+        lr=lr,
+        rank_samples=rank_samples,
+        max_train=max_train,
+        device=_check_device(device),
+    )
+    results = optimize_frontier(net, ds, levels, cfg, output, base_spec=name)
+    t = Table(
+        "budget",
+        "ReLUs (ONNX)",
+        "fewer",
+        "test acc before",
+        "test acc after",
+        "folder",
+        title=f"{strategy} / {replace} / {granularity}",
+    )
+    for r in results:
+        t.add_row(
+            f"{r.budget:,}",
+            f"{r.relu_after:,}",
+            f"{r.relu_before / max(r.relu_after, 1):.1f}x",
+            f"{r.accuracy_before:.2f}%",
+            f"{r.accuracy_after:.2f}%",
+            r.outdir,
+        )
+    out.print(t)
+    out.print(f"wrote {output}/pareto.md and pareto.png")
 
 
 def main() -> None:

@@ -114,10 +114,9 @@ def site_modules(gm: fx.GraphModule, sites: Iterable[SitePlan]) -> dict[str, nn.
         shape = tuple(nodes[sp.site].meta["tensor_meta"].shape[1:])
         channels = shape[0] if sp.poly_per == "channel" and len(shape) > 0 else 1
         rep = replacement_module(sp.replacement, channels, sp.degree)
-        if sp.action == "mask":
-            out[sp.site] = MaskedReLU(torch.ones(mask_shape(shape, sp.granularity)), rep)
-        else:
-            out[sp.site] = rep if rep is not None else nn.Identity()
+        # Fully replaced sites keep the masked (training) form too, with an all-zero mask, so every
+        # rewritten site has the same state-dict layout; export materialises each into its cheap form.
+        out[sp.site] = MaskedReLU(torch.ones(mask_shape(shape, sp.granularity)), rep)
     return out
 
 

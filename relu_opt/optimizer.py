@@ -1,0 +1,347 @@
+"""The ReLU-budget optimizer: rank, keep the most critical ReLUs that fit, replace the rest, fine-tune
+with knowledge distillation, export and verify the count on the ONNX graph.
+
+Each stage leaves its result in OUTDIR (.work/ for intermediate state), so an interrupted run resumes:
+rankings are cached, fine-tuning continues from its last epoch, and finished budgets are skipped.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from relu_opt import atomic
+from relu_opt.activations import MaskedReLU, Poly, Square
+from relu_opt.calibration import collect_stats, fit_error, fit_poly
+from relu_opt.crypto_backend.convert import prepare_for_pi
+from relu_opt.data import Dataset, batches
+from relu_opt.errors import BudgetError, ExportError
+from relu_opt.export import export
+from relu_opt.graph import propagate_shapes, trace
+from relu_opt.passes.census import census
+from relu_opt.passes.replace import relu_nodes, replace_sites
+from relu_opt.plan import REPLACEMENTS, Plan, SitePlan, with_module_names
+from relu_opt.ranking import STRATEGIES, Criticality, RankContext, rank, select
+from relu_opt.train import TrainConfig, evaluate, fit, kd_loss
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    """Options of one optimization; everything but `budget` is shared by a frontier's budgets."""
+
+    budget: int
+    strategy: str = "taylor"
+    replace: str = "poly"
+    granularity: str = "channel"
+    degree: int = 2
+    poly_per: str = "channel"
+    epochs: float = 1.0
+    lr: float = 0.01
+    batch_size: int = 128
+    temperature: float = 4.0
+    kd_alpha: float = 0.9
+    anneal: float = 0.3  # fraction of fine-tuning over which dropped ReLUs fade into their replacement
+    rank_samples: int = 5000
+    rank_epochs: float = 1.0
+    calib_samples: int = 1024
+    max_train: int | None = None
+    device: str = "cpu"
+    seed: int = 0
+
+    def key(self, *fields: str) -> str:
+        """Return a short hash of the named fields (all when none), to key cached work."""
+        d = asdict(self)
+        blob = json.dumps({k: d[k] for k in (fields or d)}, sort_keys=True)
+        return hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+
+@dataclass(frozen=True)
+class SiteResult:
+    site: str
+    elements: int
+    kept: int
+    replacement: str
+    fit_error: float | None  # relative MSE of the fitted polynomial to ReLU at this site
+
+
+@dataclass(frozen=True)
+class OptimizeResult:
+    """What one budget produced; accuracies are percent on the test split."""
+
+    outdir: str
+    budget: int
+    strategy: str
+    replace: str
+    granularity: str
+    relu_before: int
+    relu_after: int  # counted on the exported ONNX graph
+    accuracy_before: float
+    accuracy_after: float
+    val_accuracy_before: float
+    val_accuracy_after: float
+    wall_s: float
+    sites: tuple[SiteResult, ...]
+    onnx: dict = field(default_factory=dict)
+    finetune: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """Return the JSON written as report.json."""
+        d = asdict(self)
+        d["sites"] = [asdict(s) for s in self.sites]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> OptimizeResult:
+        return cls(**{**d, "sites": tuple(SiteResult(**s) for s in d["sites"])})
+
+
+def check_budget(budget: int, total: int) -> None:
+    """Raise BudgetError unless 0 <= budget < total."""
+    if budget < 0:
+        raise BudgetError(f"budget {budget} is negative; give the ReLU elements per sample to keep (0 or more)")
+    if budget >= total:
+        raise BudgetError(
+            f"budget {budget:,} is not below the model's {total:,} ReLU elements per sample, so there is "
+            f"nothing to remove; choose a budget under {total:,}"
+        )
+
+
+def _replacement_factory(kind: str, coeffs: dict[str, torch.Tensor], poly_per: str):
+    def make(site: str) -> nn.Module | None:
+        if kind == "identity":
+            return None
+        if kind == "square":
+            return Square()
+        c = coeffs[site]
+        return Poly(c if poly_per == "channel" else c[:, :1])
+
+    return make
+
+
+def _calibrate(gm: fx.GraphModule, data: Dataset, cfg: OptimizeConfig):
+    calib = data.train.subset(cfg.calib_samples)
+    stats = collect_stats(gm, (x for x, _ in batches(calib, 256)), degree=cfg.degree)
+    coeffs, errors = {}, {}
+    for site, st in stats.items():
+        st = st if cfg.poly_per == "channel" else st.merged()
+        coeffs[site] = fit_poly(st)
+        errors[site] = float(fit_error(st, coeffs[site]).mean())
+    return coeffs, errors
+
+
+def _ranking(work: Path, gm, data, cfg: OptimizeConfig, make_rep, progress: bool) -> Criticality:
+    fields = [
+        "strategy",
+        "replace",
+        "granularity",
+        "degree",
+        "poly_per",
+        "rank_samples",
+        "rank_epochs",
+        "calib_samples",
+        "seed",
+    ] + (["budget"] if cfg.strategy == "snl" else [])
+    path = work / f"rank_{cfg.strategy}_{cfg.key(*fields)}.pt"
+    if path.is_file():
+        d = torch.load(path, weights_only=True)
+        return Criticality(d["strategy"], d["granularity"], d["scores"], d["unit_elements"], d["site_scores"])
+    ctx = RankContext(
+        gm,
+        data,
+        cfg.granularity,
+        make_rep,
+        budget=cfg.budget,
+        samples=cfg.rank_samples,
+        epochs=cfg.rank_epochs,
+        device=cfg.device,
+        seed=cfg.seed,
+        progress=progress,
+    )
+    crit = rank(ctx, cfg.strategy)
+    atomic.save_torch(
+        {
+            "strategy": crit.strategy,
+            "granularity": crit.granularity,
+            "scores": crit.scores,
+            "unit_elements": crit.unit_elements,
+            "site_scores": crit.site_scores,
+        },
+        path,
+    )
+    return crit
+
+
+def _anneal(model: nn.Module, anneal: float):
+    masked = [m for m in model.modules() if isinstance(m, MaskedReLU)]
+
+    def on_step(frac: float) -> None:
+        blend = max(0.0, 1.0 - frac / anneal) if anneal > 0 else 0.0
+        for m in masked:
+            m.blend = blend
+
+    return on_step
+
+
+def optimize(
+    model: nn.Module,
+    data: Dataset,
+    config: OptimizeConfig,
+    outdir: str | Path,
+    base_spec: str = "",
+    progress: bool = True,
+) -> OptimizeResult:
+    """Optimize `model` to `config.budget` ReLU elements per sample and write OUTDIR; returns the result.
+
+    OUTDIR gets plan.json, model.pt (the rewritten state dict), model.onnx (verified, ReLUs counted),
+    report.json and report.md. A finished OUTDIR with the same configuration is returned as is."""
+    t0 = time.perf_counter()
+    outdir = Path(outdir)
+    work = outdir.parent / ".work" if outdir.name.startswith("budget_") else outdir / ".work"
+    work.mkdir(parents=True, exist_ok=True)
+    report_path = outdir / "report.json"
+    if report_path.is_file():
+        done = json.loads(report_path.read_text())
+        if done.get("config_key") == config.key():
+            return OptimizeResult.from_dict(done["result"])
+    if config.strategy not in STRATEGIES:
+        raise BudgetError(f"unknown strategy '{config.strategy}'; choose {', '.join(sorted(STRATEGIES))}")
+    if config.replace not in REPLACEMENTS:
+        raise BudgetError(f"unknown replacement '{config.replace}'; choose {', '.join(REPLACEMENTS)}")
+
+    example = data.train.x[:1]
+    teacher = propagate_shapes(trace(copy.deepcopy(model).eval()), example).eval()
+    shapes = {n.name: tuple(n.meta["tensor_meta"].shape[1:]) for n in relu_nodes(teacher)}
+    total = sum(math.prod(s) for s in shapes.values())
+    check_budget(config.budget, total)
+    coeffs, errors = _calibrate(teacher, data, config)
+    make_rep = _replacement_factory(config.replace, coeffs, config.poly_per)
+    crit = _ranking(work, teacher, data, config, make_rep, progress)
+    keep = select(crit, config.budget)
+
+    sites, new_modules = [], {}
+    for site, shape in shapes.items():
+        unit = crit.unit_elements[site]
+        kept = int(keep[site].sum()) * unit
+        elements = math.prod(shape)
+        sites.append(SitePlan(site, elements, kept, config.replace, config.granularity, config.degree, config.poly_per))
+        if kept < elements:
+            new_modules[site] = MaskedReLU(keep[site].float(), make_rep(site))
+    student = propagate_shapes(replace_sites(teacher, new_modules), example)
+    plan_sites = with_module_names(student, sites)
+
+    _, val_before = evaluate(teacher, data.val, device=config.device)
+    _, test_before = evaluate(teacher, data.test, device=config.device)
+    train_cfg = TrainConfig(
+        epochs=max(1, math.ceil(config.epochs)),
+        lr=config.lr,
+        batch_size=config.batch_size,
+        max_train=_max_train(config, len(data.train)),
+        device=config.device,
+        seed=config.seed,
+    )
+    poly_params = [p for n, p in student.named_parameters() if n.endswith("coeffs")]
+    other = [p for n, p in student.named_parameters() if not n.endswith("coeffs")]
+    groups = [{"params": other}] + (
+        [{"params": poly_params, "lr": config.lr * 0.1, "weight_decay": 0.0}] if poly_params else []
+    )
+    ft = fit(
+        student,
+        data,
+        train_cfg,
+        loss_fn=kd_loss(teacher, config.temperature, config.kd_alpha),
+        checkpoint=work / f"finetune_{config.key()}.ckpt",
+        resume=True,
+        param_groups=groups,
+        on_step=_anneal(student, config.anneal),
+        progress=progress,
+        description=f"fine-tune {config.budget:,}",
+    )
+    _anneal(student, config.anneal)(1.0)
+    student.eval()
+    _, val_after = evaluate(student, data.val, device=config.device)
+    _, test_after = evaluate(student, data.test, device=config.device)
+
+    plan = Plan(
+        base_spec or type(model).__name__,
+        tuple(example.shape),
+        data.num_classes,
+        plan_sites,
+        meta={"strategy": config.strategy, "budget": config.budget},
+    )
+    outdir.mkdir(parents=True, exist_ok=True)
+    atomic.save_torch(student.state_dict(), outdir / "model.pt")
+    atomic.write_json(outdir / "plan.json", plan.to_dict())
+    prepared = prepare_for_pi(student, example)
+    exported = export(prepared, example, outdir / "model.onnx", census_totals=census(prepared).totals_by_kind)
+    if exported.onnx_relu > config.budget:
+        raise ExportError(f"exported graph has {exported.onnx_relu:,} ReLUs, over the budget {config.budget:,}")
+    result = OptimizeResult(
+        outdir=str(outdir),
+        budget=config.budget,
+        strategy=config.strategy,
+        replace=config.replace,
+        granularity=config.granularity,
+        relu_before=total,
+        relu_after=exported.onnx_relu,
+        accuracy_before=100 * test_before,
+        accuracy_after=100 * test_after,
+        val_accuracy_before=100 * val_before,
+        val_accuracy_after=100 * val_after,
+        wall_s=time.perf_counter() - t0,
+        sites=tuple(
+            SiteResult(
+                s.site,
+                s.elements,
+                s.kept,
+                "relu" if s.kept == s.elements else s.replacement,
+                errors.get(s.site) if config.replace == "poly" else None,
+            )
+            for s in plan_sites
+        ),
+        onnx=exported.to_dict(),
+        finetune=ft.to_dict(),
+    )
+    from relu_opt.report import write_optimize_report
+
+    write_optimize_report(result, outdir)
+    atomic.write_json(report_path, {"config_key": config.key(), "config": asdict(config), "result": result.to_dict()})
+    return result
+
+
+def _max_train(cfg: OptimizeConfig, n: int) -> int | None:
+    """Fractional epochs train on a prefix of the (shuffled-once) train split."""
+    if cfg.epochs >= 1 or cfg.epochs <= 0:
+        return cfg.max_train
+    return max(cfg.batch_size, int(min(n, cfg.max_train or n) * cfg.epochs))
+
+
+def optimize_frontier(
+    model: nn.Module,
+    data: Dataset,
+    budgets: list[int],
+    config: OptimizeConfig,
+    outdir: str | Path,
+    base_spec: str = "",
+    progress: bool = True,
+) -> list[OptimizeResult]:
+    """Optimize to each budget (OUTDIR/budget_N/), then write the Pareto table and plot; returns the results."""
+    outdir = Path(outdir)
+    results = [
+        optimize(
+            model, data, OptimizeConfig(**{**asdict(config), "budget": b}), outdir / f"budget_{b}", base_spec, progress
+        )
+        for b in budgets
+    ]
+    from relu_opt.report import write_pareto
+
+    write_pareto(results, outdir)
+    return results

@@ -1,0 +1,279 @@
+"""How critical each ReLU is: per-site, per-channel or per-pixel scores from four strategies.
+
+Every strategy returns keep priorities with the granularity's mask shape at each site; a higher score
+means keep the ReLU. `select` then keeps the highest-scoring units that fit a budget. Strategies:
+- drop-one (DeepReDuce): validation accuracy lost when one site is replaced, per ReLU it removes;
+- taylor: first-order loss change |sum g * (relu(x) - replacement(x))| per unit, per ReLU;
+- snl (SNL + AutoReP): masks learned with a budget-weighted lasso, binarised with hysteresis;
+- random: the honest baseline, a random order of units.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from rich.progress import Progress
+from torch import Tensor, nn
+
+from relu_opt.activations import MaskedReLU
+from relu_opt.data import Dataset, batches
+from relu_opt.graph import eval_mode, register_leaf
+from relu_opt.passes.replace import relu_nodes, replace_sites
+from relu_opt.plan import mask_shape
+from relu_opt.train import evaluate, predict
+
+
+@dataclass(frozen=True)
+class Criticality:
+    """Keep priorities per unit at each site, and per-site summaries for reports."""
+
+    strategy: str
+    granularity: str
+    scores: dict[str, Tensor]  # site -> priorities, shaped like the site's mask
+    unit_elements: dict[str, int]  # site -> ReLU elements per sample one unit holds
+    site_scores: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """Return a JSON-ready summary (per-unit scores stay in the .pt file)."""
+        return {
+            "strategy": self.strategy,
+            "granularity": self.granularity,
+            "sites": [
+                {
+                    "site": s,
+                    "units": int(t.numel()),
+                    "unit_elements": self.unit_elements[s],
+                    "score": self.site_scores.get(s, float(t.mean())),
+                    "mean_unit_score": float(t.float().mean()),
+                }
+                for s, t in self.scores.items()
+            ],
+        }
+
+
+@dataclass
+class RankContext:
+    gm: fx.GraphModule  # the shape-propagated base model
+    data: Dataset
+    granularity: str
+    replacement: Callable[[str], nn.Module | None]  # site -> a fresh fitted replacement (None = identity)
+    budget: int | None = None
+    samples: int = 5000
+    epochs: float = 1.0
+    device: str = "cpu"
+    seed: int = 0
+    progress: bool = True
+    finetune_steps: int = 0
+
+    def site_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n.name: tuple(n.meta["tensor_meta"].shape[1:]) for n in relu_nodes(self.gm)}
+
+
+STRATEGIES: dict[str, Callable[[RankContext], Criticality]] = {}
+
+
+def register_strategy(name: str):
+    """Register a ranking strategy under `name`; returns the decorator."""
+
+    def wrap(fn):
+        STRATEGIES[name] = fn
+        return fn
+
+    return wrap
+
+
+def rank(ctx: RankContext, strategy: str) -> Criticality:
+    """Return the Criticality of every ReLU site of `ctx.gm` under `strategy`."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy '{strategy}'; choose {', '.join(sorted(STRATEGIES))}")
+    return STRATEGIES[strategy](ctx)
+
+
+def _unit_elements(shape: tuple[int, ...], granularity: str) -> int:
+    return math.prod(shape) // math.prod(mask_shape(shape, granularity))
+
+
+def _units(ctx: RankContext) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
+    shapes = ctx.site_shapes()
+    return shapes, {s: _unit_elements(sh, ctx.granularity) for s, sh in shapes.items()}
+
+
+@register_strategy("random")
+def random_strategy(ctx: RankContext) -> Criticality:
+    shapes, unit = _units(ctx)
+    gen = torch.Generator().manual_seed(ctx.seed)
+    scores = {s: torch.rand(mask_shape(sh, ctx.granularity), generator=gen) for s, sh in shapes.items()}
+    return Criticality("random", ctx.granularity, scores, unit)
+
+
+@register_strategy("drop-one")
+def drop_one(ctx: RankContext) -> Criticality:
+    shapes, unit = _units(ctx)
+    val = ctx.data.val.subset(ctx.samples)
+    _, base_acc = evaluate(ctx.gm, val, device=ctx.device)
+    scores, site_scores = {}, {}
+    with Progress(disable=not ctx.progress, transient=True) as bar:
+        task = bar.add_task("drop-one", total=len(shapes))
+        for site, shape in shapes.items():
+            rep = ctx.replacement(site)
+            trial = replace_sites(ctx.gm, {site: rep if rep is not None else nn.Identity()})
+            if ctx.finetune_steps:
+                _short_finetune(trial, ctx)
+            _, acc = evaluate(trial, val, device=ctx.device)
+            drop = base_acc - acc
+            site_scores[site] = drop
+            # Priority per ReLU removed, so cheap sites with the same drop are kept first.
+            scores[site] = torch.full(mask_shape(shape, ctx.granularity), drop / math.prod(shape))
+            bar.advance(task)
+    return Criticality("drop-one", ctx.granularity, scores, unit, site_scores)
+
+
+def _short_finetune(model: nn.Module, ctx: RankContext) -> None:
+    teacher = ctx.gm
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    model.train()
+    it = batches(ctx.data.train, 128, shuffle=True, generator=torch.Generator().manual_seed(ctx.seed))
+    for _, (x, _y) in zip(range(ctx.finetune_steps), it):
+        with torch.no_grad():
+            t = predict(teacher, x)
+        loss = F.kl_div(F.log_softmax(model(x), 1), F.log_softmax(t, 1), reduction="batchmean", log_target=True)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def _masked(ctx: RankContext, shapes, module_cls) -> tuple[fx.GraphModule, dict[str, nn.Module]]:
+    mods = {s: module_cls(torch.ones(mask_shape(sh, ctx.granularity)), ctx.replacement(s)) for s, sh in shapes.items()}
+    return replace_sites(ctx.gm, mods), mods
+
+
+@register_strategy("taylor")
+def taylor(ctx: RankContext) -> Criticality:
+    shapes, unit = _units(ctx)
+    model, mods = _masked(ctx, shapes, LearnableMask)
+    sal = {s: torch.zeros_like(m.alpha) for s, m in mods.items()}
+    train = ctx.data.train.subset(ctx.samples)
+    with eval_mode(model):  # BatchNorm statistics stay as trained
+        for x, y in batches(train, 128):
+            model.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            for s, m in model_sites(model, mods):
+                sal[s] += m.alpha.grad.abs()
+    scores = {s: v / unit[s] for s, v in sal.items()}
+    return Criticality("taylor", ctx.granularity, scores, unit, {s: float(v.sum()) for s, v in sal.items()})
+
+
+def model_sites(model: fx.GraphModule, mods: dict[str, nn.Module]):
+    """Yield (site, module) for the modules `_masked` put into `model` (deep-copied by replace_sites)."""
+    names = {n.name: n.target for n in model.graph.nodes if n.op == "call_module"}
+    for s in mods:
+        yield s, model.get_submodule(names[s])
+
+
+@register_leaf
+class LearnableMask(MaskedReLU):
+    """A MaskedReLU whose mask is a trainable alpha; binarised with hysteresis when `hysteresis` > 0.
+
+    AutoReP-style: the forward uses a 0/1 mask that flips only when alpha crosses 0.5 +- hysteresis,
+    with a straight-through gradient to alpha, so masks do not oscillate around the threshold."""
+
+    def __init__(self, mask: Tensor, replacement: nn.Module | None = None, hysteresis: float = 0.0) -> None:
+        super().__init__(mask, replacement)
+        del self.mask
+        self.alpha = nn.Parameter(mask.float().clone())
+        self.register_buffer("state", mask.float().clone())
+        self.hysteresis = hysteresis
+
+    @property
+    def mask(self) -> Tensor:  # type: ignore[override]
+        if not self.hysteresis:
+            return self.alpha
+        a = self.alpha.detach()
+        self.state = torch.where(
+            a > 0.5 + self.hysteresis, 1.0, torch.where(a < 0.5 - self.hysteresis, 0.0, self.state)
+        )
+        return self.state + self.alpha - self.alpha.detach()
+
+    def forward(self, x: Tensor) -> Tensor:
+        m = self.mask
+        return m * torch.relu(x) + (1 - m) * self.replacement(x)
+
+
+@register_strategy("snl")
+def snl(ctx: RankContext) -> Criticality:
+    shapes, unit = _units(ctx)
+    model, mods = _masked(ctx, shapes, lambda m, r: LearnableMask(m, r, hysteresis=0.05))
+    sites = dict(model_sites(model, mods))
+    total = sum(math.prod(sh) for sh in shapes.values())
+    budget = ctx.budget if ctx.budget is not None else total // 10
+    alphas = [m.alpha for m in sites.values()]
+    weights = [p for n, p in model.named_parameters() if not n.endswith("alpha")]
+    opt_w = torch.optim.SGD(weights, lr=0.005, momentum=0.9)
+    opt_a = torch.optim.Adam(alphas, lr=0.01)
+    lam = 0.5
+    train = ctx.data.train.subset(ctx.samples)
+    steps = max(1, int(ctx.epochs * math.ceil(len(train) / 128)))
+    gen = torch.Generator().manual_seed(ctx.seed)
+
+    def kept() -> int:
+        return sum(int((m.state > 0.5).sum()) * unit[s] for s, m in sites.items())
+
+    model.train()
+    step = 0
+    with Progress(disable=not ctx.progress, transient=True) as bar:
+        task = bar.add_task("snl masks", total=steps)
+        while step < steps:
+            for x, _y in batches(train, 128, shuffle=True, generator=gen):
+                if step >= steps:
+                    break
+                logits = model(x)
+                with torch.no_grad():
+                    t = predict(ctx.gm, x)
+                kd = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(t, 1), reduction="batchmean", log_target=True)
+                lasso = sum((m.alpha.clamp(0, 1) * unit[s]).sum() for s, m in sites.items()) / total
+                loss = kd + lam * lasso
+                opt_w.zero_grad()
+                opt_a.zero_grad()
+                loss.backward()
+                opt_w.step()
+                opt_a.step()
+                with torch.no_grad():
+                    for a in alphas:
+                        a.clamp_(0, 1)
+                # Raise the penalty until the binarised masks fit the budget (SNL's schedule).
+                lam = lam * 1.05 if kept() > budget else lam
+                step += 1
+                bar.advance(task)
+    scores = {s: m.alpha.detach().clone() for s, m in sites.items()}
+    return Criticality("snl", ctx.granularity, scores, unit, {s: float(v.mean()) for s, v in scores.items()})
+
+
+def select(crit: Criticality, budget: int) -> dict[str, Tensor]:
+    """Return a boolean keep-mask per site: the highest-priority units whose ReLUs fit in `budget`.
+
+    Greedy in priority order; a unit that does not fit is skipped and smaller ones may still fill the
+    rest, so the kept total is never above the budget."""
+    sites = list(crit.scores)
+    flat = torch.cat([crit.scores[s].reshape(-1).float() for s in sites])
+    cost = torch.cat([torch.full((crit.scores[s].numel(),), crit.unit_elements[s]) for s in sites])
+    order = torch.argsort(flat, descending=True, stable=True)
+    keep = torch.zeros(len(flat), dtype=torch.bool)
+    left = budget
+    for i, c in zip(order.tolist(), cost[order].tolist()):
+        if c <= left:
+            keep[i] = True
+            left -= c
+            if left == 0:
+                break
+    out, start = {}, 0
+    for s in sites:
+        n = crit.scores[s].numel()
+        out[s] = keep[start : start + n].reshape(crit.scores[s].shape)
+        start += n
+    return out

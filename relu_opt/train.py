@@ -1,0 +1,253 @@
+"""Training and fine-tuning: SGD + cosine schedule, channels_last, atomic per-epoch checkpoints,
+resume, clean Ctrl-C, and a stop with the last good checkpoint kept when the loss goes non-finite."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import Tensor, nn
+
+from relu_opt import atomic
+from relu_opt.data import Dataset, Split, batches
+from relu_opt.errors import ReluOptError
+
+LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (logits, x, y) -> loss
+
+
+class TrainingDiverged(ReluOptError):
+    """The loss became NaN or infinite."""
+
+
+class TrainingInterrupted(ReluOptError):
+    """Ctrl-C during training; the state was saved."""
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    epoch: int
+    train_loss: float
+    train_acc: float
+    val_loss: float
+    val_acc: float
+    lr: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a training run did: per-epoch stats and where the checkpoint is."""
+
+    history: tuple[EpochStats, ...]
+    checkpoint: str | None = None
+    resumed_from: int = 0
+
+    @property
+    def val_acc(self) -> float:
+        return self.history[-1].val_acc if self.history else float("nan")
+
+    def to_dict(self) -> dict:
+        return {
+            "history": [asdict(e) for e in self.history],
+            "checkpoint": self.checkpoint,
+            "resumed_from": self.resumed_from,
+        }
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 5
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    clip_grad: float | None = 5.0
+    max_train: int | None = None  # train on the first N examples of the train split (subset runs)
+    device: str = "cpu"
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def _prepare_input(x: Tensor, device: str) -> Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: Tensor, batch_size: int = 500, device: str = "cpu") -> Tensor:
+    """Return the model's logits on `x` (eval mode, batched), on the CPU."""
+    was = model.training
+    model.eval()
+    try:
+        return torch.cat(
+            [model(_prepare_input(x[i : i + batch_size], device)).float().cpu() for i in range(0, len(x), batch_size)]
+        )
+    finally:
+        model.train(was)
+
+
+def evaluate(model: nn.Module, split: Split, batch_size: int = 500, device: str = "cpu") -> tuple[float, float]:
+    """Return (mean cross-entropy, accuracy in [0, 1]) of `model` on a split."""
+    logits = predict(model, split.x, batch_size, device)
+    return float(F.cross_entropy(logits, split.y)), float((logits.argmax(1) == split.y).float().mean())
+
+
+def kd_loss(teacher: nn.Module, temperature: float = 4.0, alpha: float = 0.9) -> LossFn:
+    """Return a distillation loss: alpha * T^2 * KL(student_T || teacher_T) + (1 - alpha) * CE."""
+    teacher.eval()
+
+    def loss(logits: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        with torch.no_grad():
+            t = teacher(x)
+        kl = F.kl_div(
+            F.log_softmax(logits / temperature, 1),
+            F.log_softmax(t / temperature, 1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        return alpha * temperature**2 * kl + (1 - alpha) * F.cross_entropy(logits, y)
+
+    return loss
+
+
+def _ce(logits: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(logits, y)
+
+
+def fit(
+    model: nn.Module,
+    data: Dataset,
+    config: TrainConfig,
+    loss_fn: LossFn = _ce,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
+    param_groups: list[dict] | None = None,
+    on_epoch_start: Callable[[int, float], None] | None = None,
+    on_step: Callable[[float], None] | None = None,
+    progress: bool = True,
+    description: str = "train",
+) -> TrainResult:
+    """Train `model` in place for `config.epochs` and return the TrainResult.
+
+    `on_epoch_start(epoch, fraction_done)` and `on_step(fraction_done)` let callers anneal masks.
+    Raises TrainingDiverged on a non-finite loss (the checkpoint on disk is the last good epoch) and
+    TrainingInterrupted on Ctrl-C (after saving the current state for --resume)."""
+    device = config.device
+    model.to(device).to(memory_format=torch.channels_last)
+    groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    opt = torch.optim.SGD(
+        groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True
+    )
+    train = data.train.subset(config.max_train)
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    sched = (
+        torch.optim.lr_scheduler.OneCycleLR(
+            opt,
+            max_lr=[g.get("lr", config.lr) for g in opt.param_groups],
+            total_steps=config.epochs * steps_per_epoch,
+            pct_start=0.15,
+            anneal_strategy="cos",
+            div_factor=10,
+            final_div_factor=100,
+        )
+        if config.epochs
+        else None
+    )
+    history: list[EpochStats] = []
+    start_epoch = 0
+    ckpt = Path(checkpoint) if checkpoint else None
+    if ckpt and resume and ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if sched is not None:
+            sched.load_state_dict(state["scheduler"])
+        history = [EpochStats(**e) for e in state["history"]]
+        start_epoch = int(state["epoch"])
+    resumed_from = start_epoch
+
+    def save(epoch: int) -> None:
+        if ckpt:
+            atomic.save_torch(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict() if sched else {},
+                    "epoch": epoch,
+                    "history": [asdict(e) for e in history],
+                },
+                ckpt,
+            )
+
+    gen = torch.Generator().manual_seed(config.seed)
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, disable=not progress, transient=False) as bar:
+        for epoch in range(start_epoch, config.epochs):
+            gen.manual_seed(config.seed + epoch)
+            task = bar.add_task(f"{description} {epoch + 1}/{config.epochs}", total=steps_per_epoch, info="")
+            if on_epoch_start:
+                on_epoch_start(epoch, epoch / config.epochs)
+            model.train()
+            t0, total_loss, correct, seen = time.perf_counter(), 0.0, 0, 0
+            try:
+                for step, (x, y) in enumerate(
+                    batches(train, config.batch_size, shuffle=True, generator=gen, augment=data.augment)
+                ):
+                    if on_step:
+                        on_step((epoch + step / steps_per_epoch) / config.epochs)
+                    x, y = _prepare_input(x, device), y.to(device)
+                    logits = model(x)
+                    loss = loss_fn(logits, x, y)
+                    if not torch.isfinite(loss):
+                        where = f"'{ckpt}' (epoch {len(history)})" if ckpt and ckpt.is_file() else "none"
+                        raise TrainingDiverged(
+                            f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; stopped. Last good "
+                            f"checkpoint: {where}. Try a lower --lr"
+                        )
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if config.clip_grad:
+                        nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
+                    opt.step()
+                    sched.step()
+                    total_loss += loss.item() * len(y)
+                    correct += int((logits.argmax(1) == y).sum())
+                    seen += len(y)
+                    bar.update(task, advance=1, info=f"loss {total_loss / seen:.3f} acc {correct / seen:.1%}")
+            except KeyboardInterrupt:
+                save(epoch)  # the interrupted epoch restarts on --resume, from these weights
+                raise TrainingInterrupted(
+                    f"interrupted in epoch {epoch + 1}; state saved to '{ckpt}', rerun with --resume"
+                    if ckpt
+                    else f"interrupted in epoch {epoch + 1}"
+                ) from None
+            val_loss, val_acc = evaluate(model, data.val, device=device)
+            history.append(
+                EpochStats(
+                    epoch + 1,
+                    total_loss / max(seen, 1),
+                    correct / max(seen, 1),
+                    val_loss,
+                    val_acc,
+                    opt.param_groups[0]["lr"],
+                    time.perf_counter() - t0,
+                )
+            )
+            bar.update(task, info=f"loss {total_loss / max(seen, 1):.3f} val acc {val_acc:.2%}")
+            save(epoch + 1)
+    model.to(memory_format=torch.contiguous_format)
+    return TrainResult(tuple(history), str(ckpt) if ckpt else None, resumed_from)

@@ -1,0 +1,204 @@
+import json
+import math
+
+import onnx
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import relu_opt
+from relu_opt.cli import app
+from relu_opt.data import load_dataset
+from relu_opt.errors import BudgetError
+from relu_opt.export import onnx_census
+from relu_opt.graph import propagate_shapes, trace
+from relu_opt.models import create_model
+from relu_opt.optimizer import OptimizeConfig, check_budget, optimize
+from relu_opt.passes.replace import relu_nodes
+from relu_opt.ranking import RankContext, rank, select
+from relu_opt.train import TrainConfig, TrainingDiverged, TrainingInterrupted, fit
+
+SHAPE = (1, 1, 12, 12)
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return load_dataset("synthetic", shape=SHAPE[1:], n=600)
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic):
+    model = create_model("resnet20", num_classes=4, in_channels=1)
+    fit(model, synthetic, TrainConfig(epochs=1, lr=0.05), progress=False)
+    return model.eval()
+
+
+def _resnet20_relus(hw):
+    total, size = 16 * hw * hw, hw
+    for i, w in enumerate((16, 32, 64)):
+        size = size if i == 0 else (size + 1) // 2
+        total += 6 * w * size * size
+    return total
+
+
+@pytest.mark.parametrize("granularity", ["site", "channel", "pixel"])
+@pytest.mark.parametrize("fraction", [0.2, 0.05, 0.01])
+def test_budget_met_exactly_on_resnet20(trained, synthetic, granularity, fraction):
+    gm = propagate_shapes(trace(trained), synthetic.train.x[:1])
+    total = _resnet20_relus(12)
+    budget = int(total * fraction)
+    crit = rank(RankContext(gm, synthetic, granularity, lambda s: None, progress=False), "random")
+    keep = select(crit, budget)
+    kept = sum(int(keep[s].sum()) * crit.unit_elements[s] for s in keep)
+    assert kept <= budget
+    smallest = min(crit.unit_elements.values())
+    if granularity != "site":
+        assert budget - kept < smallest  # greedy fill leaves less than one unit unused
+    if granularity == "pixel":
+        assert kept == budget
+
+
+def test_optimize_end_to_end_and_load_round_trip(trained, synthetic, tmp_path):
+    total = _resnet20_relus(12)
+    budget = total // 20
+    cfg = OptimizeConfig(budget=budget, strategy="taylor", epochs=1, rank_samples=200, calib_samples=200)
+    r = optimize(trained, synthetic, cfg, tmp_path / "out", base_spec="resnet20", progress=False)
+    assert r.relu_before == total and r.relu_after <= budget
+    assert budget - r.relu_after < 64  # channel units at this size hold 9 to 144 elements
+    mp = onnx.load(tmp_path / "out" / "model.onnx")
+    assert onnx_census(mp, SHAPE).total_relu == r.relu_after
+    for name in ("plan.json", "model.pt", "model.onnx", "report.json", "report.md"):
+        assert (tmp_path / "out" / name).is_file()
+    plan = json.loads((tmp_path / "out" / "plan.json").read_text())
+    assert plan["relu_elements"] == r.relu_after and plan["base_model"] == "resnet20"
+    assert "budget" in (tmp_path / "out" / "report.md").read_text()
+    loaded = relu_opt.load(tmp_path / "out")
+    saved = torch.load(tmp_path / "out" / "model.pt", weights_only=True)
+    assert set(loaded.state_dict()) == set(saved)
+    x = synthetic.test.x[:16]
+    with torch.no_grad():
+        first = loaded(x)
+        again = relu_opt.load(tmp_path / "out")(x)
+    assert torch.equal(first, again)
+    acc = float((first.argmax(1) == synthetic.test.y[:16]).float().mean())
+    assert 0.0 <= acc <= 1.0
+    # A second call with the same configuration is served from the finished folder.
+    assert optimize(trained, synthetic, cfg, tmp_path / "out", base_spec="resnet20", progress=False) == r
+
+
+def test_zero_budget_gives_a_relu_free_net(trained, synthetic, tmp_path):
+    cfg = OptimizeConfig(budget=0, strategy="random", epochs=0.5, calib_samples=100)
+    r = optimize(trained, synthetic, cfg, tmp_path / "zero", base_spec="resnet20", progress=False)
+    assert r.relu_after == 0
+    ops = {n.op_type for n in onnx.load(tmp_path / "zero" / "model.onnx").graph.node}
+    assert "Relu" not in ops and "Pow" in ops
+    assert math.isfinite(r.accuracy_after)
+
+
+def test_bad_budgets():
+    with pytest.raises(BudgetError, match="negative"):
+        check_budget(-1, 100)
+    with pytest.raises(BudgetError, match="not below the model's 100 ReLU"):
+        check_budget(100, 100)
+    check_budget(0, 100)
+    runner = CliRunner()
+    r = runner.invoke(app, ["optimize", "small_cnn", "--data", "digits", "--budget", "99999999", "-o", "/tmp/x"])
+    assert r.exit_code == 2 and "nothing to remove" in r.output
+    r = runner.invoke(app, ["optimize", "small_cnn", "--data", "digits", "-o", "/tmp/x"])
+    assert r.exit_code == 2 and "give --budget N" in r.output
+
+
+def test_missing_data_message(tmp_path):
+    r = CliRunner().invoke(
+        app, ["optimize", "resnet20", "--budget", "10", "--data-dir", str(tmp_path), "-o", str(tmp_path / "o")]
+    )
+    assert r.exit_code == 2 and "Fashion-MNIST files missing" in r.output
+
+
+def test_training_resume_after_interrupt(synthetic, tmp_path):
+    ckpt = tmp_path / "w.ckpt"
+    model = create_model("small_cnn", num_classes=4, in_channels=1)
+    calls = {"n": 0}
+
+    def interrupt_in_second_epoch(frac):
+        calls["n"] += 1
+        if frac >= 0.5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(TrainingInterrupted, match="rerun with --resume"):
+        fit(model, synthetic, TrainConfig(epochs=2), checkpoint=ckpt, on_step=interrupt_in_second_epoch, progress=False)
+    state = torch.load(ckpt, weights_only=True)
+    assert state["epoch"] == 1 and len(state["history"]) == 1
+    resumed = fit(model, synthetic, TrainConfig(epochs=2), checkpoint=ckpt, resume=True, progress=False)
+    assert resumed.resumed_from == 1 and [e.epoch for e in resumed.history] == [1, 2]
+
+
+def test_non_finite_loss_stops_and_keeps_last_good(synthetic, tmp_path):
+    ckpt = tmp_path / "w.ckpt"
+    model = create_model("small_cnn", num_classes=4, in_channels=1)
+    fit(model, synthetic, TrainConfig(epochs=1), checkpoint=ckpt, progress=False)
+    good = ckpt.read_bytes()
+
+    def nan_loss(logits, x, y):
+        return logits.sum() * float("nan")
+
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at epoch 2, step 1.*epoch 1"):
+        fit(model, synthetic, TrainConfig(epochs=2), loss_fn=nan_loss, checkpoint=ckpt, resume=True, progress=False)
+    assert ckpt.read_bytes() == good
+
+
+@pytest.mark.parametrize("strategy", ["drop-one", "snl", "taylor"])
+def test_strategies_rank_every_site(trained, synthetic, strategy):
+    gm = propagate_shapes(trace(trained), synthetic.train.x[:1])
+    ctx = RankContext(gm, synthetic, "channel", lambda s: None, budget=500, samples=128, epochs=0.5, progress=False)
+    crit = rank(ctx, strategy)
+    assert set(crit.scores) == {n.name for n in relu_nodes(gm)}
+    channels = {n.name: n.meta["tensor_meta"].shape[1] for n in relu_nodes(gm)}
+    for site, scores in crit.scores.items():
+        assert scores.shape == (channels[site], 1, 1) and torch.isfinite(scores).all()
+    assert len({float(v.mean()) for v in crit.scores.values()}) > 1  # sites are told apart
+
+
+def test_cli_optimize_and_rank(tmp_path):
+    runner = CliRunner()
+    w = tmp_path / "w.pt"
+    r = runner.invoke(app, ["train", "small_cnn", "--data", "digits", "--epochs", "1", "-o", str(w)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(
+        app,
+        [
+            "rank",
+            "small_cnn",
+            "--weights",
+            str(w),
+            "--data",
+            "digits",
+            "--strategy",
+            "taylor",
+            "--json",
+            str(tmp_path / "rank.json"),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert len(json.loads((tmp_path / "rank.json").read_text())["sites"]) == 3
+    r = runner.invoke(
+        app,
+        [
+            "optimize",
+            "small_cnn",
+            "--weights",
+            str(w),
+            "--data",
+            "digits",
+            "--budgets",
+            "500,100",
+            "--epochs",
+            "1",
+            "-o",
+            str(tmp_path / "opt"),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    pareto = json.loads((tmp_path / "opt" / "pareto.json").read_text())
+    assert [row["relu"] <= row["budget"] for row in pareto["rows"]] == [True, True]
+    assert (tmp_path / "opt" / "pareto.png").stat().st_size > 1000
