@@ -1,6 +1,6 @@
 """relu-opt: find the ReLUs a model does not need for private inference, and prove the saving."""
 
-from relu_opt.api import count, export, load
+from relu_opt.api import count, export, load, optimize
 from relu_opt.errors import ReluOptError
 from relu_opt.export import ExportResult
 from relu_opt.models import create_model, list_models, register_model
@@ -18,5 +18,6 @@ __all__ = [
     "export",
     "list_models",
     "load",
+    "optimize",
     "register_model",
 ]

@@ -96,6 +96,12 @@ def _load(spec: str, input_shape: str | None, weights: Path | None, num_classes:
     return loaded.model.eval(), loaded.name, shape
 
 
+def _write_json(path: Path | None, obj) -> None:
+    if path:
+        atomic.write_json(path, obj)
+        out.print(f"wrote {path}")
+
+
 def _census_table(c: Census) -> Table:
     t = Table(title=f"{c.model}  input {tuple(c.input_shape)}", title_justify="left")
     for col, just in [("#", "right"), ("site", "left"), ("kind", "left"), ("shape", "left")]:
@@ -142,9 +148,7 @@ def count_cmd(
     c = api.count(net, torch.randn(shape), leaf or (), name=name)
     out.print(_census_table(c))
     out.print(f"ReLU elements per sample: [bold]{c.total_relu:,}[/]   MACs: {c.total_macs:,}   params: {c.params:,}")
-    if json_path:
-        atomic.write_json(json_path, c.to_dict())
-        out.print(f"wrote {json_path}")
+    _write_json(json_path, c.to_dict())
 
 
 @command("export")
@@ -262,8 +266,7 @@ def bench_cmd(
             timeout=timeout,
         )
         out.print_json(data=r)
-        if json_path:
-            atomic.write_json(json_path, r)
+        _write_json(json_path, r)
         return
     with out.status("calibrating the cost model (cached after the first run)"):
         cost = calibrate(parties, timeout=timeout)
@@ -287,9 +290,7 @@ def bench_cmd(
             f"{name} / original: rounds x{ratio['rounds']:.2f}, bytes x{ratio['bytes_per_party']:.2f}, "
             f"LAN x{ratio['lan_s']:.2f}, WAN x{ratio['wan_s']:.2f}"
         )
-    if json_path:
-        atomic.write_json(json_path, r.to_dict())
-        out.print(f"wrote {json_path}")
+    _write_json(json_path, r.to_dict())
 
 
 DataOpt = Annotated[str, typer.Option("--data", help="Dataset: fashion-mnist, cifar10, cifar100, digits, synthetic.")]
@@ -363,6 +364,9 @@ def rank_cmd(
     granularity: GranularityOpt = "channel",
     budget: Annotated[int | None, typer.Option("--budget", help="Budget the snl masks aim for.")] = None,
     samples: Annotated[int, typer.Option("--samples", help="Examples the ranking looks at.")] = 5000,
+    finetune_steps: Annotated[
+        int, typer.Option("--finetune-steps", help="drop-one: distillation steps after replacing each site.")
+    ] = 0,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the criticality table here.")] = None,
     device: DeviceOpt = "cpu",
 ) -> None:
@@ -382,6 +386,7 @@ def rank_cmd(
         budget=budget,
         samples=samples,
         device=_check_device(device),
+        finetune_steps=finetune_steps,
     )
     crit = rank(ctx, strategy)
     t = Table("site", "units", "ReLUs/unit", "score", "mean unit score", title=f"{strategy} criticality")
@@ -394,9 +399,7 @@ def rank_cmd(
             f"{row['mean_unit_score']:.4g}",
         )
     out.print(t)
-    if json_path:
-        atomic.write_json(json_path, crit.to_dict())
-        out.print(f"wrote {json_path}")
+    _write_json(json_path, crit.to_dict())
 
 
 @command("optimize")
@@ -466,6 +469,115 @@ def optimize_cmd(
         )
     out.print(t)
     out.print(f"wrote {output}/pareto.md and pareto.png")
+
+
+def _summary(r) -> None:
+    base, opt, b = r.baseline, r.optimized[-1], r.bench
+    models = {m["name"]: m for m in b["models"]}
+    t = Table(
+        title=f"relu-opt run: {r.config['model']} on {r.config['data']}",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        collapse_padding=True,
+        pad_edge=False,
+    )
+    for col in ("model", "ReLUs", "test acc", "rounds", "MB/party", "wall s", "LAN s", "WAN s", "top-1 agree"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    accs = {"original": base["test_accuracy"], "optimized": opt["accuracy_after"], "floor": None}
+    for name in ("original", "optimized", "floor"):
+        m = models.get(name)
+        if m is None:
+            continue
+        acc = accs[name]
+        t.add_row(
+            name,
+            f"{m['relu_elements']:,}",
+            "-" if acc is None else f"{acc:.2f}%",
+            str(m["rounds"]),
+            f"{max(m['bytes_per_party']) / 1e6:.2f}",
+            f"{m['wall_s_median']:.3f}",
+            f"{m['lan_s']:.3f}",
+            f"{m['wan_s']:.3f}",
+            f"{m['top1_agreement']:.2f}",
+        )
+    out.print(t)
+    ratio = b["ratios"].get("optimized", {})
+    if ratio:
+        out.print(
+            f"optimized vs original: {base['relu'] / max(opt['relu_after'], 1):.1f}x fewer ReLUs, "
+            f"{opt['accuracy_after'] - base['test_accuracy']:+.2f} points test accuracy, "
+            f"rounds x{ratio['rounds']:.2f}, bytes x{ratio['bytes_per_party']:.2f}, WAN latency x{ratio['wan_s']:.2f}"
+        )
+    out.print(f"report: {r.rundir}/report.md")
+
+
+@command("run")
+def run_cmd(
+    model: Annotated[
+        str, typer.Argument(help="Model spec (zoo name, file.py:Class, package.module:factory).")
+    ] = "small_cnn",
+    data: DataOpt = "fashion-mnist",
+    data_dir: DataDirOpt = None,
+    weights: WeightsOpt = None,
+    budget: Annotated[int | None, typer.Option("--budget", help="ReLUs per sample to keep (default: 1/10).")] = None,
+    budgets: Annotated[str | None, typer.Option("--budgets", help="Several budgets, comma separated.")] = None,
+    strategy: StrategyOpt = "taylor",
+    replace: ReplaceOpt = "poly",
+    granularity: GranularityOpt = "channel",
+    baseline_epochs: Annotated[int, typer.Option("--baseline-epochs", help="Epochs to train a baseline.")] = 3,
+    epochs: Annotated[float, typer.Option("--epochs", help="Fine-tuning epochs per budget.")] = 2.0,
+    max_train: Annotated[int | None, typer.Option("--max-train", help="Use the first N train examples.")] = None,
+    samples: Annotated[int, typer.Option("--samples", min=1, help="Test samples run under CrypTen.")] = 8,
+    parties: Annotated[int, typer.Option("--parties", min=2, help="CrypTen parties.")] = 2,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds before stuck parties are stopped.")] = 300,
+    runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where report folders go.")] = Path("runs"),
+    cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="Cache (default ~/.cache/relu-opt).")] = None,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """The main job: baseline, optimize, verified ONNX, 2-party CrypTen bench, and a report folder."""
+    import sys
+
+    from relu_opt.pipeline import RunConfig, run
+
+    levels = _parse_budgets(budget, budgets) if (budget is not None or budgets) else []
+    cfg = RunConfig(
+        model=model,
+        data=data,
+        data_dir=str(data_dir) if data_dir else None,
+        weights=str(weights) if weights else None,
+        budgets=tuple(levels),
+        strategy=strategy,
+        replace=replace,
+        granularity=granularity,
+        baseline_epochs=baseline_epochs,
+        epochs=epochs,
+        max_train=max_train,
+        samples=samples,
+        parties=parties,
+        timeout=timeout,
+        device=_check_device(device),
+    )
+    command_line = "relu-opt " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("relu-opt") else "relu-opt run"
+    r = run(
+        cfg,
+        runs_dir=runs_dir,
+        cache=cache_dir,
+        command=command_line,
+        log=lambda m: out.print(f"[bold cyan]>[/] {escape(m)}", soft_wrap=True),
+    )
+    _summary(r)
+
+
+@command("report")
+def report_cmd(
+    rundir: Annotated[Path, typer.Argument(help="A folder `relu-opt run` wrote.", show_default=False)],
+) -> None:
+    """Re-render a run's report.md and figures from its report.json."""
+    from relu_opt.report import render_run
+
+    if not (rundir / "report.json").is_file():
+        raise ReluOptError(f"'{rundir}' has no report.json; give a folder that `relu-opt run` wrote")
+    out.print(f"wrote {render_run(rundir)}")
 
 
 def main() -> None:

@@ -196,15 +196,26 @@ def onnx_census(mp: onnx.ModelProto, input_shape: tuple[int, ...]) -> OnnxCensus
 
 
 def check_parity(
-    onnx_bytes: bytes, model: nn.Module, example: torch.Tensor, batch: int = 2, seed: int = 0
+    onnx_bytes: bytes,
+    model: nn.Module,
+    example: torch.Tensor,
+    batch: int = 2,
+    seed: int = 0,
+    inputs: torch.Tensor | None = None,
 ) -> tuple[float, float]:
-    """Return (max abs error, output scale) of onnxruntime vs PyTorch on random input."""
+    """Return (max abs error, output scale) of onnxruntime vs PyTorch on `inputs` (default: random)."""
     import onnxruntime as ort
 
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn((batch, *example.shape[1:]), generator=gen, dtype=example.dtype)
+    x = inputs if inputs is not None else torch.randn((batch, *example.shape[1:]), generator=gen, dtype=example.dtype)
     with eval_mode(model), torch.no_grad():
         ref = model(x).float().numpy()
+    if not np.isfinite(ref).all():
+        raise ExportError(
+            "the model's own output is NaN or infinite on the parity inputs: it overflows (polynomial "
+            "activations do, far from the range they were fitted on). Fine-tune longer, or use a larger budget "
+            "or --replace square/identity"
+        )
     sess = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     if got.shape != ref.shape:
@@ -218,8 +229,12 @@ def export(
     path: str | os.PathLike,
     opset: int = DEFAULT_OPSET,
     census_totals: dict[str, int] | None = None,
+    parity_inputs: torch.Tensor | None = None,
 ) -> ExportResult:
     """Export, check, verify parity and ReLU count, then write `path` atomically; returns the result.
+
+    Parity is checked on `parity_inputs` when given (real samples: a polynomial network can overflow on
+    random inputs far from its data), else on a random batch of two.
 
     Raises ExportError (and writes nothing) when the checker fails, the onnxruntime output differs by
     more than PARITY_TOLERANCE of the output scale, or the ONNX ReLU/max-pool count differs from
@@ -231,7 +246,7 @@ def export(
         onnx.checker.check_model(mp)
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"onnx.checker rejected the exported graph: {exc}") from exc
-    err, scale = check_parity(data, model, example)
+    err, scale = check_parity(data, model, example, inputs=parity_inputs)
     if not math.isfinite(err) or err > PARITY_TOLERANCE * max(scale, 1e-12):
         raise ExportError(
             f"onnxruntime output differs from PyTorch by {err:.3g} (output scale {scale:.3g}), "

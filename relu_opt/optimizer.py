@@ -28,7 +28,7 @@ from relu_opt.errors import BudgetError, ExportError
 from relu_opt.export import export
 from relu_opt.graph import propagate_shapes, trace
 from relu_opt.passes.census import census
-from relu_opt.passes.replace import relu_nodes, replace_sites
+from relu_opt.passes.replace import maxpool_to_avgpool, relu_nodes, replace_sites
 from relu_opt.plan import REPLACEMENTS, Plan, SitePlan, with_module_names
 from relu_opt.ranking import STRATEGIES, Criticality, RankContext, rank, select
 from relu_opt.train import TrainConfig, evaluate, fit, kd_loss
@@ -49,7 +49,9 @@ class OptimizeConfig:
     batch_size: int = 128
     temperature: float = 4.0
     kd_alpha: float = 0.9
-    anneal: float = 0.3  # fraction of fine-tuning over which dropped ReLUs fade into their replacement
+    anneal: float = 0.5  # fraction of fine-tuning over which dropped ReLUs fade into their replacement
+    avgpool: bool = False  # replace max-pools by average pools (their comparisons go too)
+    freeze_bn: bool = False  # fixed BatchNorm statistics (diverged in a Fashion-MNIST ResNet-20 pilot)
     rank_samples: int = 5000
     rank_epochs: float = 1.0
     calib_samples: int = 1024
@@ -235,7 +237,8 @@ def optimize(
         sites.append(SitePlan(site, elements, kept, config.replace, config.granularity, config.degree, config.poly_per))
         if kept < elements:
             new_modules[site] = MaskedReLU(keep[site].float(), make_rep(site))
-    student = propagate_shapes(replace_sites(teacher, new_modules), example)
+    student = replace_sites(teacher, new_modules)
+    student = propagate_shapes(maxpool_to_avgpool(student) if config.avgpool else student, example)
     plan_sites = with_module_names(student, sites)
 
     _, val_before = evaluate(teacher, data.val, device=config.device)
@@ -247,6 +250,7 @@ def optimize(
         max_train=_max_train(config, len(data.train)),
         device=config.device,
         seed=config.seed,
+        freeze_bn=config.freeze_bn,
     )
     poly_params = [p for n, p in student.named_parameters() if n.endswith("coeffs")]
     other = [p for n, p in student.named_parameters() if not n.endswith("coeffs")]
@@ -276,12 +280,19 @@ def optimize(
         data.num_classes,
         plan_sites,
         meta={"strategy": config.strategy, "budget": config.budget},
+        avgpool=config.avgpool,
     )
     outdir.mkdir(parents=True, exist_ok=True)
     atomic.save_torch(student.state_dict(), outdir / "model.pt")
     atomic.write_json(outdir / "plan.json", plan.to_dict())
     prepared = prepare_for_pi(student, example)
-    exported = export(prepared, example, outdir / "model.onnx", census_totals=census(prepared).totals_by_kind)
+    exported = export(
+        prepared,
+        example,
+        outdir / "model.onnx",
+        census_totals=census(prepared).totals_by_kind,
+        parity_inputs=data.val.x[:64],
+    )
     if exported.onnx_relu > config.budget:
         raise ExportError(f"exported graph has {exported.onnx_relu:,} ReLUs, over the budget {config.budget:,}")
     result = OptimizeResult(

@@ -7,7 +7,6 @@ named by their node names in the traced base model, and passes keep module names
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -20,7 +19,7 @@ from torch import nn
 from relu_opt.activations import MaskedReLU, Poly, Square
 from relu_opt.errors import ReluOptError
 from relu_opt.graph import propagate_shapes, trace
-from relu_opt.passes.replace import module_name_for, replace_sites
+from relu_opt.passes.replace import maxpool_to_avgpool, module_name_for, replace_sites
 
 REPLACEMENTS = ("identity", "poly", "square")
 
@@ -52,6 +51,7 @@ class Plan:
     num_classes: int
     sites: tuple[SitePlan, ...]
     leaf: tuple[str, ...] = ()
+    avgpool: bool = False  # max-pools became average pools
     state: str = "model.pt"
     meta: dict = field(default_factory=dict)
 
@@ -75,6 +75,7 @@ class Plan:
             num_classes=int(d["num_classes"]),
             sites=tuple(SitePlan(**s) for s in d["sites"]),
             leaf=tuple(d.get("leaf", ())),
+            avgpool=bool(d.get("avgpool", False)),
             state=d.get("state", "model.pt"),
             meta=d.get("meta", {}),
         )
@@ -124,7 +125,8 @@ def apply_plan(base: nn.Module, plan: Plan, example: torch.Tensor | None = None)
     """Return the base model rewritten by `plan` (masks all-ones, coefficients zero until loaded)."""
     example = torch.zeros(plan.input_shape) if example is None else example
     gm = propagate_shapes(trace(base, plan.leaf), example)
-    return propagate_shapes(replace_sites(gm, site_modules(gm, plan.sites)), example)
+    gm = replace_sites(gm, site_modules(gm, plan.sites))
+    return propagate_shapes(maxpool_to_avgpool(gm) if plan.avgpool else gm, example)
 
 
 def with_module_names(gm: fx.GraphModule, sites: Iterable[SitePlan]) -> tuple[SitePlan, ...]:
@@ -151,9 +153,3 @@ def load(outdir: str | os.PathLike) -> fx.GraphModule:
     state = torch.load(outdir / plan.state, map_location="cpu", weights_only=True)
     gm.load_state_dict(state)
     return gm.eval()
-
-
-def site_elements(gm: fx.GraphModule, name: str) -> int:
-    """Return the per-sample elements of a shape-propagated node."""
-    node = next(n for n in gm.graph.nodes if n.name == name)
-    return math.prod(node.meta["tensor_meta"].shape[1:])

@@ -39,7 +39,7 @@ class Criticality:
     site_scores: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        """Return a JSON-ready summary (per-unit scores stay in the .pt file)."""
+        """Return a JSON-ready table: per site, plus per channel at channel granularity."""
         return {
             "strategy": self.strategy,
             "granularity": self.granularity,
@@ -50,6 +50,7 @@ class Criticality:
                     "unit_elements": self.unit_elements[s],
                     "score": self.site_scores.get(s, float(t.mean())),
                     "mean_unit_score": float(t.float().mean()),
+                    **({"channel_scores": t.reshape(-1).tolist()} if self.granularity == "channel" else {}),
                 }
                 for s, t in self.scores.items()
             ],

@@ -138,3 +138,131 @@ def write_pareto(results, outdir: Path) -> None:
         outdir / "pareto.png",
         "accuracy vs ReLUs",
     )
+
+
+def census_plot(before: dict, after: dict, path: Path) -> None:
+    """Bar chart of ReLU elements per site, before and after, to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def per_site(c):
+        out: dict[str, int] = {}
+        for s in c["sites"]:
+            if s["kind"] == "relu":
+                out[s["name"]] = out.get(s["name"], 0) + s["elements"]
+        return out
+
+    b, a = per_site(before), per_site(after)
+    names = list(b)
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names)), 4))
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], [b[n] for n in names], width=0.4, label=f"before ({before['total_relu']:,})")
+    ax.bar([x + 0.2 for x in xs], [a.get(n, 0) for n in names], width=0.4, label=f"after ({after['total_relu']:,})")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(names, rotation=70, ha="right", fontsize=7)
+    ax.set_ylabel("ReLU elements per sample")
+    ax.set_yscale("symlog")
+    ax.set_title("ReLU census per site")
+    ax.legend()
+    _savefig(fig, path)
+    plt.close(fig)
+
+
+def run_markdown(r: dict) -> str:
+    """Return report.md for a `relu-opt run` report.json."""
+    base, cfg = r["baseline"], r["config"]
+    opt = r["optimized"]
+    lines = [
+        "# relu-opt run",
+        "",
+        f"Model `{cfg['model']}` on `{cfg['data']}`; strategy `{cfg['strategy']}`, replacement `{cfg['replace']}`, "
+        f"granularity `{cfg['granularity']}`.",
+        "",
+        "## Accuracy and ReLUs",
+        "",
+        "| model | ReLUs per sample | fewer | test accuracy |",
+        "|---|---|---|---|",
+        f"| baseline | {base['relu']:,} | 1x | {base['test_accuracy']:.2f}% |",
+    ]
+    for o in opt:
+        lines.append(
+            f"| budget {o['budget']:,} | {o['relu_after']:,} | {o['relu_before'] / max(o['relu_after'], 1):.1f}x"
+            f" | {o['accuracy_after']:.2f}% |"
+        )
+    lines += [
+        "",
+        "ReLUs of optimized models are counted on their exported ONNX graphs.",
+        "",
+        "![census](census.png)",
+        "",
+        "![accuracy vs ReLUs](pareto.png)",
+        "",
+    ]
+    b = r["bench"]
+    nets = b.get("networks", {})
+    lan, wan = nets.get("lan", {}), nets.get("wan", {})
+    lines += [
+        f"## Encrypted inference (CrypTen, {b['parties']} parties, {b['batch']} test samples in one batch)",
+        "",
+        f"LAN = {lan.get('rtt_ms', '?')} ms RTT, {lan.get('bandwidth_MBps', '?')} MB/s; "
+        f"WAN = {wan.get('rtt_ms', '?')} ms RTT, {wan.get('bandwidth_MBps', '?')} MB/s; "
+        "latency = measured compute + rounds x RTT + bytes / bandwidth.",
+        "",
+        "| model | ReLUs | rounds | MB per party | wall s (median) | LAN s | WAN s | predicted rounds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for m in b["models"]:
+        pred = "-" if m.get("predicted_rounds") is None else f"{m['predicted_rounds']:.0f}"
+        lines.append(
+            f"| {m['name']} | {m['relu_elements']:,} | {m['rounds']} | {max(m['bytes_per_party']) / 1e6:.2f} | "
+            f"{m['wall_s_median']:.3f} | {m['lan_s']:.3f} | {m['wan_s']:.3f} | {pred} |"
+        )
+    lines += [
+        "",
+        "### Agreement with plaintext",
+        "",
+        "| model | max abs logit error | top-1 agreement | encrypted accuracy | plaintext accuracy |",
+        "|---|---|---|---|---|",
+    ]
+    for m in b["models"]:
+        acc = "-" if m["accuracy"] is None else f"{100 * m['accuracy']:.1f}%"
+        pacc = "-" if m["plain_accuracy"] is None else f"{100 * m['plain_accuracy']:.1f}%"
+        lines.append(f"| {m['name']} | {m['max_abs_err']:.2g} | {m['top1_agreement']:.2f} | {acc} | {pacc} |")
+    if b.get("warnings"):
+        lines += ["", "Warnings:", ""] + [f"- {w}" for w in b["warnings"]]
+    for name, ratio in b.get("ratios", {}).items():
+        lines += [
+            "",
+            f"{name} / original: rounds x{ratio['rounds']:.2f}, bytes x{ratio['bytes_per_party']:.2f}, "
+            f"LAN x{ratio['lan_s']:.2f}, WAN x{ratio['wan_s']:.2f}.",
+        ]
+    lines += [
+        "",
+        "## Reproduce",
+        "",
+        "```",
+        r.get("command") or "relu-opt run",
+        "```",
+        "",
+        "| package | version |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {v} |" for k, v in r["versions"].items()]
+    lines += ["", "Stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in r.get("seconds", {}).items()), ""]
+    return "\n".join(lines)
+
+
+def render_run(rundir: str | Path) -> Path:
+    """(Re)write report.md, census.png and pareto.png of a run folder from its report.json; returns report.md."""
+    import json
+
+    rundir = Path(rundir)
+    r = json.loads((rundir / "report.json").read_text())
+    census_plot(r["census_before"], r["census_after"], rundir / "census.png")
+    points = {r["config"]["strategy"]: [(max(o["relu_after"], 1), o["accuracy_after"]) for o in r["optimized"]]}
+    pareto_plot(
+        points, (r["baseline"]["relu"], r["baseline"]["test_accuracy"]), rundir / "pareto.png", "accuracy vs ReLUs"
+    )
+    return atomic.write_text(rundir / "report.md", run_markdown(r))

@@ -70,6 +70,7 @@ class TrainConfig:
     batch_size: int = 128
     clip_grad: float | None = 5.0
     max_train: int | None = None  # train on the first N examples of the train split (subset runs)
+    freeze_bn: bool = False  # keep BatchNorm running statistics fixed (fine-tuning polynomial nets)
     device: str = "cpu"
     seed: int = 0
     extra: dict = field(default_factory=dict)
@@ -202,6 +203,10 @@ def fit(
             if on_epoch_start:
                 on_epoch_start(epoch, epoch / config.epochs)
             model.train()
+            if config.freeze_bn:
+                for m in model.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        m.eval()
             t0, total_loss, correct, seen = time.perf_counter(), 0.0, 0, 0
             try:
                 for step, (x, y) in enumerate(

@@ -61,3 +61,12 @@ def test_export_keeps_model_mode(tmp_path):
     model = create_model("small_cnn").train()
     relu_opt.export(model, torch.randn(1, 3, 32, 32), tmp_path / "m.onnx")
     assert model.training
+
+
+def test_non_finite_model_output_is_named(tmp_path):
+    class Overflow(nn.Module):
+        def forward(self, x):
+            return torch.exp(x * 1e4)
+
+    with pytest.raises(ExportError, match="model's own output is NaN or infinite"):
+        export(Overflow(), torch.ones(1, 4), tmp_path / "o.onnx")

@@ -5,7 +5,6 @@ from relu_opt.models.registry import (
     ModelEntry,
     create_model,
     get_entry,
-    is_registered,
     list_models,
     register_model,
 )
@@ -14,7 +13,6 @@ __all__ = [
     "ModelEntry",
     "create_model",
     "get_entry",
-    "is_registered",
     "list_models",
     "register_model",
 ]

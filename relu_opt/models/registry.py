@@ -54,11 +54,6 @@ def get_entry(name: str) -> ModelEntry:
         ) from None
 
 
-def is_registered(name: str) -> bool:
-    """Return True when `name` is a zoo model."""
-    return name in _REGISTRY
-
-
 def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:
     """Return a new, randomly initialised zoo model."""
     return get_entry(name).factory(num_classes=num_classes, in_channels=in_channels, **kwargs)

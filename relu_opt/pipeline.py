@@ -1,0 +1,217 @@
+"""The main job: from a model to an optimized ONNX graph and its measured encrypted cost, in one call.
+
+Stages: baseline (trained once, cached), census, optimize (one or more budgets), export and verify, a
+CrypTen bench of original vs optimized vs linear floor, and a report folder. Heavy stages keep their
+state in the cache, so an interrupted run resumes where it stopped, and a rerun reuses the baseline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from relu_opt import atomic
+from relu_opt.api import count
+from relu_opt.crypto_backend.cost_model import cache_dir
+from relu_opt.data import Dataset, load_dataset
+from relu_opt.loading import load_weights, resolve_model
+from relu_opt.optimizer import OptimizeConfig, OptimizeResult, optimize
+from relu_opt.plan import load
+from relu_opt.train import TrainConfig, evaluate, fit
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything `relu-opt run` takes; the defaults are the built-in job."""
+
+    model: str = "small_cnn"
+    data: str = "fashion-mnist"
+    data_dir: str | None = None
+    weights: str | None = None
+    budgets: tuple[int, ...] = ()  # empty: one budget, `fraction` of the baseline's ReLUs
+    fraction: float = 0.1
+    strategy: str = "taylor"
+    replace: str = "poly"
+    granularity: str = "channel"
+    baseline_epochs: int = 3
+    epochs: float = 2.0
+    max_train: int | None = None
+    samples: int = 8
+    parties: int = 2
+    bench_runs: int = 2
+    timeout: float = 300
+    device: str = "cpu"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RunResult:
+    rundir: str
+    config: dict
+    baseline: dict
+    census_before: dict
+    census_after: dict
+    optimized: list[dict]
+    bench: dict
+    command: str
+    versions: dict
+    seconds: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def versions() -> dict[str, str]:
+    """Return the versions of the libraries a result depends on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("relu-opt", "torch", "crypten", "onnx", "onnxruntime"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _key(*parts) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _slug(spec: str) -> str:
+    return spec.replace("/", "_").replace(":", "_")
+
+
+def _baseline(cfg: RunConfig, data: Dataset, cache: Path, log: Callable[[str], None]):
+    loaded = resolve_model(cfg.model, num_classes=data.num_classes, in_channels=data.input_shape[1])
+    model = loaded.model
+    if cfg.weights:
+        load_weights(model, cfg.weights)
+        return model.eval(), {"source": cfg.weights, "cached": False}
+    key = _key(cfg.model, cfg.data, cfg.data_dir, cfg.baseline_epochs, cfg.max_train, cfg.seed)
+    path = cache / "baselines" / f"{_slug(cfg.model)}_{cfg.data}_e{cfg.baseline_epochs}_{key}.pt"
+    if path.is_file():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        log(f"baseline: reusing {path}")
+        return model.eval(), {"source": str(path), "cached": True}
+    log(f"baseline: training {cfg.model} on {cfg.data} for {cfg.baseline_epochs} epochs (cached at {path})")
+    torch.manual_seed(cfg.seed)
+    fit(
+        model,
+        data,
+        TrainConfig(epochs=cfg.baseline_epochs, lr=0.05, max_train=cfg.max_train, device=cfg.device, seed=cfg.seed),
+        checkpoint=path.with_name(path.name + ".ckpt"),
+        resume=True,
+        description="baseline epoch",
+    )
+    atomic.save_torch(model.cpu().state_dict(), path)
+    path.with_name(path.name + ".ckpt").unlink(missing_ok=True)
+    return model.eval(), {"source": str(path), "cached": False}
+
+
+def run(
+    cfg: RunConfig,
+    runs_dir: str | os.PathLike = "runs",
+    cache: str | os.PathLike | None = None,
+    command: str = "",
+    log: Callable[[str], None] = lambda _m: None,
+) -> RunResult:
+    """Run the main job and write runs/<timestamp>/; returns the RunResult (also in report.json)."""
+    from relu_opt.crypto_backend.bench import bench
+    from relu_opt.crypto_backend.cost_model import calibrate
+
+    cache = Path(cache) if cache else cache_dir()
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    data = load_dataset(cfg.data, cfg.data_dir)
+    model, baseline_info = _baseline(cfg, data, cache, log)
+    seconds["baseline"] = time.perf_counter() - t
+    example = data.train.x[:1]
+    before = count(model, example, name=cfg.model)
+    _, test_acc = evaluate(model, data.test, device=cfg.device)
+    baseline_info.update(relu=before.total_relu, test_accuracy=100 * test_acc)
+    budgets = list(cfg.budgets) or [max(1, int(before.total_relu * cfg.fraction))]
+
+    t = time.perf_counter()
+    weights_key = _key(baseline_info["source"], os.path.getmtime(baseline_info["source"]))
+    work = cache / "runs" / f"{_slug(cfg.model)}_{cfg.data}_{weights_key}"
+    results: list[OptimizeResult] = []
+    for b in budgets:
+        log(f"optimize: budget {b:,} of {before.total_relu:,} ReLUs ({cfg.strategy}, {cfg.replace}, {cfg.granularity})")
+        ocfg = OptimizeConfig(
+            budget=b,
+            strategy=cfg.strategy,
+            replace=cfg.replace,
+            granularity=cfg.granularity,
+            epochs=cfg.epochs,
+            max_train=cfg.max_train,
+            device=cfg.device,
+            seed=cfg.seed,
+        )
+        results.append(
+            optimize(
+                model,
+                data,
+                ocfg,
+                work / f"{cfg.strategy}_{cfg.replace}_{cfg.granularity}" / f"budget_{b}",
+                base_spec=cfg.model,
+            )
+        )
+    seconds["optimize"] = time.perf_counter() - t
+    best = results[-1]
+    optimized = load(best.outdir)
+    after = count(optimized, example, name=f"{cfg.model} @ {best.budget:,}")
+
+    t = time.perf_counter()
+    test = data.test.subset(cfg.samples)
+    log(f"bench: {cfg.parties} CrypTen parties, {len(test)} test samples")
+    cost = calibrate(cfg.parties, timeout=cfg.timeout)
+    bench_result = bench(
+        model,
+        test.x,
+        test.y,
+        optimized=optimized,
+        parties=cfg.parties,
+        runs=cfg.bench_runs,
+        warmup=1,
+        timeout=cfg.timeout,
+        cost_model=cost,
+        log=log,
+    )
+    seconds["bench"] = time.perf_counter() - t
+
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    final = Path(runs_dir) / stamp
+    partial = Path(runs_dir) / f".{stamp}.partial"
+    partial.mkdir(parents=True, exist_ok=True)
+    for r in results:
+        dest = partial / f"budget_{r.budget}"
+        shutil.copytree(r.outdir, dest, ignore=shutil.ignore_patterns(".work"))
+    result = RunResult(
+        rundir=str(final),
+        config=asdict(cfg),
+        baseline=baseline_info,
+        census_before=before.to_dict(),
+        census_after=after.to_dict(),
+        optimized=[r.to_dict() for r in results],
+        bench=bench_result.to_dict(),
+        command=command,
+        versions=versions(),
+        seconds=seconds,
+    )
+    atomic.write_json(partial / "report.json", result.to_dict())
+    from relu_opt.report import render_run
+
+    render_run(partial)
+    os.replace(partial, final)  # the folder appears complete or not at all
+    return result
