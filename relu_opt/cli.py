@@ -47,6 +47,11 @@ def command(*args, **kwargs):
                     raise
                 err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
                 raise typer.Exit(2) from None
+            except KeyboardInterrupt:
+                if _debug["on"]:
+                    raise
+                err.print("interrupted; finished stages are saved, so the same command resumes", soft_wrap=True)
+                raise typer.Exit(130) from None
 
         return app.command(*args, **kwargs)(wrapper)
 
@@ -481,7 +486,7 @@ def _summary(r) -> None:
         collapse_padding=True,
         pad_edge=False,
     )
-    for col in ("model", "ReLUs", "test acc", "rounds", "MB/party", "wall s", "LAN s", "WAN s", "top-1 agree"):
+    for col in ("model", "ReLUs", "test acc", "rounds", "MB/party", "wall s", "LAN s", "WAN s", "top-1"):
         t.add_column(col, justify="left" if col == "model" else "right")
     accs = {"original": base["test_accuracy"], "optimized": opt["accuracy_after"], "floor": None}
     for name in ("original", "optimized", "floor"):

@@ -175,7 +175,7 @@ def run(
     t = time.perf_counter()
     test = data.test.subset(cfg.samples)
     log(f"bench: {cfg.parties} CrypTen parties, {len(test)} test samples")
-    cost = calibrate(cfg.parties, timeout=cfg.timeout)
+    cost = calibrate(cfg.parties, timeout=cfg.timeout, cache=cache)
     bench_result = bench(
         model,
         test.x,

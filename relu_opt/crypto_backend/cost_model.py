@@ -179,11 +179,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RELU_OPT_CACHE") or Path.home() / ".cache" / "relu-opt")
 
 
-def calibrate(parties: int = 2, timeout: float = 300, refresh: bool = False) -> CostModel:
-    """Return the CostModel for `parties`, measured once under CrypTen and cached as JSON."""
+def calibrate(
+    parties: int = 2, timeout: float = 300, refresh: bool = False, cache: str | os.PathLike | None = None
+) -> CostModel:
+    """Return the CostModel for `parties`, measured once under CrypTen and cached as JSON in `cache`."""
     from relu_opt.crypto_backend.bench import measure
 
-    path = cache_dir() / f"cost_model_{parties}p_crypten{_crypten_version()}.json"
+    path = Path(cache or cache_dir()) / f"cost_model_{parties}p_crypten{_crypten_version()}.json"
     if path.is_file() and not refresh:
         return CostModel.from_dict(json.loads(path.read_text()))
     x = torch.randn(CALIBRATION_INPUT)
