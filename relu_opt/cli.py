@@ -194,16 +194,19 @@ def _samples(data: str | None, data_dir: Path | None, samples: int, shape: tuple
     return test.x, test.y
 
 
+def _compact_table(title: str, columns: tuple[str, ...]) -> Table:
+    """Return a borderless table that fits 80 columns: first column left-aligned, the rest right."""
+    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
+    for col in columns:
+        t.add_column(col, justify="left" if col == columns[0] else "right")
+    return t
+
+
 def _bench_table(r) -> Table:
-    t = Table(
-        title=f"CrypTen, {r.parties} parties, batch {r.batch}",
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        collapse_padding=True,
-        pad_edge=False,
+    t = _compact_table(
+        f"CrypTen, {r.parties} parties, batch {r.batch}",
+        ("model", "ReLUs", "rounds", "MB/party", "wall s", "LAN s", "WAN s", "err", "top-1", "acc"),
     )
-    for col in ("model", "ReLUs", "rounds", "MB/party", "wall s", "LAN s", "WAN s", "err", "top-1", "acc"):
-        t.add_column(col, justify="left" if col == "model" else "right")
     for m in r.models:
         t.add_row(
             m.name,
@@ -479,15 +482,10 @@ def optimize_cmd(
 def _summary(r) -> None:
     base, opt, b = r.baseline, r.optimized[-1], r.bench
     models = {m["name"]: m for m in b["models"]}
-    t = Table(
-        title=f"relu-opt run: {r.config['model']} on {r.config['data']}",
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        collapse_padding=True,
-        pad_edge=False,
+    t = _compact_table(
+        f"relu-opt run: {r.config['model']} on {r.config['data']}",
+        ("model", "ReLUs", "test acc", "rounds", "MB/party", "wall s", "LAN s", "WAN s", "top-1"),
     )
-    for col in ("model", "ReLUs", "test acc", "rounds", "MB/party", "wall s", "LAN s", "WAN s", "top-1"):
-        t.add_column(col, justify="left" if col == "model" else "right")
     accs = {"original": base["test_accuracy"], "optimized": opt["accuracy_after"], "floor": None}
     for name in ("original", "optimized", "floor"):
         m = models.get(name)
