@@ -16,7 +16,7 @@ from rich.table import Table
 
 from relu_opt import api, atomic
 from relu_opt.data import load_dataset
-from relu_opt.errors import BudgetError, InputShapeError, ReluOptError
+from relu_opt.errors import BudgetError, InputShapeError, ReluOptError, WeightsError
 from relu_opt.export import DEFAULT_OPSET
 from relu_opt.graph import parse_input_shape, propagate_shapes, trace
 from relu_opt.loading import load_weights, resolve_model
@@ -87,12 +87,36 @@ LeafOpt = Annotated[
     list[str] | None,
     typer.Option("--leaf", help="Module class (or qualified name) fx should not trace into; repeatable."),
 ]
-NumClassesOpt = Annotated[int, typer.Option("--num-classes", help="Classes of a zoo model's head.")]
+NumClassesOpt = Annotated[
+    int | None, typer.Option("--num-classes", help="Classes of a zoo model's head (default 10, or the weights').")
+]
+MaxDropOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--max-drop",
+        min=0,
+        help="Validation accuracy points the optimized model may lose; a larger drop fails and saves nothing.",
+    ),
+]
+PretrainedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--pretrained",
+        help="Start from the weights shipped for this zoo model (`relu-opt models` lists them); sha256-checked.",
+    ),
+]
 
 
-def _load(spec: str, input_shape: str | None, weights: Path | None, num_classes: int):
+def _load(
+    spec: str, input_shape: str | None, weights: Path | None, num_classes: int | None, pretrained: bool | str = False
+):
     shape = parse_input_shape(input_shape) if input_shape else None
-    loaded = resolve_model(spec, num_classes=num_classes, in_channels=shape[1] if shape else 3)
+    if pretrained and weights is not None:
+        raise WeightsError("give --pretrained or --weights, not both")
+    if pretrained:
+        loaded = resolve_model(spec, num_classes, shape[1] if shape else None, pretrained=pretrained)
+    else:
+        loaded = resolve_model(spec, num_classes=num_classes or 10, in_channels=shape[1] if shape else 3)
     shape = shape or loaded.default_input_shape
     if shape is None:
         raise InputShapeError(f"'{spec}' has no default input shape; pass --input-shape, e.g. --input-shape 1,3,32,32")
@@ -131,11 +155,14 @@ def _census_table(c: Census) -> Table:
 
 @command("models")
 def models_cmd() -> None:
-    """List the built-in architectures."""
-    t = Table("name", "default input", "description")
+    """List the built-in architectures and the pretrained weights shipped for them (--pretrained)."""
+    from relu_opt.models.pretrained import list_pretrained
+
+    t = Table("name", "default input", "pretrained (test acc)", "description")
     for name in list_models():
         e = get_entry(name)
-        t.add_row(name, ",".join(map(str, e.default_input_shape)), e.description)
+        shipped = ", ".join(f"{r.dataset} ({r.test_accuracy:.2f}%)" for r in list_pretrained(name)) or "-"
+        t.add_row(name, ",".join(map(str, e.default_input_shape)), shipped, e.description)
     out.print(t)
 
 
@@ -145,11 +172,12 @@ def count_cmd(
     input_shape: InputShapeOpt = None,
     weights: WeightsOpt = None,
     leaf: LeafOpt = None,
-    num_classes: NumClassesOpt = 10,
+    num_classes: NumClassesOpt = None,
+    pretrained: PretrainedOpt = False,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the census as JSON here.")] = None,
 ) -> None:
     """Print where the ReLUs (and other non-linear ops) are: per site elements, share and feeding MACs."""
-    net, name, shape = _load(model, input_shape, weights, num_classes)
+    net, name, shape = _load(model, input_shape, weights, num_classes, pretrained)
     c = api.count(net, torch.randn(shape), leaf or (), name=name)
     out.print(_census_table(c))
     out.print(f"ReLU elements per sample: [bold]{c.total_relu:,}[/]   MACs: {c.total_macs:,}   params: {c.params:,}")
@@ -163,11 +191,12 @@ def export_cmd(
     input_shape: InputShapeOpt = None,
     weights: WeightsOpt = None,
     leaf: LeafOpt = None,
-    num_classes: NumClassesOpt = 10,
+    num_classes: NumClassesOpt = None,
+    pretrained: PretrainedOpt = False,
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset (11-20).", min=7, max=21)] = DEFAULT_OPSET,
 ) -> None:
     """Write a verified ONNX graph: checker, onnxruntime parity and ReLU count against the census."""
-    net, _, shape = _load(model, input_shape, weights, num_classes)
+    net, _, shape = _load(model, input_shape, weights, num_classes, pretrained)
     r = api.export(net, torch.randn(shape), output, opset=opset, leaf=leaf or ())
     out.print(f"wrote {r.path} (opset {r.opset})")
     out.print(
@@ -243,7 +272,8 @@ def bench_cmd(
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
     input_shape: InputShapeOpt = None,
     weights: WeightsOpt = None,
-    num_classes: NumClassesOpt = 10,
+    num_classes: NumClassesOpt = None,
+    pretrained: PretrainedOpt = False,
     rank: Annotated[int | None, typer.Option("--rank", help="Run only this party (one per host); see README.")] = None,
     world_size: Annotated[int | None, typer.Option("--world-size", help="Parties in a multi-host run.")] = None,
     master_addr: Annotated[str, typer.Option("--master-addr", help="Party 0's address.")] = "127.0.0.1",
@@ -257,7 +287,7 @@ def bench_cmd(
         networks = (parse_network("lan", lan), parse_network("wan", wan))
     except ValueError as exc:
         raise InputShapeError(str(exc)) from None
-    net, _, shape = _load(model, input_shape, weights, num_classes)
+    net, _, shape = _load(model, input_shape, weights, num_classes, (data or True) if pretrained else False)
     opt = api.load(optimized) if optimized else None
     x, y = _samples(data, data_dir, samples, shape)
     if rank is not None:
@@ -312,10 +342,10 @@ def _check_device(device: str) -> str:
     return device
 
 
-def _data_and_model(model, data, data_dir, weights):
+def _data_and_model(model, data, data_dir, weights, pretrained: bool = False):
     ds = load_dataset(data, data_dir, download=False)
     shape = ",".join(map(str, ds.input_shape))
-    net, name, input_shape = _load(model, shape, weights, ds.num_classes)
+    net, name, input_shape = _load(model, shape, weights, ds.num_classes, data if pretrained else False)
     return ds, net, name, input_shape
 
 
@@ -332,13 +362,14 @@ def train_cmd(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUTPUT.ckpt.")] = False,
     device: DeviceOpt = "cpu",
     weights: WeightsOpt = None,
+    pretrained: PretrainedOpt = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the initial weights and the data order.")] = 0,
 ) -> None:
     """Train a baseline: SGD + cosine, a checkpoint each epoch (OUTPUT.ckpt), --resume, Ctrl-C saves."""
     from relu_opt.train import TrainConfig, evaluate, fit
 
     torch.manual_seed(seed)
-    ds, net, _, _ = _data_and_model(model, data, data_dir, weights)
+    ds, net, _, _ = _data_and_model(model, data, data_dir, weights, pretrained)
     cfg = TrainConfig(
         epochs=epochs, lr=lr, batch_size=batch_size, max_train=max_train, device=_check_device(device), seed=seed
     )
@@ -369,6 +400,7 @@ def _parse_budgets(budget: int | None, budgets: str | None) -> list[int]:
 def rank_cmd(
     model: ModelArg,
     weights: WeightsOpt = None,
+    pretrained: PretrainedOpt = False,
     data: DataOpt = "fashion-mnist",
     data_dir: DataDirOpt = None,
     strategy: StrategyOpt = "taylor",
@@ -386,7 +418,7 @@ def rank_cmd(
     from relu_opt.optimizer import OptimizeConfig, _calibrate, _replacement_factory
     from relu_opt.ranking import RankContext, rank
 
-    ds, net, _, shape = _data_and_model(model, data, data_dir, weights)
+    ds, net, _, shape = _data_and_model(model, data, data_dir, weights, pretrained)
     cfg = OptimizeConfig(budget=budget or 0, replace=replace, granularity=granularity)
     gm = propagate_shapes(trace(net.eval()), ds.train.x[:1])
     coeffs, _ = _calibrate(gm, ds, cfg)
@@ -423,6 +455,7 @@ def optimize_cmd(
         str | None, typer.Option("--budgets", help="Several budgets, comma separated: a frontier.")
     ] = None,
     weights: WeightsOpt = None,
+    pretrained: PretrainedOpt = False,
     data: DataOpt = "fashion-mnist",
     data_dir: DataDirOpt = None,
     strategy: StrategyOpt = "taylor",
@@ -434,15 +467,18 @@ def optimize_cmd(
     lr: Annotated[float, typer.Option("--lr", help="Fine-tuning peak learning rate.")] = 0.01,
     rank_samples: Annotated[int, typer.Option("--rank-samples", help="Examples the ranking looks at.")] = 5000,
     max_train: Annotated[int | None, typer.Option("--max-train", help="Fine-tune on the first N examples.")] = None,
+    max_drop: MaxDropOpt = None,
     device: DeviceOpt = "cpu",
 ) -> None:
     """Keep the most critical ReLUs that fit the budget, replace the rest, fine-tune with distillation."""
     from relu_opt.optimizer import OptimizeConfig, optimize_frontier
 
     levels = _parse_budgets(budget, budgets)
-    ds, net, name, _ = _data_and_model(model, data, data_dir, weights)
-    if weights is None:
-        err.print("warning: no --weights given, so the model being optimized is untrained", soft_wrap=True)
+    ds, net, name, _ = _data_and_model(model, data, data_dir, weights, pretrained)
+    if weights is None and not pretrained:
+        err.print(
+            "warning: no --weights or --pretrained given, so the model being optimized is untrained", soft_wrap=True
+        )
     if granularity not in ("site", "channel", "pixel"):
         raise BudgetError(f"--granularity '{granularity}' must be site, channel or pixel")
     if poly_per not in ("channel", "layer"):
@@ -458,6 +494,7 @@ def optimize_cmd(
         lr=lr,
         rank_samples=rank_samples,
         max_train=max_train,
+        max_drop=max_drop,
         device=_check_device(device),
     )
     results = optimize_frontier(net, ds, levels, cfg, output, base_spec=name)
@@ -522,10 +559,18 @@ def _summary(r) -> None:
 def run_cmd(
     model: Annotated[
         str, typer.Argument(help="Model spec (zoo name, file.py:Class, package.module:factory).")
-    ] = "small_cnn",
+    ] = "resnet20",
     data: DataOpt = "fashion-mnist",
     data_dir: DataDirOpt = None,
     weights: WeightsOpt = None,
+    pretrained: Annotated[
+        bool,
+        typer.Option(
+            "--pretrained/--no-pretrained",
+            help="Start from the shipped weights for MODEL on DATA when there are any; otherwise train a baseline.",
+        ),
+    ] = True,
+    max_drop: MaxDropOpt = None,
     budget: Annotated[int | None, typer.Option("--budget", help="ReLUs per sample to keep (default: 1/10).")] = None,
     budgets: Annotated[str | None, typer.Option("--budgets", help="Several budgets, comma separated.")] = None,
     strategy: StrategyOpt = "taylor",
@@ -552,6 +597,8 @@ def run_cmd(
         data=data,
         data_dir=str(data_dir) if data_dir else None,
         weights=str(weights) if weights else None,
+        pretrained=pretrained,
+        max_drop=max_drop,
         budgets=tuple(levels),
         strategy=strategy,
         replace=replace,

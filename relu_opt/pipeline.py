@@ -25,6 +25,7 @@ from relu_opt.api import count
 from relu_opt.crypto_backend.cost_model import cache_dir
 from relu_opt.data import Dataset, load_dataset
 from relu_opt.loading import load_weights, resolve_model
+from relu_opt.models.pretrained import list_pretrained, load_pretrained
 from relu_opt.optimizer import OptimizeConfig, OptimizeResult, optimize
 from relu_opt.plan import load
 from relu_opt.train import TrainConfig, evaluate, fit
@@ -34,10 +35,11 @@ from relu_opt.train import TrainConfig, evaluate, fit
 class RunConfig:
     """Everything `relu-opt run` takes; the defaults are the built-in job."""
 
-    model: str = "small_cnn"
+    model: str = "resnet20"
     data: str = "fashion-mnist"
     data_dir: str | None = None
     weights: str | None = None
+    pretrained: bool = True  # start from the shipped weights for (model, data) when there are any
     budgets: tuple[int, ...] = ()  # empty: one budget, `fraction` of the baseline's ReLUs
     fraction: float = 0.1
     strategy: str = "taylor"
@@ -52,6 +54,7 @@ class RunConfig:
     timeout: float = 300
     device: str = "cpu"
     seed: int = 0
+    max_drop: float | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,12 @@ def _baseline(cfg: RunConfig, data: Dataset, cache: Path, log: Callable[[str], N
     if cfg.weights:
         load_weights(model, cfg.weights)
         return model.eval(), {"source": cfg.weights, "cached": False}
+    shipped = [r for r in list_pretrained(cfg.model) if r.dataset == cfg.data] if cfg.pretrained else []
+    if shipped:
+        rec = shipped[0]
+        log(f"baseline: shipped pretrained {cfg.model} on {cfg.data} ({rec.test_accuracy:.2f}% test, sha256 checked)")
+        load_pretrained(model, rec)
+        return model.eval(), {"source": str(rec.path), "cached": False, "pretrained": rec.command}
     key = _key(cfg.model, cfg.data, cfg.data_dir, cfg.baseline_epochs, cfg.max_train, cfg.seed)
     path = cache / "baselines" / f"{_slug(cfg.model)}_{cfg.data}_e{cfg.baseline_epochs}_{key}.pt"
     if path.is_file():
@@ -155,6 +164,7 @@ def run(
             granularity=cfg.granularity,
             epochs=cfg.epochs,
             max_train=cfg.max_train,
+            max_drop=cfg.max_drop,
             device=cfg.device,
             seed=cfg.seed,
         )
