@@ -67,7 +67,13 @@ def test_two_party_forward_matches_plaintext():
     assert orig.max_abs_err < 1e-2 * scale
     assert orig.accuracy == orig.plain_accuracy
     assert r.ratios["floor"]["rounds"] == pytest.approx(4 / 31)
-    assert len(orig.bytes_per_party) == 2 and orig.lan_s > orig.wall_s_median
+    assert len(orig.bytes_per_party) == 2 and 0 < orig.compute_s < orig.wall_s_median
+    # two parties: each all-reduce of N bytes moves N each way; CrypTen's count adds both directions
+    assert orig.sent_per_party == orig.received_per_party == [b // 2 for b in orig.bytes_per_party]
+    wan = r.networks["wan"]
+    assert orig.wan_s == pytest.approx(
+        orig.compute_s + 31 * wan["rtt_ms"] / 1e3 + max(orig.sent_per_party) / (wan["bandwidth_MBps"] * 1e6)
+    )
     d = r.to_dict()
     assert {"parties", "batch", "models", "ratios"} <= set(d)
     assert {
