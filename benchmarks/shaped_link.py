@@ -64,7 +64,7 @@ class TwoHosts:
                 _sh("ip", "-n", ns, "link", "set", dev, "up")
                 _sh("ip", "-n", ns, "link", "set", "lo", "up")
                 if self.mbit:
-                    tbf = ["tbf", "rate", f"{self.mbit:g}mbit", "burst", "64kb", "latency", "200ms"]
+                    tbf = ["tbf", "rate", f"{self.mbit:g}mbit", "burst", "64kb", "latency", "50ms"]
                     _sh("tc", "-n", ns, "qdisc", "add", "dev", dev, "root", *tbf)
         except BaseException:
             self.__exit__(None, None, None)

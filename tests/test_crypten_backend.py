@@ -244,9 +244,18 @@ def test_one_party_per_host_mode(tmp_path):
         )
         for rank in (0, 1)
     ]
+    outs = []
     for p in procs:
-        _, err = p.communicate(timeout=180)
+        out, err = p.communicate(timeout=180)
         assert p.returncode == 0, err
+        outs.append(out)
     results = [json.loads((tmp_path / f"p{r}.json").read_text()) for r in (0, 1)]
-    assert [m["name"] for m in results[0]["models"]] == ["original", "floor"]
-    assert results[0]["models"][0]["rounds"] == [31] and results[1]["models"][0]["rounds"] == [31]
+    for rank, (r, out) in enumerate(zip(results, outs)):
+        assert f"CrypTen, 2 parties, batch 2, party {rank} over lo" in out  # the local bench's table
+        assert [m["name"] for m in r["models"]] == ["original", "floor"]
+        assert r["models"][0]["rounds"] == 31 and r["models"][1]["rounds"] == 4
+        assert r["hosts"] == {"rank": rank, "interface": "lo"}
+    # the parties share their measurements at the end, so both report the same numbers
+    assert results[0]["models"] == results[1]["models"]
+    orig = results[0]["models"][0]
+    assert orig["sent_per_party"] == [b // 2 for b in orig["bytes_per_party"]]

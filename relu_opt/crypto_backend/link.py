@@ -32,9 +32,10 @@ class LinkMeasurement:
 
     @property
     def bandwidth_MBps(self) -> float:
-        """Return the per-direction bandwidth the latency model uses: the slowest direction while both
-        directions are busy (as they are in an all-reduce)."""
-        return min(self.duplex_MBps.values())
+        """Return the per-direction bandwidth the latency model uses: the slowest direction alone. (The
+        rates with both directions busy show whether the link is full duplex; on a shaped link with a
+        deep queue one TCP flow can starve the other's acknowledgements, so they vary more.)"""
+        return min(self.one_way_MBps.values())
 
     def network(self, name: str = "link") -> Network:
         """Return this link as a Network profile."""
@@ -122,7 +123,7 @@ def _measure_pair(dist, me: int, peer: int, budget_s: float) -> tuple[float, flo
             break
         size *= 4
     forward, backward, dup_in, dup_out = [], [], [], []
-    for _ in range(2):
+    for _ in range(3):
         for direction in (0, 1):  # 0: party 0 sends, 1: the peer sends
             start = time.perf_counter()
             _one_way(dist, other, sender=(direction == 0) == lead, nbytes=size)
