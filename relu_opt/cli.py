@@ -357,7 +357,7 @@ def link_cmd(
         t.add_row(d, f"{v:.2f}", f"{m.duplex_MBps[d]:.2f}")
     out.print(t)
     out.print(
-        f"RTT {m.rtt_ms:.3f} ms, bandwidth {m.bandwidth_MBps:.2f} MB/s per direction; "
+        f"RTT {m.rtt_ms:.3f} ms (median {m.rtt_median_ms:.3f}), bandwidth {m.bandwidth_MBps:.2f} MB/s per direction; "
         f"predict with: relu-opt bench ... --link {m.rtt_ms:.3f},{m.bandwidth_MBps:.2f}"
     )
     _write_json(json_path, m.to_dict())

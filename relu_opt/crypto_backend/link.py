@@ -24,11 +24,12 @@ MAX_BYTES = 64 << 20
 class LinkMeasurement:
     """RTT and bandwidth (MB/s per direction) between party 0 and each other party."""
 
-    rtt_ms: float  # median of small ping-pongs, the slowest peer
+    rtt_ms: float  # fastest of small ping-pongs (the link's own delay), the slowest peer
     one_way_MBps: dict[str, float]  # "0->1": one direction alone
     duplex_MBps: dict[str, float]  # "0->1": while the other direction carries as much at once
     probe_bytes: int  # size of the largest tensor sent
     interface: str
+    rtt_median_ms: float = 0.0  # median ping-pong: adds this host's scheduling delays under load
 
     @property
     def bandwidth_MBps(self) -> float:
@@ -97,13 +98,14 @@ def _duplex(dist, peer: int, nbytes: int) -> float:
     return elapsed
 
 
-def _measure_pair(dist, me: int, peer: int, budget_s: float) -> tuple[float, float, float, float, float, int]:
-    """Run the probes between party 0 (`me` == 0) and `peer`; on party 0 return (rtt, one-way 0->peer,
-    one-way peer->0, duplex 0->peer, duplex peer->0, bytes) in seconds and bytes/s."""
+def _measure_pair(dist, me: int, peer: int, budget_s: float) -> tuple[float, ...]:
+    """Run the probes between party 0 (`me` == 0) and `peer`; on party 0 return (min rtt, median rtt,
+    one-way 0->peer, one-way peer->0, duplex 0->peer, duplex peer->0, bytes) in seconds and bytes/s."""
     lead = me == 0
     other = peer if lead else 0
     _pingpong(dist, other, lead, 5)
-    rtt = statistics.median(_pingpong(dist, other, lead, PINGS))
+    pings = _pingpong(dist, other, lead, PINGS)
+    rtt, rtt_median = min(pings), statistics.median(pings)
     # party 0 picks the probe size: grow it until one transfer takes a good fraction of the budget
     size = 256 << 10
     size_t = torch.zeros(1, dtype=torch.int64)
@@ -139,12 +141,12 @@ def _measure_pair(dist, me: int, peer: int, budget_s: float) -> tuple[float, flo
         else:
             dist.send(got, other)
     if not lead:
-        return 0.0, 0.0, 0.0, 0.0, 0.0, size
+        return 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, size
 
     def rate(times: list[float]) -> float:
         return size / max(min(times) - rtt, 1e-9)
 
-    return rtt, rate(forward), rate(backward), size / min(dup_out), size / min(dup_in), size
+    return rtt, rtt_median, rate(forward), rate(backward), size / min(dup_out), size / min(dup_in), size
 
 
 def measure_link(
@@ -170,22 +172,25 @@ def measure_link(
     except Exception as exc:
         raise CryptenError(f"party {rank} could not open the Gloo group over {iface}: {rdv._first_line(exc)}") from None
     try:
-        rtts, one_way, duplex, probe = [], {}, {}, 0
+        rtts, medians, one_way, duplex, probe = [], [], {}, {}, 0
         for peer in range(1, world_size):
             dist.barrier()
             if rank in (0, peer):
-                rtt, fwd, bwd, dout, din, size = _measure_pair(dist, rank, peer, budget_s)
+                rtt, median, fwd, bwd, dout, din, size = _measure_pair(dist, rank, peer, budget_s)
                 if rank == 0:
                     rtts.append(rtt)
+                    medians.append(median)
                     one_way[f"0->{peer}"], one_way[f"{peer}->0"] = fwd / 1e6, bwd / 1e6
                     duplex[f"0->{peer}"], duplex[f"{peer}->0"] = dout / 1e6, din / 1e6
                     probe = max(probe, size)
         if rank == 0:
-            result = LinkMeasurement(max(rtts) * 1e3, one_way, duplex, probe, iface)
+            result = LinkMeasurement(max(rtts) * 1e3, one_way, duplex, probe, iface, max(medians) * 1e3)
             store.set(f"{rdv.PREFIX}link", json.dumps(result.to_dict()))
         dist.barrier()
         d = json.loads(store.get(f"{rdv.PREFIX}link"))
         rdv.share_results(store, rank, world_size, {"rank": rank}, timeout)
     finally:
         dist.destroy_process_group()
-    return LinkMeasurement(d["rtt_ms"], d["one_way_MBps"], d["duplex_MBps"], d["probe_bytes"], iface)
+    return LinkMeasurement(
+        d["rtt_ms"], d["one_way_MBps"], d["duplex_MBps"], d["probe_bytes"], iface, d["rtt_median_ms"]
+    )

@@ -111,8 +111,10 @@ def bind_interface(master_addr: str, ifname: str | None = None) -> str:
     """Make this process's Gloo sockets use the interface that reaches `master_addr` (or `ifname`);
     returns the interface name. Sets GLOO_SOCKET_IFNAME for this process only."""
     if ifname:
-        if ifname not in {name for _, name in socket.if_nameindex()}:
-            raise RendezvousError(f"--ifname {ifname} is not an interface of this host; see `ip link`")
+        have = {name for _, name in socket.if_nameindex()}
+        for name in ifname.split(","):  # Gloo takes a comma-separated list
+            if name not in have:
+                raise RendezvousError(f"--ifname {name} is not an interface of this host; see `ip link`")
         chosen = ifname
     else:
         chosen = route_to(master_addr).ifname
