@@ -34,6 +34,11 @@ def available() -> str | None:
     for tool in ("ip", "tc"):
         if shutil.which(tool) is None:
             return f"needs `{tool}` (iproute2)"
+    try:  # root in a container may still lack the capabilities, or the kernel tbf
+        with TwoHosts(1):
+            pass
+    except RuntimeError as exc:
+        return str(exc)
     return None
 
 

@@ -207,26 +207,25 @@ def _bench_table(r) -> Table:
         "ReLUs": lambda m: f"{m.relu_elements:,}",
         "rounds": lambda m: str(m.rounds),
         "MB/party": lambda m: f"{max(m.bytes_per_party) / 1e6:.1f}",
-        "wall s": lambda m: f"{m.wall_s_median:.2f}",
-        "link s": lambda m: f"{m.predicted_s:.2f}",
-        "LAN s": lambda m: f"{m.lan_s:.2f}",
-        "WAN s": lambda m: f"{m.wan_s:.2f}",
+        "wall": lambda m: f"{m.wall_s_median:.2f}",
+        "link": lambda m: f"{m.predicted_s:.2f}",
+        "LAN": lambda m: f"{m.lan_s:.2f}",
+        "WAN": lambda m: f"{m.wan_s:.2f}",
         "err": lambda m: f"{m.max_abs_err:.1g}",
         "top-1": lambda m: f"{m.top1_agreement:.2f}",
         "acc": lambda m: f"{m.accuracy:.0%}",
     }
-    known = {"link s": "predicted_s", "err": "max_abs_err", "top-1": "top1_agreement"}
-    # a column nobody can fill (no --link; agreement on separate hosts) is left out, so the rest fit 80
-    cols = {k: f for k, f in cols.items() if k not in known or any(getattr(m, known[k]) is not None for m in r.models)}
+    # a column nobody can fill (no --link, no labels, agreement on separate hosts) is left out
+    cols = {k: f for k, f in cols.items() if not all(_is_none(m, k) for m in r.models)}
     where = f", party {r.hosts['rank']} over {r.hosts['interface']}" if r.hosts else ""
-    t = _compact_table(f"CrypTen, {r.parties} parties, batch {r.batch}{where}", ("model", *cols))
+    t = _compact_table(f"CrypTen, {r.parties} parties, batch {r.batch}{where}; times in s", ("model", *cols))
     for m in r.models:
         t.add_row(m.name, *("-" if _is_none(m, k) else f(m) for k, f in cols.items()))
     return t
 
 
 def _is_none(m, column: str) -> bool:
-    attr = {"link s": "predicted_s", "err": "max_abs_err", "top-1": "top1_agreement", "acc": "accuracy"}.get(column)
+    attr = {"link": "predicted_s", "err": "max_abs_err", "top-1": "top1_agreement", "acc": "accuracy"}.get(column)
     return attr is not None and getattr(m, attr) is None
 
 
