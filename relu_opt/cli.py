@@ -232,24 +232,41 @@ def _compact_table(title: str, columns: tuple[str, ...]) -> Table:
 
 
 def _bench_table(r) -> Table:
-    t = _compact_table(
-        f"CrypTen, {r.parties} parties, batch {r.batch}",
-        ("model", "ReLUs", "rounds", "MB/party", "wall s", "LAN s", "WAN s", "err", "top-1", "acc"),
-    )
+    cols = {
+        "ReLUs": lambda m: f"{m.relu_elements:,}",
+        "rounds": lambda m: str(m.rounds),
+        "MB/party": lambda m: f"{max(m.bytes_per_party) / 1e6:.1f}",
+        "wall": lambda m: f"{m.wall_s_median:.2f}",
+        "link": lambda m: f"{m.predicted_s:.2f}",
+        "LAN": lambda m: f"{m.lan_s:.2f}",
+        "WAN": lambda m: f"{m.wan_s:.2f}",
+        "err": lambda m: f"{m.max_abs_err:.1g}",
+        "top-1": lambda m: f"{m.top1_agreement:.2f}",
+        "acc": lambda m: f"{m.accuracy:.0%}",
+    }
+    # a column nobody can fill (no --link, no labels, agreement on separate hosts) is left out
+    cols = {k: f for k, f in cols.items() if not all(_is_none(m, k) for m in r.models)}
+    where = f", party {r.hosts['rank']} over {r.hosts['interface']}" if r.hosts else ""
+    t = _compact_table(f"CrypTen, {r.parties} parties, batch {r.batch}{where}; times in s", ("model", *cols))
     for m in r.models:
-        t.add_row(
-            m.name,
-            f"{m.relu_elements:,}",
-            str(m.rounds),
-            f"{max(m.bytes_per_party) / 1e6:.1f}",
-            f"{m.wall_s_median:.2f}",
-            f"{m.lan_s:.2f}",
-            f"{m.wan_s:.2f}",
-            f"{m.max_abs_err:.1g}",
-            f"{m.top1_agreement:.2f}",
-            "-" if m.accuracy is None else f"{m.accuracy:.0%}",
-        )
+        t.add_row(m.name, *("-" if _is_none(m, k) else f(m) for k, f in cols.items()))
     return t
+
+
+def _is_none(m, column: str) -> bool:
+    attr = {"link": "predicted_s", "err": "max_abs_err", "top-1": "top1_agreement", "acc": "accuracy"}.get(column)
+    return attr is not None and getattr(m, attr) is None
+
+
+def _parse_link(text: str | None):
+    from relu_opt.crypto_backend.link import load_link
+
+    if text is None:
+        return None
+    try:
+        return load_link(text)
+    except ValueError as exc:
+        raise InputShapeError(str(exc)) from None
 
 
 @command("bench")
@@ -278,6 +295,13 @@ def bench_cmd(
     world_size: Annotated[int | None, typer.Option("--world-size", help="Parties in a multi-host run.")] = None,
     master_addr: Annotated[str, typer.Option("--master-addr", help="Party 0's address.")] = "127.0.0.1",
     master_port: Annotated[int, typer.Option("--master-port", help="Party 0's rendezvous port.")] = 29500,
+    ifname: Annotated[
+        str | None, typer.Option("--ifname", help="Network interface for the parties' traffic (default: the route).")
+    ] = None,
+    link: Annotated[
+        str | None,
+        typer.Option("--link", help="Predict latency on this link: RTT_MS,MB_PER_S or a `relu-opt link --json` file."),
+    ] = None,
 ) -> None:
     """Run the original, optimized and linear-floor models under CrypTen; report rounds, bytes, latency."""
     from relu_opt.crypto_backend import bench as cb
@@ -289,22 +313,28 @@ def bench_cmd(
         raise InputShapeError(str(exc)) from None
     net, _, shape = _load(model, input_shape, weights, num_classes, (data or True) if pretrained else False)
     opt = api.load(optimized) if optimized else None
+    link_net = _parse_link(link)
     x, y = _samples(data, data_dir, samples, shape)
     if rank is not None:
-        r = cb.run_one_party(
-            net,
-            x,
-            rank,
-            world_size or parties,
-            master_addr,
-            master_port,
-            optimized=opt,
-            runs=runs,
-            warmup=warmup,
-            timeout=timeout,
-        )
-        out.print_json(data=r)
-        _write_json(json_path, r)
+        with out.status(f"party {rank} of {world_size or parties}: waiting for the others, then running"):
+            r = cb.run_one_party(
+                net,
+                x,
+                rank,
+                world_size or parties,
+                master_addr,
+                master_port,
+                optimized=opt,
+                y=y,
+                runs=runs,
+                warmup=warmup,
+                timeout=timeout,
+                ifname=ifname,
+                networks=networks,
+                link=link_net,
+            )
+        out.print(_bench_table(r))
+        _write_json(json_path, r.to_dict())
         return
     with out.status("calibrating the cost model (cached after the first run)"):
         cost = calibrate(parties, timeout=timeout)
@@ -321,6 +351,7 @@ def bench_cmd(
             networks=networks,
             cost_model=cost,
             log=lambda m: err.print(escape(m), soft_wrap=True),
+            link=link_net,
         )
     out.print(_bench_table(r))
     for name, ratio in r.ratios.items():
@@ -329,6 +360,36 @@ def bench_cmd(
             f"LAN x{ratio['lan_s']:.2f}, WAN x{ratio['wan_s']:.2f}"
         )
     _write_json(json_path, r.to_dict())
+
+
+@command("link")
+def link_cmd(
+    rank: Annotated[int, typer.Option("--rank", help="This party's rank (0 hosts the rendezvous).")],
+    master_addr: Annotated[str, typer.Option("--master-addr", help="Party 0's address.")],
+    world_size: Annotated[int, typer.Option("--world-size", min=2, help="Parties.")] = 2,
+    master_port: Annotated[int, typer.Option("--master-port", help="Party 0's rendezvous port.")] = 29500,
+    ifname: Annotated[
+        str | None, typer.Option("--ifname", help="Network interface for the parties' traffic (default: the route).")
+    ] = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the other parties.")] = 120,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write the measurement here (`bench --link FILE` reads it).")
+    ] = None,
+) -> None:
+    """Measure RTT and bandwidth per direction between the parties, over the group CrypTen would use."""
+    from relu_opt.crypto_backend.link import measure_link
+
+    with out.status(f"party {rank}: measuring the link to party 0 at {master_addr}"):
+        m = measure_link(rank, world_size, master_addr, master_port, timeout=timeout, ifname=ifname)
+    t = _compact_table(f"link from party {rank} over {m.interface}", ("direction", "alone MB/s", "both at once MB/s"))
+    for d, v in m.one_way_MBps.items():
+        t.add_row(d, f"{v:.2f}", f"{m.duplex_MBps[d]:.2f}")
+    out.print(t)
+    out.print(
+        f"RTT {m.rtt_ms:.3f} ms (median {m.rtt_median_ms:.3f}), bandwidth {m.bandwidth_MBps:.2f} MB/s per direction; "
+        f"predict with: relu-opt bench ... --link {m.rtt_ms:.3f},{m.bandwidth_MBps:.2f}"
+    )
+    _write_json(json_path, m.to_dict())
 
 
 DataOpt = Annotated[str, typer.Option("--data", help="Dataset: fashion-mnist, cifar10, cifar100, digits, synthetic.")]
