@@ -88,6 +88,9 @@ def resolve_model(spec: str, num_classes: int = 10, in_channels: int = 3) -> Loa
             f"'{spec}' must be constructible with no arguments ({exc}); "
             "wrap it in a factory function that sets its arguments"
         ) from exc
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ModelSpecError(f"building '{spec}' raised {type(exc).__name__}: {first}; fix the model's code") from exc
     if not isinstance(model, nn.Module):
         raise ModelSpecError(f"'{spec}' returned {type(model).__name__}, not a torch.nn.Module")
     shape = getattr(model, "default_input_shape", None)

@@ -22,6 +22,7 @@ from torch import nn
 from relu_opt import atomic
 from relu_opt.activations import MaskedReLU, Poly, Square
 from relu_opt.calibration import collect_stats, fit_error, fit_poly
+from relu_opt.checked_io import load_cache, load_torch, read_json
 from relu_opt.crypto_backend.convert import prepare_for_pi
 from relu_opt.data import Dataset, batches
 from relu_opt.errors import BudgetError, ExportError
@@ -31,7 +32,7 @@ from relu_opt.passes.census import census
 from relu_opt.passes.replace import maxpool_to_avgpool, relu_nodes, replace_sites
 from relu_opt.plan import REPLACEMENTS, Plan, SitePlan, with_module_names
 from relu_opt.ranking import STRATEGIES, Criticality, RankContext, rank, select
-from relu_opt.train import TrainConfig, evaluate, fit, kd_loss
+from relu_opt.train import TrainConfig, _note, evaluate, fit, kd_loss
 
 
 @dataclass(frozen=True)
@@ -153,9 +154,10 @@ def _ranking(work: Path, gm, data, cfg: OptimizeConfig, make_rep, progress: bool
         "seed",
     ] + (["budget"] if cfg.strategy == "snl" else [])
     path = work / f"rank_{cfg.strategy}_{cfg.key(*fields)}.pt"
-    if path.is_file():
-        d = torch.load(path, weights_only=True)
-        return Criticality(d["strategy"], d["granularity"], d["scores"], d["unit_elements"], d["site_scores"])
+    keys = ("strategy", "granularity", "scores", "unit_elements", "site_scores")
+    d = load_cache(path, lambda p: load_torch(p, "cached ranking", keys=keys), note=_note)
+    if d is not None:
+        return Criticality(*(d[k] for k in keys))
     ctx = RankContext(
         gm,
         data,
@@ -208,12 +210,13 @@ def optimize(
     t0 = time.perf_counter()
     outdir = Path(outdir)
     work = outdir.parent / ".work" if outdir.name.startswith("budget_") else outdir / ".work"
-    work.mkdir(parents=True, exist_ok=True)
     report_path = outdir / "report.json"
-    if report_path.is_file():
-        done = json.loads(report_path.read_text())
-        if done.get("config_key") == config.key():
+    done = load_cache(report_path, lambda p: read_json(p, ("config_key", "result"), "optimize report"), note=_note)
+    if done is not None and done["config_key"] == config.key():
+        try:
             return OptimizeResult.from_dict(done["result"])
+        except (KeyError, TypeError):
+            _note(f"note: '{report_path}' is damaged; optimizing this budget again")
     if config.strategy not in STRATEGIES:
         raise BudgetError(f"unknown strategy '{config.strategy}'; choose {', '.join(sorted(STRATEGIES))}")
     if config.replace not in REPLACEMENTS:
@@ -268,6 +271,7 @@ def optimize(
         on_step=_anneal(student, config.anneal),
         progress=progress,
         description=f"fine-tune {config.budget:,}",
+        resume_hint="rerun the same command to continue from there",
     )
     _anneal(student, config.anneal)(1.0)
     student.eval()
