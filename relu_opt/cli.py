@@ -22,6 +22,7 @@ from relu_opt.graph import parse_input_shape, propagate_shapes, trace
 from relu_opt.loading import load_weights, resolve_model
 from relu_opt.models import get_entry, list_models
 from relu_opt.passes.census import Census
+from relu_opt.train import TrainingInterrupted
 
 app = typer.Typer(
     help="Find the ReLUs a model does not need for private inference, rewrite them, and measure the saving.",
@@ -42,6 +43,11 @@ def command(*args, **kwargs):
         def wrapper(*a, **k):
             try:
                 return fn(*a, **k)
+            except TrainingInterrupted as exc:
+                if _debug["on"]:
+                    raise
+                err.print(escape(str(exc)), soft_wrap=True)
+                raise typer.Exit(130) from None
             except ReluOptError as exc:
                 if _debug["on"]:
                     raise
@@ -632,8 +638,18 @@ def report_cmd(
     out.print(f"wrote {render_run(rundir)}")
 
 
+def _exit_on_signal(signum, _frame) -> None:
+    """Turn SIGTERM and SIGHUP into an exit that runs every cleanup (parties stopped, temp files removed)."""
+    err.print(f"stopped by signal {signum}; finished stages are saved, so the same command resumes", soft_wrap=True)
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
     """Console-script entry point."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _exit_on_signal)
     app()
 
 

@@ -235,20 +235,20 @@ def fit(
         for epoch in range(start_epoch, config.epochs):
             gen.manual_seed(config.seed + epoch)
             task = bar.add_task(f"{description} {epoch + 1}/{config.epochs}", total=steps_per_epoch, info="")
-            if on_epoch_start:
-                on_epoch_start(epoch, epoch / config.epochs)
-            model.train()
-            if config.freeze_bn:
-                for m in model.modules():
-                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                        m.eval()
             t0, (total_loss, correct, seen) = time.perf_counter(), (0.0, 0, 0)
             skip = start_step if epoch == start_epoch else 0
             if skip:
                 total_loss, correct, seen = float(partial[0]), int(partial[1]), int(partial[2])
                 bar.update(task, advance=skip)
             done = skip
-            try:
+            try:  # Ctrl-C anywhere in the epoch (steps, evaluation, saving) saves where it stopped
+                if on_epoch_start:
+                    on_epoch_start(epoch, epoch / config.epochs)
+                model.train()
+                if config.freeze_bn:
+                    for m in model.modules():
+                        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                            m.eval()
                 for step, (x, y) in enumerate(
                     batches(train, config.batch_size, shuffle=True, generator=gen, augment=data.augment)
                 ):
@@ -276,28 +276,29 @@ def fit(
                     correct += int((logits.argmax(1) == y).sum())
                     seen += len(y)
                     bar.update(task, advance=1, info=f"loss {total_loss / seen:.3f} acc {correct / seen:.1%}")
+                val_loss, val_acc = evaluate(model, data.val, device=device)
+                history.append(
+                    EpochStats(
+                        epoch + 1,
+                        total_loss / max(seen, 1),
+                        correct / max(seen, 1),
+                        val_loss,
+                        val_acc,
+                        opt.param_groups[0]["lr"],
+                        time.perf_counter() - t0,
+                    )
+                )
+                bar.update(task, info=f"loss {total_loss / max(seen, 1):.3f} val acc {val_acc:.2%}")
+                save(epoch + 1)
             except KeyboardInterrupt:
                 if sched is not None:  # the steps the schedule took are the steps done, wherever Ctrl-C hit
                     done = sched.last_epoch - epoch * steps_per_epoch
+                del history[epoch:]  # this epoch's stats are recomputed when it finishes
                 save(epoch, done, (total_loss, correct, seen))
                 raise TrainingInterrupted(
                     f"interrupted in epoch {epoch + 1} after step {done}; state saved to '{ckpt}', {resume_hint}"
                     if ckpt
                     else f"interrupted in epoch {epoch + 1}"
                 ) from None
-            val_loss, val_acc = evaluate(model, data.val, device=device)
-            history.append(
-                EpochStats(
-                    epoch + 1,
-                    total_loss / max(seen, 1),
-                    correct / max(seen, 1),
-                    val_loss,
-                    val_acc,
-                    opt.param_groups[0]["lr"],
-                    time.perf_counter() - t0,
-                )
-            )
-            bar.update(task, info=f"loss {total_loss / max(seen, 1):.3f} val acc {val_acc:.2%}")
-            save(epoch + 1)
     model.to(memory_format=torch.contiguous_format)
     return TrainResult(tuple(history), str(ckpt) if ckpt else None, resumed_from)
