@@ -259,3 +259,39 @@ def test_one_party_per_host_mode(tmp_path):
     results = [json.loads((tmp_path / f"p{r}.json").read_text()) for r in (0, 1)]
     assert [m["name"] for m in results[0]["models"]] == ["original", "floor"]
     assert results[0]["models"][0]["rounds"] == [31] and results[1]["models"][0]["rounds"] == [31]
+
+
+@pytest.mark.parametrize("how", ["term", "kill"])
+def test_stopped_bench_leaves_no_weights_or_inputs(how, tmp_path):
+    """SIGTERM: the bench stops its parties and removes its private folder on the way out. SIGKILL: the
+    parties notice their parent is gone and exit, and the next use clears the folder it left."""
+    from relu_opt.private_tmp import clear_stale
+
+    env = {**os.environ, "RELU_OPT_CACHE": str(tmp_path)}
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relu_opt.cli", "bench", "small_cnn", "--runs", "50", "--timeout", "120"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    parties = _party_pids(proc.pid, start + 60)
+    private = list(private_root().glob(f"bench-{proc.pid}-*"))
+    assert len(private) == 1 and (private[0].stat().st_mode & 0o777) == 0o700
+    assert {p.suffix for p in private[0].iterdir()} >= {".onnx", ".pt"}  # the weights and the inputs
+    os.kill(proc.pid, signal.SIGTERM if how == "term" else signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=60)
+    deadline = time.monotonic() + 15
+    while any("relu_opt.crypto_backend.party" in _cmdline(p) for p in parties.values()):
+        assert time.monotonic() < deadline, "parties outlived the bench"
+        time.sleep(0.1)
+    if how == "term":
+        assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr
+        assert "stopped by signal 15" in stderr
+        assert not private[0].exists()
+    else:
+        assert proc.returncode == -signal.SIGKILL
+        assert private[0].exists()  # nothing runs on SIGKILL ...
+        assert private[0] in clear_stale()  # ... so the next use removes it
+        assert not private[0].exists()
