@@ -204,24 +204,28 @@ def run(
     final = Path(runs_dir) / stamp
     partial = Path(runs_dir) / f".{stamp}.partial"
     partial.mkdir(parents=True, exist_ok=True)
-    for r in results:
-        dest = partial / f"budget_{r.budget}"
-        shutil.copytree(r.outdir, dest, ignore=shutil.ignore_patterns(".work"))
-    result = RunResult(
-        rundir=str(final),
-        config=asdict(cfg),
-        baseline=baseline_info,
-        census_before=before.to_dict(),
-        census_after=after.to_dict(),
-        optimized=[r.to_dict() for r in results],
-        bench=bench_result.to_dict(),
-        command=command,
-        versions=versions(),
-        seconds=seconds,
-    )
-    atomic.write_json(partial / "report.json", result.to_dict())
-    from relu_opt.report import render_run
+    try:
+        for r in results:
+            dest = partial / f"budget_{r.budget}"
+            shutil.copytree(r.outdir, dest, ignore=shutil.ignore_patterns(".work"))
+        result = RunResult(
+            rundir=str(final),
+            config=asdict(cfg),
+            baseline=baseline_info,
+            census_before=before.to_dict(),
+            census_after=after.to_dict(),
+            optimized=[r.to_dict() for r in results],
+            bench=bench_result.to_dict(),
+            command=command,
+            versions=versions(),
+            seconds=seconds,
+        )
+        atomic.write_json(partial / "report.json", result.to_dict())
+        from relu_opt.report import render_run
 
-    render_run(partial)
-    os.replace(partial, final)  # the folder appears complete or not at all
+        render_run(partial)
+        os.replace(partial, final)  # the folder appears complete or not at all
+    except BaseException:  # Ctrl-C, SIGTERM or an error: no half-written run folder stays behind
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     return result
