@@ -13,6 +13,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -284,16 +285,21 @@ def test_bad_weights_file(tmp_path, kind, pattern):
     fails(["count", "small_cnn", "--weights", _weights(tmp_path, kind)], pattern)
 
 
-@pytest.fixture(scope="module")
-def optimized_dir(tmp_path_factory):
-    """A real `relu-opt optimize` folder of small_cnn on synthetic data (a few seconds)."""
+def _optimize_small(out: Path):
+    """Optimize a seeded small_cnn on synthetic data to 100 ReLUs into `out` (a few seconds)."""
     from relu_opt.optimizer import OptimizeConfig, optimize
 
-    out = tmp_path_factory.mktemp("opt") / "o"
+    torch.manual_seed(0)
     model = create_model("small_cnn", num_classes=4, in_channels=1)
-    data = load_dataset("synthetic")
     cfg = OptimizeConfig(budget=100, epochs=0.5, rank_samples=64, calib_samples=64, batch_size=64)
-    optimize(model, data, cfg, out, base_spec="small_cnn", progress=False)
+    return optimize(model, load_dataset("synthetic"), cfg, out, base_spec="small_cnn", progress=False)
+
+
+@pytest.fixture(scope="module")
+def optimized_dir(tmp_path_factory):
+    """A real `relu-opt optimize` folder."""
+    out = tmp_path_factory.mktemp("opt") / "o"
+    _optimize_small(out)
     return out
 
 
@@ -329,19 +335,43 @@ def test_damaged_optimize_folder_is_named(optimized_dir, tmp_path, name, how, pa
     fails(["bench", "small_cnn", "--input-shape", "1,1,12,12", "--num-classes", "4", "--optimized", bad], pattern)
 
 
-def test_damaged_cached_report_is_redone(optimized_dir, tmp_path, capsys):
-    from relu_opt.optimizer import OptimizeConfig, optimize
-
+def test_damaged_report_ranking_and_checkpoint_are_redone(optimized_dir, tmp_path, capsys):
     shutil.copytree(optimized_dir, tmp_path / "o")
     report = tmp_path / "o" / "report.json"
     before = json.loads(report.read_text())["result"]
-    report.write_text(report.read_text()[:100])
-    model = create_model("small_cnn", num_classes=4, in_channels=1)
-    cfg = OptimizeConfig(budget=100, epochs=0.5, rank_samples=64, calib_samples=64, batch_size=64)
-    r = optimize(model, load_dataset("synthetic"), cfg, tmp_path / "o", base_spec="small_cnn", progress=False)
-    assert "removed a damaged cache file" in capsys.readouterr().err
-    assert r.relu_after == before["relu_after"] <= 100
-    assert json.loads(report.read_text())["result"]["relu_after"] == r.relu_after
+    damaged = [report, *(tmp_path / "o" / ".work").glob("rank_*.pt"), *(tmp_path / "o" / ".work").glob("*.ckpt")]
+    assert len(damaged) == 3
+    for path in damaged:
+        path.write_bytes(path.read_bytes()[:100])
+    r = _optimize_small(tmp_path / "o")
+    assert capsys.readouterr().err.count("removed a damaged cache file") == 3
+    assert (r.relu_after, r.accuracy_after) == (before["relu_after"], before["accuracy_after"])  # rebuilt alike
+    assert r.relu_after <= 100 and json.loads(report.read_text())["result"]["relu_after"] == r.relu_after
+
+
+def test_damaged_cost_model_cache_is_measured_again(tmp_path, monkeypatch):
+    from relu_opt.crypto_backend import bench, cost_model
+    from relu_opt.crypto_backend.convert import prepare_for_pi
+
+    calls = []
+
+    def fake_measure(models, x, **_):
+        """Stand-in for CrypTen: 1 round per op plus 8 more per ReLU op, 464 bytes per ReLU element."""
+        calls.append(len(models))
+        out = []
+        for _, m in models:
+            f = cost_model.features(prepare_for_pi(m, x))
+            rounds = sum(f.ops.values()) + 8 * f.ops.get("relu", 0)
+            out.append(SimpleNamespace(features=f, rounds=rounds, bytes_per_party=[464 * f.elements.get("relu", 0)]))
+        return out
+
+    monkeypatch.setattr(bench, "measure", fake_measure)
+    path = tmp_path / f"cost_model_2p_crypten{cost_model._crypten_version()}.json"
+    path.write_text('{"parties": 2, "rounds_per_op": {"relu": 9')
+    fitted = cost_model.calibrate(2, cache=tmp_path)
+    assert calls == [len(cost_model.calibration_suite())]
+    assert fitted.rounds_per_op["relu"] == pytest.approx(9.0, abs=1e-6)
+    assert cost_model.CostModel.from_dict(json.loads(path.read_text())) == fitted
 
 
 REPORTS = [
