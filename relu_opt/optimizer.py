@@ -118,6 +118,23 @@ def check_budget(budget: int, total: int) -> None:
         )
 
 
+def check_config(config: OptimizeConfig) -> None:
+    """Raise ConfigError naming the first option of `config` that is unknown or out of range."""
+    from relu_opt import validation as v
+
+    v.check_choice("strategy", config.strategy, sorted(STRATEGIES))
+    v.check_choice("replace", config.replace, REPLACEMENTS)
+    v.check_choice("granularity", config.granularity, ("site", "channel", "pixel"))
+    v.check_choice("poly_per", config.poly_per, ("channel", "layer"))
+    v.check_int("degree", config.degree, 1, 4)
+    for name in ("epochs", "lr", "temperature", "rank_epochs"):
+        v.check_float(name, getattr(config, name))
+    v.check_float("kd_alpha", config.kd_alpha, above=None, maximum=1.0)
+    v.check_float("anneal", config.anneal, above=None, maximum=1.0)
+    for name in ("batch_size", "rank_samples", "calib_samples", "max_train"):
+        v.check_int(name, getattr(config, name))
+
+
 def _replacement_factory(kind: str, coeffs: dict[str, torch.Tensor], poly_per: str):
     def make(site: str) -> nn.Module | None:
         if kind == "identity":
@@ -217,10 +234,7 @@ def optimize(
             return OptimizeResult.from_dict(done["result"])
         except (KeyError, TypeError):
             _note(f"note: '{report_path}' is damaged; optimizing this budget again")
-    if config.strategy not in STRATEGIES:
-        raise BudgetError(f"unknown strategy '{config.strategy}'; choose {', '.join(sorted(STRATEGIES))}")
-    if config.replace not in REPLACEMENTS:
-        raise BudgetError(f"unknown replacement '{config.replace}'; choose {', '.join(REPLACEMENTS)}")
+    check_config(config)
 
     example = data.train.x[:1]
     teacher = propagate_shapes(trace(copy.deepcopy(model).eval()), example).eval()

@@ -755,3 +755,21 @@ def test_corrupt_file_error_is_a_relu_opt_error(tmp_path):
     (tmp_path / "x.json").write_text("{")
     with pytest.raises(CorruptFileError, match=r"f '.*x.json' is not valid JSON"):
         read_json(tmp_path / "x.json", what="f")
+
+
+@pytest.mark.parametrize(
+    "option,pattern",
+    [
+        ({"lr": float("nan")}, r"lr nan is not a finite number"),
+        ({"strategy": "nope"}, r"strategy 'nope' is not known"),
+        ({"kd_alpha": 2.0}, r"kd_alpha 2 must be at most 1"),
+        ({"batch_size": 0}, r"batch_size 0 is out of range"),
+    ],
+    ids=["lr", "strategy", "kd_alpha", "batch_size"],
+)
+def test_python_api_checks_the_config_too(tmp_path, option, pattern):
+    import relu_opt
+
+    with pytest.raises(ConfigError, match=pattern):
+        relu_opt.optimize(_small(), load_dataset("synthetic"), budget=10, outdir=tmp_path / "o", **option)
+    assert list(tmp_path.iterdir()) == []
