@@ -21,6 +21,7 @@ from torch import nn
 
 from relu_opt import atomic
 from relu_opt.activations import MaskedReLU, Poly, Square
+from relu_opt.cache import state_digest
 from relu_opt.calibration import collect_stats, fit_error, fit_poly
 from relu_opt.checked_io import load_cache, load_torch, read_json
 from relu_opt.crypto_backend.convert import prepare_for_pi
@@ -158,7 +159,7 @@ def _calibrate(gm: fx.GraphModule, data: Dataset, cfg: OptimizeConfig):
     return coeffs, errors
 
 
-def _ranking(work: Path, gm, data, cfg: OptimizeConfig, make_rep, progress: bool) -> Criticality:
+def _ranking(work: Path, gm, data, cfg: OptimizeConfig, make_rep, progress: bool, content: str) -> Criticality:
     fields = [
         "strategy",
         "replace",
@@ -170,7 +171,7 @@ def _ranking(work: Path, gm, data, cfg: OptimizeConfig, make_rep, progress: bool
         "calib_samples",
         "seed",
     ] + (["budget"] if cfg.strategy == "snl" else [])
-    path = work / f"rank_{cfg.strategy}_{cfg.key(*fields)}.pt"
+    path = work / f"rank_{cfg.strategy}_{cfg.key(*fields)}_{content}.pt"
     keys = ("strategy", "granularity", "scores", "unit_elements", "site_scores")
     d = load_cache(path, lambda p: load_torch(p, "cached ranking", keys=keys), note=_note)
     if d is not None:
@@ -228,8 +229,12 @@ def optimize(
     outdir = Path(outdir)
     work = outdir.parent / ".work" if outdir.name.startswith("budget_") else outdir / ".work"
     report_path = outdir / "report.json"
+    # Cached work is keyed on the options and on the content of the weights and data, never on file times.
+    data_id = f"{data.name}:{len(data.train)}:{len(data.val)}:{tuple(data.train.x.shape[1:])}"
+    content = state_digest(model, extra=data_id)
+    run_key = f"{config.key()}_{content}"
     done = load_cache(report_path, lambda p: read_json(p, ("config_key", "result"), "optimize report"), note=_note)
-    if done is not None and done["config_key"] == config.key():
+    if done is not None and done["config_key"] == run_key:
         try:
             return OptimizeResult.from_dict(done["result"])
         except (KeyError, TypeError):
@@ -243,7 +248,7 @@ def optimize(
     check_budget(config.budget, total)
     coeffs, errors = _calibrate(teacher, data, config)
     make_rep = _replacement_factory(config.replace, coeffs, config.poly_per)
-    crit = _ranking(work, teacher, data, config, make_rep, progress)
+    crit = _ranking(work, teacher, data, config, make_rep, progress, content)
     keep = select(crit, config.budget)
 
     sites, new_modules = [], {}
@@ -279,7 +284,7 @@ def optimize(
         data,
         train_cfg,
         loss_fn=kd_loss(teacher, config.temperature, config.kd_alpha),
-        checkpoint=work / f"finetune_{config.key()}.ckpt",
+        checkpoint=work / f"finetune_{run_key}.ckpt",
         resume=True,
         param_groups=groups,
         on_step=_anneal(student, config.anneal),
@@ -342,7 +347,7 @@ def optimize(
     from relu_opt.report import write_optimize_report
 
     write_optimize_report(result, outdir)
-    atomic.write_json(report_path, {"config_key": config.key(), "config": asdict(config), "result": result.to_dict()})
+    atomic.write_json(report_path, {"config_key": run_key, "config": asdict(config), "result": result.to_dict()})
     return result
 
 

@@ -590,8 +590,10 @@ def test_ctrl_c_in_train_then_resume_writes_the_weights(tmp_path):
 
 
 def test_killed_optimize_resumes(tmp_path):
-    out = tmp_path / "o"
-    args = ["optimize", "small_cnn", "--data", "digits", "--budget", "500", "--epochs", "30", "-o", out]
+    out, weights = tmp_path / "o", tmp_path / "w.pt"
+    torch.save(create_model("small_cnn", in_channels=1).state_dict(), weights)  # the same model in both runs
+    args = ["optimize", "small_cnn", "--data", "digits", "--weights", weights, "--budget", "500", "--epochs", "30"]
+    args += ["-o", out]
     args += ["--rank-samples", "64", "--max-train", "256"]
     proc = subprocess.Popen(_cli(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180
@@ -773,3 +775,29 @@ def test_python_api_checks_the_config_too(tmp_path, option, pattern):
     with pytest.raises(ConfigError, match=pattern):
         relu_opt.optimize(_small(), load_dataset("synthetic"), budget=10, outdir=tmp_path / "o", **option)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_other_weights_in_the_same_folder_are_optimized_again(optimized_dir, tmp_path):
+    """The cached result is keyed on the weights' content: new weights under the same name are not
+    answered with the old model."""
+    from relu_opt.optimizer import OptimizeConfig, optimize
+
+    shutil.copytree(optimized_dir, tmp_path / "o")
+    old = (tmp_path / "o" / "model.pt").read_bytes()
+    torch.manual_seed(1)
+    other = create_model("small_cnn", num_classes=4, in_channels=1)
+    cfg = OptimizeConfig(budget=100, epochs=0.5, rank_samples=64, calib_samples=64, batch_size=64)
+    optimize(other, load_dataset("synthetic"), cfg, tmp_path / "o", base_spec="small_cnn", progress=False)
+    assert (tmp_path / "o" / "model.pt").read_bytes() != old
+    assert len(list((tmp_path / "o" / ".work").glob("rank_*.pt"))) == 2  # one ranking per set of weights
+    assert _optimize_small(tmp_path / "o").relu_after <= 100  # the first weights again: still valid
+
+
+def test_state_digest_follows_the_values():
+    from relu_opt.cache import state_digest
+
+    a, b = _small(), _small()
+    assert state_digest(a) == state_digest(b) != state_digest(a, extra="other data")
+    with torch.no_grad():
+        b.fc.weight[0, 0] += 1e-6
+    assert state_digest(a) != state_digest(b)
