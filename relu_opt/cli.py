@@ -53,6 +53,12 @@ def command(*args, **kwargs):
                     raise
                 err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
                 raise typer.Exit(2) from None
+            except (EOFError, MemoryError) as exc:  # a truncated file somewhere, or a job too big for memory
+                if _debug["on"]:
+                    raise
+                what = "a file ended early (truncated?)" if isinstance(exc, EOFError) else "out of memory"
+                err.print(f"[bold red]error:[/] {what}: {escape(str(exc) or type(exc).__name__)}", soft_wrap=True)
+                raise typer.Exit(2) from None
             except KeyboardInterrupt:
                 if _debug["on"]:
                     raise

@@ -801,3 +801,12 @@ def test_state_digest_follows_the_values():
     with torch.no_grad():
         b.fc.weight[0, 0] += 1e-6
     assert state_digest(a) != state_digest(b)
+
+
+def test_an_unforeseen_truncated_file_is_one_line_not_aborted(tmp_path, monkeypatch):
+    def truncated(*_a, **_k):
+        raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+
+    monkeypatch.setattr("relu_opt.cli.load_dataset", truncated)
+    msg = fails(["train", "small_cnn", "-o", tmp_path / "w.pt"], r"a file ended early \(truncated\?\): Compressed")
+    assert "Aborted" not in msg
