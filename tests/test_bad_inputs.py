@@ -810,3 +810,17 @@ def test_an_unforeseen_truncated_file_is_one_line_not_aborted(tmp_path, monkeypa
     monkeypatch.setattr("relu_opt.cli.load_dataset", truncated)
     msg = fails(["train", "small_cnn", "-o", tmp_path / "w.pt"], r"a file ended early \(truncated\?\): Compressed")
     assert "Aborted" not in msg
+
+
+def test_temp_file_of_a_killed_writer_is_cleared(tmp_path):
+    from relu_opt import atomic
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = tmp_path / f".plan.json.{dead.pid}.abc123.tmp"  # what SIGKILL mid-write leaves
+    mine = tmp_path / f".plan.json.{os.getpid()}.def456.tmp"  # a write in flight in a live process
+    left.write_text('{"half')
+    mine.write_text('{"half')
+    atomic.write_json(tmp_path / "plan.json", {"ok": 1})
+    assert json.loads((tmp_path / "plan.json").read_text()) == {"ok": 1}
+    assert not left.exists() and mine.exists()
