@@ -367,6 +367,7 @@ def train_cmd(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUTPUT.ckpt.")] = False,
     device: DeviceOpt = "cpu",
     weights: WeightsOpt = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the initial weights and the data order.")] = 0,
 ) -> None:
     """Train a baseline: SGD + cosine, a checkpoint each epoch (OUTPUT.ckpt), --resume, Ctrl-C saves."""
     from relu_opt.train import TrainConfig, evaluate, fit
@@ -375,8 +376,11 @@ def train_cmd(
     validation.check_float("--lr", lr)
     validation.check_int("--max-train", max_train)
     _check_device(device)
+    torch.manual_seed(seed)
     ds, net, _, _ = _data_and_model(model, data, data_dir, weights)
-    cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, max_train=max_train, device=_check_device(device))
+    cfg = TrainConfig(
+        epochs=epochs, lr=lr, batch_size=batch_size, max_train=max_train, device=_check_device(device), seed=seed
+    )
     ckpt = output.with_name(output.name + ".ckpt")
     result = fit(net, ds, cfg, checkpoint=ckpt, resume=resume)
     atomic.save_torch(net.cpu().state_dict(), output)
