@@ -12,10 +12,14 @@ from pathlib import Path
 
 import torch
 
+from relu_opt.errors import ConfigError
+
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to `path` atomically; returns the path. A crash leaves the old file or none."""
     path = Path(path)
+    if path.exists() and not path.is_file():  # never rename over a device (/dev/null), pipe or folder
+        raise ConfigError(f"'{path}' exists and is not a regular file; write to a file path instead")
     path.parent.mkdir(parents=True, exist_ok=True)
     _clear_stale(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)

@@ -61,7 +61,13 @@ def resolve_model(spec: str, num_classes: int = 10, in_channels: int = 3) -> Loa
         if spec.endswith(".py") or os.sep in spec:
             raise ModelSpecError(f"'{spec}' names a file but no class; write {spec}:ClassName. {_SPEC_HELP}")
         entry = get_entry(spec)  # raises with close matches
-        model = entry.factory(num_classes=num_classes, in_channels=in_channels)
+        try:
+            model = entry.factory(num_classes=num_classes, in_channels=in_channels)
+        except (RuntimeError, MemoryError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelSpecError(
+                f"building '{spec}' with {num_classes} classes and {in_channels} input channels failed: {first}"
+            ) from exc
         shape = (1, in_channels, *entry.default_input_shape[2:])
         return LoadedModel(model, spec, shape)
     where, _, attr = spec.rpartition(":")

@@ -116,6 +116,8 @@ def check_output_file(path: str | os.PathLike | None, option: str = "-o") -> Non
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{option} '{path}' is a folder; give a file name, e.g. {path / 'out'}")
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"{option} '{path}' is a device, pipe or socket, not a file; give a file name")
     _check_writable_under(path, option)
 
 

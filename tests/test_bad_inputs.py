@@ -824,3 +824,21 @@ def test_temp_file_of_a_killed_writer_is_cleared(tmp_path):
     atomic.write_json(tmp_path / "plan.json", {"ok": 1})
     assert json.loads((tmp_path / "plan.json").read_text()) == {"ok": 1}
     assert not left.exists() and mine.exists()
+
+
+def test_output_that_is_a_pipe_is_refused_not_replaced(tmp_path):
+    """A device or pipe (think -o /dev/null as root) must not be renamed over by the atomic write."""
+    from relu_opt import atomic
+
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    fails(["export", "small_cnn", "-o", pipe], r"-o '.*pipe' is a device, pipe or socket, not a file")
+    fails(["count", "small_cnn", "--json", pipe], r"--json '.*pipe' is a device, pipe or socket")
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        atomic.write_json(pipe, {"x": 1})
+    assert stat.S_ISFIFO(os.lstat(pipe).st_mode)
+
+
+def test_a_head_too_big_for_memory_is_one_line():
+    huge = 10**12  # a 10^12-class head: hundreds of terabytes on any machine
+    fails(["count", "small_cnn", "--num-classes", huge], rf"building 'small_cnn' with {huge} classes .* failed: ")
