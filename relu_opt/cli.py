@@ -295,6 +295,8 @@ def bench_cmd(
     validation.check_int("--master-port", master_port, 1, 65535)
     net, _, shape = _load(model, input_shape, weights, num_classes)
     opt = api.load(optimized) if optimized else None
+    if opt is not None:
+        validation.check_optimized_fits(opt, net, shape, str(optimized))
     x, y = _samples(data, data_dir, samples, shape)
     if rank is not None:
         r = cb.run_one_party(

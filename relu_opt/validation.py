@@ -243,3 +243,16 @@ def check_model_input(
             "give a model whose last dimension is the number of classes"
         )
     return ForwardCheck(tuple(out.shape), act)
+
+
+def check_optimized_fits(optimized: nn.Module, model: nn.Module, shape: Sequence[int], folder: str) -> None:
+    """Raise ConfigError unless the optimized model from `folder` takes `shape` and gives the outputs
+    `model` (the MODEL it is compared with) gives."""
+    fix = "give the MODEL, --input-shape and --num-classes it was optimized from"
+    mine = check_model_input(optimized, shape, f"the optimized model in '{folder}'", fix=fix)
+    base = check_model_input(model, shape, "MODEL")
+    if mine.output_shape != base.output_shape:
+        raise ConfigError(
+            f"the optimized model in '{folder}' outputs shape {mine.output_shape} but MODEL outputs "
+            f"{base.output_shape}; {fix}"
+        )

@@ -842,3 +842,15 @@ def test_output_that_is_a_pipe_is_refused_not_replaced(tmp_path):
 def test_a_head_too_big_for_memory_is_one_line():
     huge = 10**12  # a 10^12-class head: hundreds of terabytes on any machine
     fails(["count", "small_cnn", "--num-classes", huge], rf"building 'small_cnn' with {huge} classes .* failed: ")
+
+
+@pytest.mark.parametrize(
+    "args,pattern",
+    [
+        (["resnet20"], r"the optimized model in '.*' on input shape 1,3,32,32 fails: .*1 channels"),
+        (["small_cnn", "--input-shape", "1,1,12,12"], r"outputs shape \(1, 4\) but MODEL outputs \(1, 10\)"),
+    ],
+    ids=["other-input", "other-classes"],
+)
+def test_optimized_folder_of_another_model(optimized_dir, args, pattern):
+    fails(["bench", *args, "--optimized", optimized_dir], pattern)
