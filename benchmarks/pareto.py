@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from relu_opt import atomic
+from relu_opt.cache import cache_dir
 from relu_opt.data import load_dataset
 from relu_opt.finetune import FinetuneFailed
 from relu_opt.models import create_model
@@ -32,7 +33,7 @@ from relu_opt.report import pareto_plot
 from relu_opt.train import TrainConfig, evaluate, fit
 
 RESULTS = Path(__file__).parent / "results"
-CACHE = Path(os.environ.get("RELU_OPT_CACHE") or Path.home() / ".cache" / "relu-opt")
+CACHE = cache_dir()
 
 
 def baseline(data, epochs: int, console: Console, source: str = "pretrained"):

@@ -14,14 +14,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from relu_opt import api, atomic
+from relu_opt import api, atomic, validation
 from relu_opt.data import load_dataset
-from relu_opt.errors import BudgetError, InputShapeError, ReluOptError, WeightsError
+from relu_opt.errors import ConfigError, InputShapeError, ReluOptError, WeightsError
 from relu_opt.export import DEFAULT_OPSET
 from relu_opt.graph import parse_input_shape, propagate_shapes, trace
 from relu_opt.loading import load_weights, resolve_model
 from relu_opt.models import get_entry, list_models
 from relu_opt.passes.census import Census
+from relu_opt.train import TrainingInterrupted
 
 app = typer.Typer(
     help="Find the ReLUs a model does not need for private inference, rewrite them, and measure the saving.",
@@ -42,10 +43,21 @@ def command(*args, **kwargs):
         def wrapper(*a, **k):
             try:
                 return fn(*a, **k)
+            except TrainingInterrupted as exc:
+                if _debug["on"]:
+                    raise
+                err.print(escape(str(exc)), soft_wrap=True)
+                raise typer.Exit(130) from None
             except ReluOptError as exc:
                 if _debug["on"]:
                     raise
                 err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+                raise typer.Exit(2) from None
+            except (EOFError, MemoryError) as exc:  # a truncated file somewhere, or a job too big for memory
+                if _debug["on"]:
+                    raise
+                what = "a file ended early (truncated?)" if isinstance(exc, EOFError) else "out of memory"
+                err.print(f"[bold red]error:[/] {what}: {escape(str(exc) or type(exc).__name__)}", soft_wrap=True)
                 raise typer.Exit(2) from None
             except KeyboardInterrupt:
                 if _debug["on"]:
@@ -108,8 +120,17 @@ PretrainedOpt = Annotated[
 
 
 def _load(
-    spec: str, input_shape: str | None, weights: Path | None, num_classes: int | None, pretrained: bool | str = False
+    spec: str,
+    input_shape: str | None,
+    weights: Path | None,
+    num_classes: int | None,
+    leaf: list[str] | None = None,
+    fix: str = "pass --input-shape N,C,H,W that the model takes",
+    classes: int | None = None,
+    pretrained: bool | str = False,
 ):
+    validation.check_int("--num-classes", num_classes)
+    validation.check_input_file(weights, "--weights")
     shape = parse_input_shape(input_shape) if input_shape else None
     if pretrained and weights is not None:
         raise WeightsError("give --pretrained or --weights, not both")
@@ -120,6 +141,8 @@ def _load(
     shape = shape or loaded.default_input_shape
     if shape is None:
         raise InputShapeError(f"'{spec}' has no default input shape; pass --input-shape, e.g. --input-shape 1,3,32,32")
+    validation.check_leaf(loaded.model, leaf)
+    validation.check_model_input(loaded.model, shape, f"'{spec}'", num_classes=classes, fix=fix)
     if weights is not None:
         load_weights(loaded.model, weights)
     return loaded.model.eval(), loaded.name, shape
@@ -177,7 +200,8 @@ def count_cmd(
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the census as JSON here.")] = None,
 ) -> None:
     """Print where the ReLUs (and other non-linear ops) are: per site elements, share and feeding MACs."""
-    net, name, shape = _load(model, input_shape, weights, num_classes, pretrained)
+    validation.check_output_file(json_path, "--json")
+    net, name, shape = _load(model, input_shape, weights, num_classes, leaf, pretrained=pretrained)
     c = api.count(net, torch.randn(shape), leaf or (), name=name)
     out.print(_census_table(c))
     out.print(f"ReLU elements per sample: [bold]{c.total_relu:,}[/]   MACs: {c.total_macs:,}   params: {c.params:,}")
@@ -196,7 +220,8 @@ def export_cmd(
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset (11-20).", min=7, max=21)] = DEFAULT_OPSET,
 ) -> None:
     """Write a verified ONNX graph: checker, onnxruntime parity and ReLU count against the census."""
-    net, _, shape = _load(model, input_shape, weights, num_classes, pretrained)
+    validation.check_output_file(output)
+    net, _, shape = _load(model, input_shape, weights, num_classes, leaf, pretrained=pretrained)
     r = api.export(net, torch.randn(shape), output, opset=opset, leaf=leaf or ())
     out.print(f"wrote {r.path} (opset {r.opset})")
     out.print(
@@ -310,9 +335,21 @@ def bench_cmd(
     try:
         networks = (parse_network("lan", lan), parse_network("wan", wan))
     except ValueError as exc:
-        raise InputShapeError(str(exc)) from None
-    net, _, shape = _load(model, input_shape, weights, num_classes, (data or True) if pretrained else False)
+        raise ConfigError(str(exc)) from None
+    for n in networks:
+        validation.check_float(f"--{n.name} round-trip time", n.rtt_s, above=None)
+        validation.check_float(f"--{n.name} bandwidth", n.bandwidth_Bps)
+    validation.check_float("--timeout", timeout)
+    validation.check_output_file(json_path, "--json")
+    if world_size is not None:
+        validation.check_int("--world-size", world_size, 2)
+    if rank is not None:
+        validation.check_int("--rank", rank, 0, (world_size or parties) - 1)
+    validation.check_int("--master-port", master_port, 1, 65535)
+    net, _, shape = _load(model, input_shape, weights, num_classes, pretrained=(data or True) if pretrained else False)
     opt = api.load(optimized) if optimized else None
+    if opt is not None:
+        validation.check_optimized_fits(opt, net, shape, str(optimized))
     link_net = _parse_link(link)
     x, y = _samples(data, data_dir, samples, shape)
     if rank is not None:
@@ -398,15 +435,16 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda.")]
 
 
 def _check_device(device: str) -> str:
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ReluOptError(f"--device {device} asked for, but torch sees no CUDA device; use --device cpu")
-    return device
+    return validation.check_device(device)
 
 
 def _data_and_model(model, data, data_dir, weights, pretrained: bool = False):
     ds = load_dataset(data, data_dir, download=False)
     shape = ",".join(map(str, ds.input_shape))
-    net, name, input_shape = _load(model, shape, weights, ds.num_classes, data if pretrained else False)
+    fix = f"give a model that takes the {data} inputs ({shape})"
+    net, name, input_shape = _load(
+        model, shape, weights, ds.num_classes, fix=fix, classes=ds.num_classes, pretrained=data if pretrained else False
+    )
     return ds, net, name, input_shape
 
 
@@ -429,6 +467,10 @@ def train_cmd(
     """Train a baseline: SGD + cosine, a checkpoint each epoch (OUTPUT.ckpt), --resume, Ctrl-C saves."""
     from relu_opt.train import TrainConfig, evaluate, fit
 
+    validation.check_output_file(output)
+    validation.check_float("--lr", lr)
+    validation.check_int("--max-train", max_train)
+    _check_device(device)
     torch.manual_seed(seed)
     ds, net, _, _ = _data_and_model(model, data, data_dir, weights, pretrained)
     cfg = TrainConfig(
@@ -447,14 +489,17 @@ GranularityOpt = Annotated[str, typer.Option("--granularity", help="Unit of keep
 
 
 def _parse_budgets(budget: int | None, budgets: str | None) -> list[int]:
-    if budgets:
-        try:
-            return [int(b.replace("_", "")) for b in budgets.split(",") if b.strip()]
-        except ValueError:
-            raise BudgetError(f"--budgets '{budgets}' must be integers separated by commas") from None
-    if budget is None:
-        raise BudgetError("give --budget N (ReLU elements per sample to keep) or --budgets N1,N2,...")
-    return [budget]
+    return validation.parse_budgets(budget, budgets)
+
+
+def _check_method(strategy: str, replace: str, granularity: str, poly_per: str = "channel") -> None:
+    from relu_opt.plan import REPLACEMENTS
+    from relu_opt.ranking import STRATEGIES
+
+    validation.check_choice("--strategy", strategy, sorted(STRATEGIES))
+    validation.check_choice("--replace", replace, REPLACEMENTS)
+    validation.check_choice("--granularity", granularity, ("site", "channel", "pixel"))
+    validation.check_choice("--poly-per", poly_per, ("channel", "layer"))
 
 
 @command("rank")
@@ -479,6 +524,12 @@ def rank_cmd(
     from relu_opt.optimizer import OptimizeConfig, _calibrate, _replacement_factory
     from relu_opt.ranking import RankContext, rank
 
+    _check_method(strategy, replace, granularity)
+    validation.check_int("--samples", samples)
+    validation.check_int("--finetune-steps", finetune_steps, 0)
+    validation.check_int("--budget", budget, 0)
+    validation.check_output_file(json_path, "--json")
+    _check_device(device)
     ds, net, _, shape = _data_and_model(model, data, data_dir, weights, pretrained)
     cfg = OptimizeConfig(budget=budget or 0, replace=replace, granularity=granularity)
     gm = propagate_shapes(trace(net.eval()), ds.train.x[:1])
@@ -535,15 +586,18 @@ def optimize_cmd(
     from relu_opt.optimizer import OptimizeConfig, optimize_frontier
 
     levels = _parse_budgets(budget, budgets)
+    _check_method(strategy, replace, granularity, poly_per)
+    validation.check_float("--epochs", epochs)
+    validation.check_float("--lr", lr)
+    validation.check_int("--rank-samples", rank_samples)
+    validation.check_int("--max-train", max_train)
+    validation.check_output_dir(output)
+    _check_device(device)
     ds, net, name, _ = _data_and_model(model, data, data_dir, weights, pretrained)
     if weights is None and not pretrained:
         err.print(
             "warning: no --weights or --pretrained given, so the model being optimized is untrained", soft_wrap=True
         )
-    if granularity not in ("site", "channel", "pixel"):
-        raise BudgetError(f"--granularity '{granularity}' must be site, channel or pixel")
-    if poly_per not in ("channel", "layer"):
-        raise BudgetError(f"--poly-per '{poly_per}' must be channel or layer")
     cfg = OptimizeConfig(
         budget=levels[0],
         strategy=strategy,
@@ -644,7 +698,9 @@ def run_cmd(
     parties: Annotated[int, typer.Option("--parties", min=2, help="CrypTen parties.")] = 2,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds before stuck parties are stopped.")] = 300,
     runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where report folders go.")] = Path("runs"),
-    cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="Cache (default ~/.cache/relu-opt).")] = None,
+    cache_dir: Annotated[
+        Path | None, typer.Option("--cache-dir", help="Cache (default $RELU_OPT_CACHE, else ~/.cache/relu-opt).")
+    ] = None,
     device: DeviceOpt = "cpu",
 ) -> None:
     """The main job: baseline, optimize, verified ONNX, 2-party CrypTen bench, and a report folder."""
@@ -652,7 +708,15 @@ def run_cmd(
 
     from relu_opt.pipeline import RunConfig, run
 
-    levels = _parse_budgets(budget, budgets) if (budget is not None or budgets) else []
+    levels = validation.parse_budgets(budget, budgets, required=False)
+    _check_method(strategy, replace, granularity)
+    validation.check_int("--baseline-epochs", baseline_epochs)
+    validation.check_float("--epochs", epochs)
+    validation.check_int("--max-train", max_train)
+    validation.check_float("--timeout", timeout)
+    validation.check_input_file(weights, "--weights")
+    validation.check_output_dir(runs_dir, "--runs-dir")
+    validation.check_output_dir(cache_dir, "--cache-dir")
     cfg = RunConfig(
         model=model,
         data=data,
@@ -691,12 +755,22 @@ def report_cmd(
     from relu_opt.report import render_run
 
     if not (rundir / "report.json").is_file():
-        raise ReluOptError(f"'{rundir}' has no report.json; give a folder that `relu-opt run` wrote")
+        raise ConfigError(f"'{rundir}' has no report.json; give a folder that `relu-opt run` wrote")
     out.print(f"wrote {render_run(rundir)}")
+
+
+def _exit_on_signal(signum, _frame) -> None:
+    """Turn SIGTERM and SIGHUP into an exit that runs every cleanup (parties stopped, temp files removed)."""
+    err.print(f"stopped by signal {signum}; finished stages are saved, so the same command resumes", soft_wrap=True)
+    raise SystemExit(128 + signum)
 
 
 def main() -> None:
     """Console-script entry point."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _exit_on_signal)
     app()
 
 

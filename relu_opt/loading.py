@@ -73,7 +73,13 @@ def resolve_model(
             model = create_model(spec, num_classes=num_classes, in_channels=in_channels, pretrained=rec.dataset)
             return LoadedModel(model, spec, rec.input_shape)
         num_classes, in_channels = num_classes or 10, in_channels or 3
-        model = entry.factory(num_classes=num_classes, in_channels=in_channels)
+        try:
+            model = entry.factory(num_classes=num_classes, in_channels=in_channels)
+        except (RuntimeError, MemoryError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelSpecError(
+                f"building '{spec}' with {num_classes} classes and {in_channels} input channels failed: {first}"
+            ) from exc
         shape = (1, in_channels, *entry.default_input_shape[2:])
         return LoadedModel(model, spec, shape)
     if pretrained:
@@ -104,6 +110,9 @@ def resolve_model(
             f"'{spec}' must be constructible with no arguments ({exc}); "
             "wrap it in a factory function that sets its arguments"
         ) from exc
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ModelSpecError(f"building '{spec}' raised {type(exc).__name__}: {first}; fix the model's code") from exc
     if not isinstance(model, nn.Module):
         raise ModelSpecError(f"'{spec}' returned {type(model).__name__}, not a torch.nn.Module")
     shape = getattr(model, "default_input_shape", None)

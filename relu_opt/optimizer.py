@@ -21,7 +21,9 @@ from torch import nn
 
 from relu_opt import atomic
 from relu_opt.activations import MaskedReLU, Poly, Square
+from relu_opt.cache import state_digest
 from relu_opt.calibration import collect_stats, fit_error, fit_poly
+from relu_opt.checked_io import load_cache, load_torch, read_json
 from relu_opt.crypto_backend.convert import prepare_for_pi
 from relu_opt.data import Dataset, batches
 from relu_opt.errors import BudgetError, ExportError
@@ -32,7 +34,7 @@ from relu_opt.passes.census import census
 from relu_opt.passes.replace import maxpool_to_avgpool, relu_nodes, replace_sites
 from relu_opt.plan import REPLACEMENTS, Plan, SitePlan, with_module_names
 from relu_opt.ranking import STRATEGIES, Criticality, RankContext, rank, select
-from relu_opt.train import TrainConfig, evaluate, kd_loss
+from relu_opt.train import TrainConfig, _note, evaluate, kd_loss
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,23 @@ def check_budget(budget: int, total: int) -> None:
         )
 
 
+def check_config(config: OptimizeConfig) -> None:
+    """Raise ConfigError naming the first option of `config` that is unknown or out of range."""
+    from relu_opt import validation as v
+
+    v.check_choice("strategy", config.strategy, sorted(STRATEGIES))
+    v.check_choice("replace", config.replace, REPLACEMENTS)
+    v.check_choice("granularity", config.granularity, ("site", "channel", "pixel"))
+    v.check_choice("poly_per", config.poly_per, ("channel", "layer"))
+    v.check_int("degree", config.degree, 1, 4)
+    for name in ("epochs", "lr", "temperature", "rank_epochs"):
+        v.check_float(name, getattr(config, name))
+    v.check_float("kd_alpha", config.kd_alpha, above=None, maximum=1.0)
+    v.check_float("anneal", config.anneal, above=None, maximum=1.0)
+    for name in ("batch_size", "rank_samples", "calib_samples", "max_train"):
+        v.check_int(name, getattr(config, name))
+
+
 def _replacement_factory(kind: str, coeffs: dict[str, torch.Tensor], poly_per: str):
     def make(site: str) -> nn.Module | None:
         if kind == "identity":
@@ -142,7 +161,7 @@ def _calibrate(gm: fx.GraphModule, data: Dataset, cfg: OptimizeConfig):
     return coeffs, errors
 
 
-def _ranking(work: Path, gm, data, cfg: OptimizeConfig, make_rep, progress: bool) -> Criticality:
+def _ranking(work: Path, gm, data, cfg: OptimizeConfig, make_rep, progress: bool, content: str) -> Criticality:
     fields = [
         "strategy",
         "replace",
@@ -154,10 +173,11 @@ def _ranking(work: Path, gm, data, cfg: OptimizeConfig, make_rep, progress: bool
         "calib_samples",
         "seed",
     ] + (["budget"] if cfg.strategy == "snl" else [])
-    path = work / f"rank_{cfg.strategy}_{cfg.key(*fields)}.pt"
-    if path.is_file():
-        d = torch.load(path, weights_only=True)
-        return Criticality(d["strategy"], d["granularity"], d["scores"], d["unit_elements"], d["site_scores"])
+    path = work / f"rank_{cfg.strategy}_{cfg.key(*fields)}_{content}.pt"
+    keys = ("strategy", "granularity", "scores", "unit_elements", "site_scores")
+    d = load_cache(path, lambda p: load_torch(p, "cached ranking", keys=keys), note=_note)
+    if d is not None:
+        return Criticality(*(d[k] for k in keys))
     ctx = RankContext(
         gm,
         data,
@@ -210,16 +230,18 @@ def optimize(
     t0 = time.perf_counter()
     outdir = Path(outdir)
     work = outdir.parent / ".work" if outdir.name.startswith("budget_") else outdir / ".work"
-    work.mkdir(parents=True, exist_ok=True)
     report_path = outdir / "report.json"
-    if report_path.is_file():
-        done = json.loads(report_path.read_text())
-        if done.get("config_key") == config.key():
+    # Cached work is keyed on the options and on the content of the weights and data, never on file times.
+    data_id = f"{data.name}:{len(data.train)}:{len(data.val)}:{tuple(data.train.x.shape[1:])}"
+    content = state_digest(model, extra=data_id)
+    run_key = f"{config.key()}_{content}"
+    done = load_cache(report_path, lambda p: read_json(p, ("config_key", "result"), "optimize report"), note=_note)
+    if done is not None and done["config_key"] == run_key:
+        try:
             return OptimizeResult.from_dict(done["result"])
-    if config.strategy not in STRATEGIES:
-        raise BudgetError(f"unknown strategy '{config.strategy}'; choose {', '.join(sorted(STRATEGIES))}")
-    if config.replace not in REPLACEMENTS:
-        raise BudgetError(f"unknown replacement '{config.replace}'; choose {', '.join(REPLACEMENTS)}")
+        except (KeyError, TypeError):
+            _note(f"note: '{report_path}' is damaged; optimizing this budget again")
+    check_config(config)
 
     example = data.train.x[:1]
     teacher = propagate_shapes(trace(copy.deepcopy(model).eval()), example).eval()
@@ -228,7 +250,7 @@ def optimize(
     check_budget(config.budget, total)
     coeffs, errors = _calibrate(teacher, data, config)
     make_rep = _replacement_factory(config.replace, coeffs, config.poly_per)
-    crit = _ranking(work, teacher, data, config, make_rep, progress)
+    crit = _ranking(work, teacher, data, config, make_rep, progress, content)
     keep = select(crit, config.budget)
 
     sites, new_modules = [], {}
@@ -264,13 +286,14 @@ def optimize(
         data,
         train_cfg,
         baseline_val=100 * val_before,
-        checkpoint=work / f"finetune_{config.key()}.ckpt",
+        checkpoint=work / f"finetune_{run_key}.ckpt",
         param_groups=groups,
         finalize=lambda m: _anneal(m, config.anneal)(1.0),
         loss_fn=kd_loss(teacher, config.temperature, config.kd_alpha),
         on_step=_anneal(student, config.anneal),
         progress=progress,
         description=f"fine-tune {config.budget:,}",
+        resume_hint="rerun the same command to continue from there",
     )
     student.eval()
     val_after = ft.val_accuracy / 100
@@ -327,7 +350,7 @@ def optimize(
     from relu_opt.report import write_optimize_report
 
     write_optimize_report(result, outdir)
-    atomic.write_json(report_path, {"config_key": config.key(), "config": asdict(config), "result": result.to_dict()})
+    atomic.write_json(report_path, {"config_key": run_key, "config": asdict(config), "result": result.to_dict()})
     return result
 
 

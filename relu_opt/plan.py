@@ -6,7 +6,6 @@ named by their node names in the traced base model, and passes keep module names
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -17,7 +16,8 @@ import torch.fx as fx
 from torch import nn
 
 from relu_opt.activations import MaskedReLU, Poly, Square
-from relu_opt.errors import ReluOptError
+from relu_opt.checked_io import load_torch, read_json
+from relu_opt.errors import CorruptFileError, ReluOptError
 from relu_opt.graph import propagate_shapes, trace
 from relu_opt.passes.replace import maxpool_to_avgpool, module_name_for, replace_sites
 
@@ -147,9 +147,19 @@ def load(outdir: str | os.PathLike) -> fx.GraphModule:
     plan_path = outdir / "plan.json"
     if not plan_path.is_file():
         raise ReluOptError(f"'{outdir}' has no plan.json; give the folder `relu-opt optimize -o` wrote")
-    plan = Plan.from_dict(json.loads(plan_path.read_text()))
+    fix = "rerun `relu-opt optimize` to write it again"
+    d = read_json(plan_path, ("base_model", "input_shape", "num_classes", "sites"), "plan", fix)
+    try:
+        plan = Plan.from_dict(d)
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise CorruptFileError(f"plan '{plan_path}' is malformed ({type(exc).__name__}: {exc}); {fix}") from None
     base = resolve_model(plan.base_model, num_classes=plan.num_classes, in_channels=plan.input_shape[1]).model
     gm = apply_plan(base, plan)
-    state = torch.load(outdir / plan.state, map_location="cpu", weights_only=True)
-    gm.load_state_dict(state)
+    state_path = outdir / plan.state
+    state = load_torch(state_path, "optimized weights", fix)
+    try:
+        gm.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CorruptFileError(f"'{state_path}' does not fit the plan in '{plan_path}' ({first}); {fix}") from None
     return gm.eval()

@@ -257,10 +257,22 @@ def run_markdown(r: dict) -> str:
 
 def render_run(rundir: str | Path) -> Path:
     """(Re)write report.md, census.png and pareto.png of a run folder from its report.json; returns report.md."""
-    import json
+    from relu_opt.checked_io import read_json
+    from relu_opt.errors import CorruptFileError
 
     rundir = Path(rundir)
-    r = json.loads((rundir / "report.json").read_text())
+    keys = ("config", "baseline", "census_before", "census_after", "optimized", "bench")
+    path = rundir / "report.json"
+    r = read_json(path, keys, "run report", "rerun `relu-opt run` to write it again")
+    try:
+        return _render_run(rundir, r)
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise CorruptFileError(
+            f"run report '{path}' is malformed ({type(exc).__name__}: {exc}); rerun `relu-opt run` to write it again"
+        ) from None
+
+
+def _render_run(rundir: Path, r: dict) -> Path:
     census_plot(r["census_before"], r["census_after"], rundir / "census.png")
     points = {r["config"]["strategy"]: [(max(o["relu_after"], 1), o["accuracy_after"]) for o in r["optimized"]]}
     pareto_plot(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import statistics
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from relu_opt.crypto_backend.launch import launch_local
 from relu_opt.crypto_backend.party import PartyJob, start_watchdog
 from relu_opt.crypto_backend.party import run as run_party
 from relu_opt.export import onnx_census
+from relu_opt.private_tmp import private_dir
 
 
 @dataclass(frozen=True)
@@ -88,8 +88,11 @@ def measure(
     timeout: float = 300,
     workdir: str | Path | None = None,
 ) -> list[Measurement]:
-    """Return each model's Measurement from one run of `parties` CrypTen processes on localhost."""
-    with tempfile.TemporaryDirectory(prefix="relu-opt-bench-") as tmp:
+    """Return each model's Measurement from one run of `parties` CrypTen processes on localhost.
+
+    The ONNX files (the owner's weights) and the inputs go to a private 0700 folder that is removed on
+    every exit path, unless `workdir` names a folder to keep them in."""
+    with private_dir("bench") as tmp:
         work = Path(workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
         specs, feats, relus = [], [], []
@@ -182,7 +185,7 @@ def run_one_party(
     from relu_opt.crypto_backend import rendezvous as rdv
 
     variants = pi_variants(model, x[:1], optimized)
-    with tempfile.TemporaryDirectory(prefix="relu-opt-party-") as tmp:
+    with private_dir("party") as tmp:
         specs, relus, hashes = [], [], {}
         for name, gm in variants:
             data = crypten_onnx(gm, x[:1])

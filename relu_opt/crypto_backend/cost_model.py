@@ -7,7 +7,6 @@ CrypTen and fits the per-op costs by non-negative least squares; nothing is type
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections import Counter
@@ -22,6 +21,8 @@ from torch import nn
 
 from relu_opt import atomic
 from relu_opt.activations import ChannelAffine, MaskedReLU, Poly, Square
+from relu_opt.cache import cache_dir
+from relu_opt.checked_io import load_cache, read_json
 from relu_opt.passes.census import _classify, _meta_shape
 
 CATEGORIES = ("linear", "affine", "relu", "poly", "square", "maxpool", "avgpool")
@@ -180,11 +181,6 @@ def calibration_suite() -> list[tuple[str, nn.Module]]:
 CALIBRATION_INPUT = (1, 3, 8, 8)
 
 
-def cache_dir() -> Path:
-    """Return relu-opt's cache folder ($RELU_OPT_CACHE, else ~/.cache/relu-opt)."""
-    return Path(os.environ.get("RELU_OPT_CACHE") or Path.home() / ".cache" / "relu-opt")
-
-
 def calibrate(
     parties: int = 2, timeout: float = 300, refresh: bool = False, cache: str | os.PathLike | None = None
 ) -> CostModel:
@@ -192,8 +188,9 @@ def calibrate(
     from relu_opt.crypto_backend.bench import measure
 
     path = Path(cache or cache_dir()) / f"cost_model_{parties}p_crypten{_crypten_version()}.json"
-    if path.is_file() and not refresh:
-        return CostModel.from_dict(json.loads(path.read_text()))
+    cached = None if refresh else load_cache(path, lambda p: CostModel.from_dict(read_json(p, what="cost model")))
+    if cached is not None:
+        return cached
     x = torch.randn(CALIBRATION_INPUT)
     runs = measure(calibration_suite(), x, parties=parties, runs=1, warmup=0, timeout=timeout)
     model = fit([(r.features, r.rounds, max(r.bytes_per_party)) for r in runs], parties)
