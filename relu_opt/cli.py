@@ -153,6 +153,10 @@ def count_cmd(
     c = api.count(net, torch.randn(shape), leaf or (), name=name)
     out.print(_census_table(c))
     out.print(f"ReLU elements per sample: [bold]{c.total_relu:,}[/]   MACs: {c.total_macs:,}   params: {c.params:,}")
+    others = ", ".join(f"{k} {v:,}" for k, v in sorted(c.totals_by_kind.items()) if k != "relu")
+    if others:
+        out.print(f"other non-linear elements per sample: {others}")
+    out.print(f"secure comparisons per sample (ReLU, ReLU6, max-pool, ...): [bold]{c.total_comparisons:,}[/]")
     _write_json(json_path, c.to_dict())
 
 

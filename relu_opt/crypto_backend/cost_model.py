@@ -21,7 +21,8 @@ from torch import nn
 
 from relu_opt import atomic
 from relu_opt.activations import ChannelAffine, MaskedReLU, Poly, Square
-from relu_opt.passes.census import _classify, _meta_shape
+from relu_opt import ops
+from relu_opt.passes.census import _meta_shape, node_ops
 
 CATEGORIES = ("linear", "affine", "relu", "poly", "square", "maxpool", "avgpool")
 BYTE_TERMS = CATEGORIES + ("poly_coeffs",)
@@ -54,6 +55,15 @@ def parse_network(name: str, text: str) -> Network:
     return Network(name, rtt / 1e3, bw * 1e6)
 
 
+def cost_category(kind: str) -> str:
+    """Return the cost-model feature a kind is counted under: itself when the calibration suite
+    measures it, else its op-table cost category (e.g. "transcendental")."""
+    if kind in CATEGORIES:
+        return kind
+    entry = ops._KINDS.get(kind)
+    return entry.cost if entry else kind
+
+
 @dataclass(frozen=True)
 class CostFeatures:
     """Ops and opened elements per category for one forward at `batch`."""
@@ -64,7 +74,7 @@ class CostFeatures:
 
 def features(gm: fx.GraphModule, batch: int = 1) -> CostFeatures:
     """Return the cost features of a shape-propagated, PI-prepared GraphModule."""
-    ops, elements = Counter(), Counter()
+    counts, elements = Counter(), Counter()
     for node in gm.graph.nodes:
         out = _meta_shape(node)
         if out is None:
@@ -74,25 +84,26 @@ def features(gm: fx.GraphModule, batch: int = 1) -> CostFeatures:
         if isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)):
             # Beaver multiplication opens both the input and the (encrypted) weights.
             in_shape = _meta_shape(node.args[0]) or out
-            ops["linear"] += 1
+            counts["linear"] += 1
             elements["linear"] += batch * math.prod(in_shape[1:]) + mod.weight.numel()
             continue
         if isinstance(mod, ChannelAffine):
-            ops["affine"] += 1
+            counts["affine"] += 1
             elements["affine"] += batch * per_sample + mod.scale.numel()
             continue
         if isinstance(mod, _AVG):
-            ops["avgpool"] += 1
+            counts["avgpool"] += 1
             elements["avgpool"] += batch * per_sample
             continue
-        for kind, n in _classify(gm, node):
-            if kind in CATEGORIES and n:
-                ops[kind] += 1
-                elements[kind] += batch * n
+        for kind, n in node_ops(gm, node):
+            category = cost_category(kind)
+            if n:
+                counts[category] += 1
+                elements[category] += batch * n
         poly = mod if isinstance(mod, Poly) else getattr(mod, "replacement", None)
         if isinstance(poly, Poly):  # its (encrypted) coefficients are opened once per multiplication
             elements["poly_coeffs"] += poly.degree * poly.coeffs.shape[1]
-    return CostFeatures(dict(ops), dict(elements))
+    return CostFeatures(dict(counts), dict(elements))
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import torch.fx as fx
 from torch import nn
 
 from relu_opt.activations import MaskedReLU, PartialReLU
-from relu_opt.passes.census import node_kind
+from relu_opt.ops import node_kind
 from relu_opt.passes.utils import set_submodule
 
 
