@@ -196,10 +196,8 @@ def onnx_census(mp: onnx.ModelProto, input_shape: tuple[int, ...]) -> OnnxCensus
     fused = _fused_kinds(mp, consts)
     picked = []
     for i, n in enumerate(mp.graph.node):
-        if i in fused:
-            kind = fused[i]
-        else:
-            kind = _clip_kind(n, consts) if n.op_type == "Clip" else ops.onnx_kind(n.op_type)
+        kind = _clip_kind(n, consts) if n.op_type == "Clip" else ops.onnx_kind(n.op_type)
+        kind = fused.get(i, kind)
         if kind:
             picked.append((n, kind))
     sample = np.random.default_rng(0).standard_normal((1, *input_shape[1:])).astype(np.float32)

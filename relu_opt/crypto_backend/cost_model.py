@@ -19,9 +19,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from relu_opt import atomic
+from relu_opt import atomic, ops
 from relu_opt.activations import ChannelAffine, MaskedReLU, Poly, Square
-from relu_opt import ops
 from relu_opt.passes.census import _meta_shape, node_ops
 
 CATEGORIES = ("linear", "affine", "relu", "poly", "square", "maxpool", "avgpool")
