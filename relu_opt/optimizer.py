@@ -22,12 +22,13 @@ from torch import nn
 from relu_opt import atomic
 from relu_opt.activations import MaskedReLU, Poly, Square
 from relu_opt.calibration import collect_stats, fit_error, fit_poly
-from relu_opt.crypto_backend.convert import prepare_for_pi
 from relu_opt.data import Dataset, batches
 from relu_opt.errors import BudgetError, ExportError
 from relu_opt.export import export
 from relu_opt.graph import propagate_shapes, trace
+from relu_opt.passes.base import GraphPass, run_passes
 from relu_opt.passes.census import census
+from relu_opt.passes.pi import prepare_for_pi
 from relu_opt.passes.replace import maxpool_to_avgpool, relu_nodes, replace_sites
 from relu_opt.plan import REPLACEMENTS, Plan, SitePlan, with_module_names
 from relu_opt.ranking import STRATEGIES, Criticality, RankContext, rank, select
@@ -238,7 +239,7 @@ def optimize(
         if kept < elements:
             new_modules[site] = MaskedReLU(keep[site].float(), make_rep(site))
     student = replace_sites(teacher, new_modules)
-    student = propagate_shapes(maxpool_to_avgpool(student) if config.avgpool else student, example)
+    student = run_passes(student, [GraphPass(maxpool_to_avgpool)] if config.avgpool else [], example)
     plan_sites = with_module_names(student, sites)
 
     _, val_before = evaluate(teacher, data.val, device=config.device)

@@ -2,35 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import onnx
 import torch
-import torch.fx as fx
 from torch import nn
 
 from relu_opt.crypto_backend.compat import import_crypten, repair_for_crypten
 from relu_opt.errors import CryptenError
 from relu_opt.export import to_onnx_bytes
-from relu_opt.graph import eval_mode, propagate_shapes, trace
-from relu_opt.passes.fold_bn import fold_batchnorm
-from relu_opt.passes.replace import linearize, materialize_partial, maxpool_to_avgpool
+from relu_opt.passes.pi import linear_floor, prepare_for_pi
+
+__all__ = ["CRYPTEN_OPSET", "check_supported", "crypten_onnx", "linear_floor", "prepare_for_pi", "supported_ops"]
 
 CRYPTEN_OPSET = 17  # the opset crypten 0.4.1's converter targets
-
-
-def prepare_for_pi(model: nn.Module, example: torch.Tensor, leaf: Iterable[str | type] = ()) -> fx.GraphModule:
-    """Return the eval-mode GraphModule that private inference runs: BatchNorm folded and masked
-    ReLUs in their gathered (PartialReLU) form, with shapes propagated."""
-    with eval_mode(model):
-        gm = fold_batchnorm(trace(model, leaf))
-    gm = materialize_partial(propagate_shapes(gm, example))
-    return propagate_shapes(gm, example).eval()
-
-
-def linear_floor(prepared: fx.GraphModule, example: torch.Tensor) -> fx.GraphModule:
-    """Return `prepared` with every ReLU an identity and max-pools averaged: the cost of the linear part."""
-    return propagate_shapes(maxpool_to_avgpool(linearize(prepared)), example).eval()
 
 
 def supported_ops() -> set[str]:

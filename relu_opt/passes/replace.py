@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.fx as fx
@@ -54,24 +54,45 @@ def replace_sites(gm: fx.GraphModule, new_modules: dict[str, nn.Module]) -> fx.G
     return gm
 
 
+def nonlinear_nodes(gm: fx.GraphModule, kinds: Iterable[str] | None = None) -> list[fx.Node]:
+    """Return the nodes that compute a non-linear kind of the op table (any of `kinds` when given)."""
+    wanted = set(kinds) if kinds is not None else None
+    return [n for n in gm.graph.nodes if (k := node_kind(gm, n)) and (wanted is None or k in wanted)]
+
+
 def linearize(gm: fx.GraphModule, factory: Callable[[], nn.Module] = nn.Identity) -> fx.GraphModule:
-    """Return a copy of `gm` with every ReLU replaced by `factory()` (identity: the linear floor)."""
-    return replace_sites(gm, {n.name: factory() for n in relu_nodes(gm)})
+    """Return a copy of `gm` with every non-linear op but max-pool (see maxpool_to_avgpool), and every
+    relu-opt site module, replaced by `factory()` (identity: the linear floor)."""
+    new = {}
+    for n in gm.graph.nodes:
+        mod = gm.get_submodule(n.target) if n.op == "call_module" else None
+        if callable(getattr(mod, "census_items", None)) or node_kind(gm, n) not in (None, "maxpool"):
+            new[n.name] = factory()
+    return replace_sites(gm, new)
+
+
+_AVG_FOR_MAX = {
+    nn.MaxPool1d: nn.AvgPool1d,
+    nn.MaxPool2d: nn.AvgPool2d,
+    nn.MaxPool3d: nn.AvgPool3d,
+}
+_ADAPTIVE_AVG_FOR_MAX = {
+    nn.AdaptiveMaxPool1d: nn.AdaptiveAvgPool1d,
+    nn.AdaptiveMaxPool2d: nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool3d: nn.AdaptiveAvgPool3d,
+}
 
 
 def maxpool_to_avgpool(gm: fx.GraphModule) -> fx.GraphModule:
-    """Return a copy of `gm` with each nn.MaxPoolNd replaced by the AvgPool with the same window."""
+    """Return a copy of `gm` with each max-pool module replaced by the average pool with the same
+    window (adaptive ones by the adaptive average pool of the same output size)."""
     gm = copy.deepcopy(gm)
     for name, mod in list(gm.named_modules()):
-        if isinstance(mod, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
-            avg = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}[
-                {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}[type(mod)]
-            ]
-            set_submodule(
-                gm,
-                name,
-                avg(mod.kernel_size, mod.stride, mod.padding, ceil_mode=mod.ceil_mode),
-            )
+        if type(mod) in _AVG_FOR_MAX:
+            avg = _AVG_FOR_MAX[type(mod)](mod.kernel_size, mod.stride, mod.padding, ceil_mode=mod.ceil_mode)
+            set_submodule(gm, name, avg)
+        elif type(mod) in _ADAPTIVE_AVG_FOR_MAX:
+            set_submodule(gm, name, _ADAPTIVE_AVG_FOR_MAX[type(mod)](mod.output_size))
     gm.recompile()
     return gm
 
