@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from relu_opt.crypto_backend.convert import crypten_onnx, linear_floor, prepare_for_pi
+from relu_opt.crypto_backend.convert import crypten_onnx, linear_floor, prepare_for_crypten
 from relu_opt.crypto_backend.cost_model import LAN, WAN, CostFeatures, CostModel, Network, features
 from relu_opt.crypto_backend.launch import launch_local
 from relu_opt.crypto_backend.party import PartyJob, start_watchdog
@@ -56,7 +56,7 @@ def measure(
         work.mkdir(parents=True, exist_ok=True)
         specs, feats, relus = [], [], []
         for name, model in models:
-            prepared = prepare_for_pi(model, x[:1])
+            prepared = prepare_for_crypten(model, x[:1])
             data = crypten_onnx(prepared, x[:1])
             path = work / f"{name}.onnx"
             path.write_bytes(data)
@@ -128,10 +128,10 @@ def pi_variants(
     model: nn.Module, example: torch.Tensor, optimized: nn.Module | None = None
 ) -> list[tuple[str, fx.GraphModule]]:
     """Return the prepared models one bench compares: original, optimized (if given), linear floor."""
-    original = prepare_for_pi(model, example)
+    original = prepare_for_crypten(model, example)
     variants = [("original", original)]
     if optimized is not None:
-        variants.append(("optimized", prepare_for_pi(optimized, example)))
+        variants.append(("optimized", prepare_for_crypten(optimized, example)))
     return variants + [("floor", linear_floor(original, example))]
 
 
