@@ -101,6 +101,7 @@ class TinyBlocks(nn.Module):
 
 def test_every_table_kind_runs_under_two_party_crypten():
     from relu_opt.crypto_backend.bench import measure
+    from relu_opt.crypto_backend.cost_model import calibrate
 
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     model = TinyBlocks().eval()
@@ -112,4 +113,6 @@ def test_every_table_kind_runs_under_two_party_crypten():
         ref = prepare_for_crypten(model, x[:1])(x).numpy()
     # CrypTen's exp, erf, sigmoid and reciprocal are fixed-point approximations: close, not exact
     assert np.abs(m.logits - ref).max() < 0.1 * np.abs(ref).max()
-    assert m.rounds > 0
+    cost = calibrate(2, timeout=240)  # per-kind costs measured on the calibration suite (cached)
+    assert cost.rounds(m.features) == pytest.approx(m.rounds, rel=0.05)
+    assert cost.bytes(m.features) == pytest.approx(m.bytes_per_party[0], rel=0.1)

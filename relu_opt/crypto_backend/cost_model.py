@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -23,7 +24,27 @@ from relu_opt import atomic, ops
 from relu_opt.activations import ChannelAffine, MaskedReLU, Poly, Square
 from relu_opt.passes.census import _meta_shape, node_ops
 
-CATEGORIES = ("linear", "affine", "relu", "poly", "square", "maxpool", "avgpool")
+# Features the calibration suite measures: linear parts, and every non-linear kind CrypTen runs (as
+# lowered by relu_opt/passes/lower.py). A kind outside this list counts under its op-table cost category.
+CATEGORIES = (
+    "linear",
+    "affine",
+    "relu",
+    "poly",
+    "square",
+    "maxpool",
+    "avgpool",
+    "relu6",
+    "sigmoid",
+    "silu",
+    "gelu",
+    "tanh",
+    "softmax",
+    "layernorm",
+    "rsqrt",
+    "matmul",
+)
+_MATMULS = (torch.matmul, torch.bmm, operator.matmul)
 BYTE_TERMS = CATEGORIES + ("poly_coeffs",)
 _AVG = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
 
@@ -85,6 +106,11 @@ def features(gm: fx.GraphModule, batch: int = 1) -> CostFeatures:
             in_shape = _meta_shape(node.args[0]) or out
             counts["linear"] += 1
             elements["linear"] += batch * math.prod(in_shape[1:]) + mod.weight.numel()
+            continue
+        if node.op == "call_function" and node.target in _MATMULS:
+            # encrypted x encrypted (attention): Beaver triples open both operands
+            counts["matmul"] += 1
+            elements["matmul"] += batch * sum(math.prod((_meta_shape(a) or (1,))[1:]) for a in node.args[:2])
             continue
         if isinstance(mod, ChannelAffine):
             counts["affine"] += 1
@@ -178,7 +204,36 @@ def calibration_suite() -> list[tuple[str, nn.Module]]:
         ("maxpool", nn.Sequential(conv(), nn.MaxPool2d(2))),
         ("avgpool", nn.Sequential(conv(), nn.AvgPool2d(2))),
         ("affine", nn.Sequential(conv(), ChannelAffine(torch.rand(8) + 0.5, torch.randn(8)))),
+        ("relu6", nn.Sequential(conv(), nn.ReLU6())),
+        ("hardswish", nn.Sequential(conv(3, 16), nn.Hardswish())),
+        ("sigmoid", nn.Sequential(conv(), nn.Sigmoid())),
+        ("silu", nn.Sequential(conv(), nn.SiLU())),
+        ("gelu", nn.Sequential(conv(), nn.GELU())),
+        ("tanh", nn.Sequential(conv(), nn.Tanh())),
+        ("softmax", nn.Sequential(conv(), nn.Softmax(-1))),
+        ("softmax_wide", nn.Sequential(conv(3, 16), nn.Softmax(-1))),
+        ("layernorm", nn.Sequential(conv(), nn.LayerNorm(8))),
+        ("layernorm_wide", nn.Sequential(conv(3, 16), nn.LayerNorm(8))),
+        ("rsqrt", nn.Sequential(conv(), _Rsqrt())),
+        ("matmul", nn.Sequential(conv(), _SelfProduct())),
     ]
+
+
+class _SelfProduct(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ (x * 0.5).transpose(-1, -2)
+
+
+class _Rsqrt(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.rsqrt(x * x + 1)
+
+
+def suite_key() -> str:
+    """Return a short hash of the calibration suite's names, so a changed suite is measured anew."""
+    import hashlib
+
+    return hashlib.sha1(",".join(n for n, _ in calibration_suite()).encode()).hexdigest()[:8]
 
 
 CALIBRATION_INPUT = (1, 3, 8, 8)
@@ -195,7 +250,7 @@ def calibrate(
     """Return the CostModel for `parties`, measured once under CrypTen and cached as JSON in `cache`."""
     from relu_opt.crypto_backend.bench import measure
 
-    path = Path(cache or cache_dir()) / f"cost_model_{parties}p_crypten{_crypten_version()}.json"
+    path = Path(cache or cache_dir()) / f"cost_model_{parties}p_crypten{_crypten_version()}_{suite_key()}.json"
     if path.is_file() and not refresh:
         return CostModel.from_dict(json.loads(path.read_text()))
     x = torch.randn(CALIBRATION_INPUT)
