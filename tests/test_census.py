@@ -163,7 +163,8 @@ def test_zoo_takes_fashion_mnist_input(name):
     model = create_model(name, in_channels=1).eval()
     with torch.no_grad():
         assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
-    assert relu_opt.count(model, torch.randn(1, 1, 28, 28)).total_relu > 0
+    c = relu_opt.count(model, torch.randn(1, 1, 28, 28))
+    assert c.total_relu > 0 or c.total_comparisons > 0 or c.totals_by_kind.get("softmax", 0) > 0
 
 
 def test_vgg16_maxpool_comparisons():
