@@ -349,5 +349,12 @@ for _k in (
     ),
     OpKind("poly", POLYNOMIAL, None, description="relu-opt's fitted polynomial (only multiplications)"),
     OpKind("square", POLYNOMIAL, torch.square, description="x**2 (one multiplication)"),
+    OpKind(
+        "2quad",
+        POLYNOMIAL,
+        None,
+        elementwise=False,
+        description="(x + c)^2 / sum (x + c)^2: squares and one reciprocal per row (MPCFormer's softmax)",
+    ),
 ):
     register_kind(_k)

@@ -9,9 +9,11 @@ from collections.abc import Callable, Iterable
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
-from relu_opt.activations import MaskedReLU, PartialReLU
+from relu_opt import ops
+from relu_opt.activations import FunctionOp, MaskedSite, PartialSite
 from relu_opt.ops import node_kind
 from relu_opt.passes.utils import set_submodule
 
@@ -98,11 +100,11 @@ def maxpool_to_avgpool(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def materialize_partial(gm: fx.GraphModule) -> fx.GraphModule:
-    """Return a copy of `gm` with each MaskedReLU in its export form: ReLU (mask all ones), its
-    replacement (all zeros), or PartialReLU (mixed). Needs shapes (relu_opt.graph.propagate_shapes)."""
+    """Return a copy of `gm` with each MaskedSite in its export form: the original op (mask all ones),
+    its replacement (all zeros), or PartialSite (mixed). Needs shapes (relu_opt.graph.propagate_shapes)."""
     new: dict[str, nn.Module] = {}
     for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), MaskedReLU):
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), MaskedSite):
             continue
         mod = gm.get_submodule(node.target)
         meta = node.meta.get("tensor_meta")
@@ -112,12 +114,44 @@ def materialize_partial(gm: fx.GraphModule) -> fx.GraphModule:
         keep = torch.broadcast_to(mod.mask, shape) > 0.5
         kept = int(keep.sum())
         if kept == math.prod(shape):
-            new[node.name] = nn.ReLU()
+            new[node.name] = copy.deepcopy(mod.original)
         elif kept == 0:
             new[node.name] = copy.deepcopy(mod.replacement)
+        elif not partial_ok(mod.kind, mod.original):
+            raise ValueError(f"site '{node.name}' ({mod.kind}) keeps some elements only, which needs an elementwise op")
         else:
-            new[node.name] = PartialReLU(keep, shape, expand_replacement(mod.replacement, keep))
+            rep = expand_replacement(mod.replacement, keep)
+            new[node.name] = PartialSite(keep, shape, rep, copy.deepcopy(mod.original), mod.kind)
     return replace_sites(gm, new) if new else copy.deepcopy(gm)
+
+
+def partial_ok(kind: str, original: nn.Module | None = None) -> bool:
+    """True when a site of `kind` can keep some of its elements: an elementwise op with no parameters
+    (a per-channel PReLU slope would not survive the flat gather)."""
+    entry = ops._KINDS.get(kind)
+    return bool(entry and entry.elementwise) and not any(True for _ in (original or nn.Identity()).parameters())
+
+
+def site_op(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    """Return a module that computes what a non-linear node computes on its first input (a copy of its
+    module, or its function with the constant arguments), or None when other inputs are graph values."""
+    kind = node_kind(gm, node)
+    if kind is None or any(isinstance(a, fx.Node) for a in list(node.args[1:]) + list(node.kwargs.values())):
+        return None
+    if node.op == "call_module":
+        mod = copy.deepcopy(gm.get_submodule(node.target))
+        if getattr(mod, "inplace", False):
+            mod.inplace = False  # the site evaluates its input twice (original and replacement)
+        return mod
+    kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace"}
+    if node.op == "call_method":
+        return FunctionOp(node.target.rstrip("_"), node.args[1:], kwargs, kind, method=True)
+    target = node.target
+    name = getattr(target, "__name__", "")
+    if name.endswith("_") and not name.endswith("__"):  # an in-place spelling: use its out-of-place twin
+        module = torch if hasattr(torch, name[:-1]) and getattr(torch, name, None) is target else F
+        target = getattr(module, name[:-1], target)
+    return FunctionOp(target, node.args[1:], kwargs, kind)
 
 
 def expand_replacement(rep: nn.Module, keep: torch.Tensor) -> nn.Module:
