@@ -350,7 +350,14 @@ def train_cmd(
 
 
 StrategyOpt = Annotated[str, typer.Option("--strategy", help="Ranking: taylor, drop-one, snl or random.")]
-ReplaceOpt = Annotated[str, typer.Option("--replace", help="What replaces a dropped ReLU: poly, square, identity.")]
+ReplaceOpt = Annotated[
+    str,
+    typer.Option(
+        "--replace",
+        help="What replaces a dropped element: poly, square, identity (elementwise kinds); softmax sites "
+        "default to 2quad and LayerNorm to frozen-norm.",
+    ),
+]
 GranularityOpt = Annotated[str, typer.Option("--granularity", help="Unit of keeping a ReLU: site, channel, pixel.")]
 
 
@@ -363,6 +370,27 @@ def _parse_budgets(budget: int | None, budgets: str | None) -> list[int]:
     if budget is None:
         raise BudgetError("give --budget N (ReLU elements per sample to keep) or --budgets N1,N2,...")
     return [budget]
+
+
+def _parse_kinds(text: str | None) -> tuple[str, ...]:
+    from relu_opt import ops
+
+    kinds = tuple(k.strip() for k in (text or "").split(",") if k.strip())
+    unknown = [k for k in kinds if k not in ops.kind_names()]
+    if unknown:
+        raise BudgetError(f"--kinds: unknown kind(s) {', '.join(unknown)}; known: {', '.join(ops.kind_names())}")
+    return kinds
+
+
+def _parse_kind_budgets(items: list[str]) -> tuple[tuple[str, int], ...]:
+    out = []
+    for item in items:
+        kind, _, value = item.partition("=")
+        try:
+            out.append((_parse_kinds(kind)[0], int(value.replace("_", ""))))
+        except (ValueError, IndexError):
+            raise BudgetError(f"--kind-budget '{item}' must be KIND=N, e.g. --kind-budget relu6=20000") from None
+    return tuple(out)
 
 
 @command("rank")
@@ -435,8 +463,20 @@ def optimize_cmd(
     rank_samples: Annotated[int, typer.Option("--rank-samples", help="Examples the ranking looks at.")] = 5000,
     max_train: Annotated[int | None, typer.Option("--max-train", help="Fine-tune on the first N examples.")] = None,
     device: DeviceOpt = "cpu",
+    kinds: Annotated[
+        str | None,
+        typer.Option(
+            "--kinds",
+            help="Non-linear kinds to optimize, comma separated (relu,relu6,gelu,softmax,layernorm,...; "
+            "default: every non-polynomial kind the model has; see `relu-opt count`).",
+        ),
+    ] = None,
+    kind_budget: Annotated[
+        list[str] | None,
+        typer.Option("--kind-budget", help="KIND=N: a budget of its own for one kind; repeatable."),
+    ] = None,
 ) -> None:
-    """Keep the most critical ReLUs that fit the budget, replace the rest, fine-tune with distillation."""
+    """Keep the most critical non-linear elements that fit the budget, replace the rest, fine-tune with KD."""
     from relu_opt.optimizer import OptimizeConfig, optimize_frontier
 
     levels = _parse_budgets(budget, budgets)
@@ -459,6 +499,8 @@ def optimize_cmd(
         rank_samples=rank_samples,
         max_train=max_train,
         device=_check_device(device),
+        kinds=_parse_kinds(kinds),
+        kind_budgets=_parse_kind_budgets(kind_budget or []),
     )
     results = optimize_frontier(net, ds, levels, cfg, output, base_spec=name)
     t = Table(
