@@ -165,3 +165,39 @@ def test_a_new_kind_and_replacement_flow_through_everything(own_kind_and_replace
     after = features(prepare_for_crypten(loaded, data.test.x[:1]))
     assert "transcendental" not in after.ops and after.ops["poly"] == 1
     assert "Softplus" not in {n.op_type for n in onnx.load(tmp_path / "sp" / "model.onnx").graph.node}
+
+
+class Mixed(nn.Module):
+    """GELU, SiLU, sigmoid and a hand-written rsqrt LayerNorm on (N, 6, 16) token features."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 16), nn.Linear(16, 16)
+        self.head = nn.Linear(6 * 16, 4)
+
+    def forward(self, x):
+        h = F.gelu(self.fc1(x)) + F.silu(x) + torch.sigmoid(x)
+        mu = h.mean(-1, keepdim=True)
+        h = (h - mu) * torch.rsqrt(((h - mu) ** 2).mean(-1, keepdim=True) + 1e-5)
+        return self.head(self.fc2(h).flatten(1))
+
+
+def test_gelu_silu_sigmoid_rsqrt_model_through_count_optimize_export_and_bench(tmp_path):
+    from relu_opt.crypto_backend.bench import bench
+
+    tokens = load_dataset("synthetic", shape=(6, 16), n=360)
+    model = Mixed()
+    fit(model, tokens, TrainConfig(epochs=1, lr=0.02), progress=False)
+    model.eval()
+    c = relu_opt.count(model, tokens.test.x[:1])
+    assert c.totals_by_kind == {"gelu": 96, "silu": 96, "sigmoid": 96, "rsqrt": 6}
+    r = optimize(model, tokens, _cfg(0), tmp_path / "mixed", progress=False)
+    assert {k: v["after"] for k, v in r.kinds.items()} == {"gelu": 0, "silu": 0, "sigmoid": 0, "rsqrt": 0}
+    plan = Plan.from_dict(json.loads((tmp_path / "mixed" / "plan.json").read_text()))
+    optimized = apply_plan(Mixed(), plan)
+    optimized.load_state_dict(torch.load(tmp_path / "mixed" / "model.pt", weights_only=True))
+    x = tokens.test.x[:4]
+    b = bench(model, x, optimized=optimized.eval(), parties=2, runs=1, warmup=0, timeout=240)
+    original, opt, floor = b.models
+    assert opt.rounds < original.rounds and opt.bytes_per_party[0] < original.bytes_per_party[0]
+    assert original.top1_agreement >= 0.75 and opt.top1_agreement == 1.0  # polynomials are exact in MPC
