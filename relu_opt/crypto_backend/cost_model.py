@@ -43,6 +43,7 @@ CATEGORIES = (
     "layernorm",
     "rsqrt",
     "matmul",
+    "2quad",
 )
 _MATMULS = (torch.matmul, torch.bmm, operator.matmul)
 BYTE_TERMS = CATEGORIES + ("poly_coeffs",)
@@ -183,6 +184,8 @@ def fit(samples: list[tuple[CostFeatures, float, float]], parties: int) -> CostM
 
 def calibration_suite() -> list[tuple[str, nn.Module]]:
     """Return tiny models whose op counts vary independently, to fit the per-op costs."""
+    from relu_opt.replacements import TwoQuad
+
     torch.manual_seed(0)
 
     def conv(cin=3, cout=8):
@@ -216,6 +219,8 @@ def calibration_suite() -> list[tuple[str, nn.Module]]:
         ("layernorm_wide", nn.Sequential(conv(3, 16), nn.LayerNorm(8))),
         ("rsqrt", nn.Sequential(conv(), _Rsqrt())),
         ("matmul", nn.Sequential(conv(), _SelfProduct())),
+        ("2quad", nn.Sequential(conv(), TwoQuad(8))),
+        ("2quad_wide", nn.Sequential(conv(3, 16), TwoQuad(8))),
     ]
 
 
