@@ -89,13 +89,19 @@ def kind_names(polynomial: bool | None = None) -> list[str]:
     return [k.name for k in _KINDS.values() if polynomial is None or k.polynomial == polynomial]
 
 
+def find_kind(name: str) -> OpKind | None:
+    """Return the table entry of kind `name`, or None when no such kind is registered."""
+    return _KINDS.get(name)
+
+
 def comparisons_per_element(kind: str) -> int:
     """Return the secure comparisons one element of `kind` costs (0 for unknown kinds)."""
     k = _KINDS.get(kind)
     return k.comparisons if k else 0
 
 
-def _arg(node: fx.Node, index: int, name: str, default=None):
+def node_arg(node: fx.Node, index: int, name: str, default=None):
+    """Return a call node's argument by keyword `name`, else by position `index`, else `default`."""
     if name in node.kwargs:
         return node.kwargs[name]
     return node.args[index] if len(node.args) > index else default
@@ -103,8 +109,8 @@ def _arg(node: fx.Node, index: int, name: str, default=None):
 
 def _clamp_kind(node: fx.Node) -> str | None:
     name = node.target if isinstance(node.target, str) else node.target.__name__
-    lo = _arg(node, 1, "min")
-    hi = None if "clamp_min" in name else _arg(node, 2, "max")
+    lo = node_arg(node, 1, "min")
+    hi = None if "clamp_min" in name else node_arg(node, 2, "max")
     return bounds_kind(lo, hi)
 
 
@@ -118,7 +124,7 @@ def bounds_kind(lo, hi) -> str:
 
 
 def _threshold_kind(node: fx.Node) -> str:
-    return "relu" if _arg(node, 1, "threshold") == 0 and _arg(node, 2, "value") == 0 else "clamp"
+    return "relu" if node_arg(node, 1, "threshold") == 0 and node_arg(node, 2, "value") == 0 else "clamp"
 
 
 for _f in (torch.clamp, torch.clip, torch.clamp_, torch.clamp_min, torch.clamp_min_):

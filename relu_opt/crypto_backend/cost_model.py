@@ -81,7 +81,7 @@ def cost_category(kind: str) -> str:
     measures it, else its op-table cost category (e.g. "transcendental")."""
     if kind in CATEGORIES:
         return kind
-    entry = ops._KINDS.get(kind)
+    entry = ops.find_kind(kind)
     return entry.cost if entry else kind
 
 

@@ -95,7 +95,7 @@ def _per_sample(shape: tuple[int, ...]) -> int:
 
 
 def _arg(node: fx.Node, index: int, name: str, default=None):
-    return ops._arg(node, index, name, default)
+    return ops.node_arg(node, index, name, default)
 
 
 def _maxpool_comparisons(node: fx.Node, mod: nn.Module | None, out: tuple[int, ...]) -> int:

@@ -164,7 +164,7 @@ def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
 
 
 def _fn_arg(node: fx.Node, index: int, name: str, default=None):
-    return ops._arg(node, index, name, default)
+    return ops.node_arg(node, index, name, default)
 
 
 @register_lowering("hardswish")

@@ -128,7 +128,7 @@ def materialize_partial(gm: fx.GraphModule) -> fx.GraphModule:
 def partial_ok(kind: str, original: nn.Module | None = None) -> bool:
     """True when a site of `kind` can keep some of its elements: an elementwise op with no parameters
     (a per-channel PReLU slope would not survive the flat gather)."""
-    entry = ops._KINDS.get(kind)
+    entry = ops.find_kind(kind)
     return bool(entry and entry.elementwise) and not any(True for _ in (original or nn.Identity()).parameters())
 
 
