@@ -522,6 +522,10 @@ def optimize_cmd(
             r.outdir,
         )
     out.print(t)
+    for r in results:
+        if set(r.kinds) != {"relu"}:
+            per = ", ".join(f"{k} {v['before']:,} -> {v['after']:,}" for k, v in r.kinds.items())
+            out.print(f"budget {r.budget:,}: elements per sample by kind (ONNX after): {per}")
     out.print(f"wrote {output}/pareto.md and pareto.png")
 
 
