@@ -207,14 +207,20 @@ def _compact_table(title: str, columns: tuple[str, ...]) -> Table:
 
 
 def _bench_table(r) -> Table:
+    # Beyond ReLU (ReLU6, max-pool, ...) the secure comparisons get a column of their own.
+    cmp = any(m.comparisons != m.relu_elements for m in r.models)
     t = _compact_table(
         f"CrypTen, {r.parties} parties, batch {r.batch}",
-        ("model", "ReLUs", "rounds", "MB/party", "wall s", "LAN s", "WAN s", "err", "top-1", "acc"),
+        ("model", "ReLUs")
+        + (("cmp",) if cmp else ())
+        + ("rounds", "MB/party", "wall s", "LAN s", "WAN s")
+        + ("err", "top-1", "acc"),
     )
     for m in r.models:
         t.add_row(
             m.name,
             f"{m.relu_elements:,}",
+            *((f"{m.comparisons:,}",) if cmp else ()),
             str(m.rounds),
             f"{max(m.bytes_per_party) / 1e6:.1f}",
             f"{m.wall_s_median:.2f}",
@@ -505,7 +511,7 @@ def optimize_cmd(
     results = optimize_frontier(net, ds, levels, cfg, output, base_spec=name)
     t = Table(
         "budget",
-        "ReLUs (ONNX)",
+        "kept (ONNX)",
         "fewer",
         "test acc before",
         "test acc after",

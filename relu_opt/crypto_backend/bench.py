@@ -35,6 +35,7 @@ class Measurement:
     encryption_s: float
     logits: np.ndarray
     features: CostFeatures
+    comparisons: int = 0  # secure comparisons per sample (ReLU, ReLU6, max-pool, ...), on the ONNX graph
 
     @property
     def wall_s_median(self) -> float:
@@ -54,7 +55,7 @@ def measure(
     with tempfile.TemporaryDirectory(prefix="relu-opt-bench-") as tmp:
         work = Path(workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        specs, feats, relus = [], [], []
+        specs, feats, relus, comparisons = [], [], [], []
         for name, model in models:
             prepared = prepare_for_crypten(model, x[:1])
             data = crypten_onnx(prepared, x[:1])
@@ -62,7 +63,9 @@ def measure(
             path.write_bytes(data)
             specs.append({"name": name, "onnx": str(path)})
             feats.append(features(prepared, batch=len(x)))
-            relus.append(onnx_census(onnx.load_from_string(data), tuple(x[:1].shape)).total_relu)
+            counted = onnx_census(onnx.load_from_string(data), tuple(x[:1].shape))
+            relus.append(counted.total_relu)
+            comparisons.append(counted.total_comparisons)
         torch.save(x.clone(), work / "inputs.pt")
         job = PartyJob(
             rank=0,
@@ -93,6 +96,7 @@ def measure(
                 encryption_s=max(p["encryption_s"] for p in per_party),
                 logits=np.asarray(p0["logits"], dtype=np.float64),
                 features=feats[i],
+                comparisons=comparisons[i],
             )
         )
     return out
@@ -199,6 +203,7 @@ class ModelReport:
     wan_s: float
     predicted_rounds: float | None = None
     predicted_bytes: float | None = None
+    comparisons: int = 0  # secure comparisons per sample on the ONNX graph (ReLU6 counts two)
 
     @property
     def wall_s_spread(self) -> float:
@@ -289,6 +294,7 @@ def bench(
                 wan_s=wan.latency(m.wall_s_median, m.rounds, max(m.bytes_per_party)),
                 predicted_rounds=cost_model.rounds(m.features) if cost_model else None,
                 predicted_bytes=cost_model.bytes(m.features) if cost_model else None,
+                comparisons=m.comparisons,
             )
         )
     nets = {n.name: {"rtt_ms": n.rtt_s * 1e3, "bandwidth_MBps": n.bandwidth_Bps / 1e6} for n in networks}
