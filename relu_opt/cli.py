@@ -746,7 +746,9 @@ def run_cmd(
     replace: ReplaceOpt = "poly",
     granularity: GranularityOpt = "channel",
     baseline_epochs: Annotated[int, typer.Option("--baseline-epochs", help="Epochs to train a baseline.")] = 3,
-    epochs: Annotated[float, typer.Option("--epochs", help="Fine-tuning epochs per budget.")] = 2.0,
+    epochs: Annotated[
+        float, typer.Option("--epochs", help="Fine-tuning epochs per budget (fractions: a subset).")
+    ] = 0.3,
     max_train: Annotated[int | None, typer.Option("--max-train", help="Use the first N train examples.")] = None,
     samples: Annotated[int, typer.Option("--samples", min=1, help="Test samples run under CrypTen.")] = 8,
     parties: Annotated[int, typer.Option("--parties", min=2, help="CrypTen parties.")] = 2,
