@@ -23,6 +23,7 @@ import torch
 from onnx import numpy_helper
 
 from relu_opt import atomic
+from relu_opt.errors import CryptenError
 
 MODEL_OWNER = 0
 DATA_OWNER = 1
@@ -103,15 +104,16 @@ def run(job: PartyJob) -> dict:
         rdv.check_in(store, job.rank, job.fingerprint, job.timeout)
     try:
         result = _run(job)
-    except BaseException as exc:
+    except Exception as exc:
         if store is None:
             raise
-        rdv.report_failure(store, job.rank, f"party {job.rank} failed: {type(exc).__name__}: {_first_line(exc)}")
-        time.sleep(0.5)  # let a party that failed first leave its reason
-        peer = rdv.peer_failure(store, job.rank, job.world_size)
-        if peer:
-            raise rdv.RendezvousError(peer) from exc
-        raise
+        why = f"party {job.rank} failed: {type(exc).__name__}: {_first_line(exc)}"
+        why = str(exc) if isinstance(exc, CryptenError) else why
+        if job.rank == 0 or rdv.store_alive(job.master_addr, job.master_port):
+            rdv.report_failure(store, job.rank, why)
+            time.sleep(0.5)  # a party that failed first leaves its reason: name that, not the lost link
+            why = rdv.peer_failure(store, job.rank, job.world_size) or why
+        raise CryptenError(why) from exc
     result["interface"] = iface
     if store is not None:
         result["parties"] = rdv.share_results(store, job.rank, job.world_size, dict(result), job.timeout)

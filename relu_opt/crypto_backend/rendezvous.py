@@ -293,6 +293,16 @@ def share_results(store, rank: int, world_size: int, result: dict, timeout: floa
     return results
 
 
+def store_alive(master_addr: str, master_port: int) -> bool:
+    """Return whether party 0's store still accepts connections (touching a dead one makes torch
+    print a C++ stack trace)."""
+    try:
+        with socket.create_connection((master_addr, master_port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
 def report_failure(store, rank: int, message: str) -> None:
     """Best effort: leave this party's error in the store for the others to name."""
     with contextlib.suppress(Exception):
