@@ -303,8 +303,7 @@ def bench_cmd(
                 networks=networks,
                 link=link_net,
             )
-        out.print(_bench_table(r))
-        _write_json(json_path, r.to_dict())
+        _print_bench(r, json_path)
         return
     with out.status("calibrating the cost model (cached after the first run)"):
         cost = calibrate(parties, timeout=timeout)
@@ -323,6 +322,10 @@ def bench_cmd(
             log=lambda m: err.print(escape(m), soft_wrap=True),
             link=link_net,
         )
+    _print_bench(r, json_path)
+
+
+def _print_bench(r, json_path: Path | None) -> None:
     out.print(_bench_table(r))
     for name, ratio in r.ratios.items():
         out.print(
