@@ -6,6 +6,7 @@ starts one per host. Party 0 owns the model weights; the data-owner party (1) ow
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -65,7 +66,8 @@ def start_watchdog(job: PartyJob) -> None:
                 os._exit(3)
             if time.monotonic() > deadline:
                 msg = f"party {job.rank} did not finish within --timeout {job.timeout:g}s"
-                _write_error(job.result, job.rank, msg)
+                with contextlib.suppress(OSError):  # the result's folder may be gone already
+                    _write_error(job.result, job.rank, msg)
                 print(f"error: {msg}", file=sys.stderr, flush=True)
                 os._exit(124)
 

@@ -223,13 +223,24 @@ def open_store(rank: int, master_addr: str, master_port: int, timeout: float):
                     f"--master-port {master_port} is already in use on this host; pick a free port for every party"
                 ) from None
             raise RendezvousError(f"party 0 cannot listen on {master_addr}:{master_port}: {_first_line(exc)}") from None
+    # wait for party 0's port ourselves: torch's own retries print C++ stack traces when they give up
+    deadline, last = time.monotonic() + timeout, "no answer"
+    while True:
+        try:
+            with socket.create_connection((master_addr, master_port), timeout=max(0.1, min(2.0, timeout))):
+                break
+        except OSError as exc:
+            last = exc.strerror or ("no answer" if isinstance(exc, TimeoutError) else type(exc).__name__)
+        if time.monotonic() > deadline:
+            raise RendezvousError(
+                f"could not reach party 0 at {master_addr}:{master_port} within {timeout:g}s ({last}); "
+                "start party 0 first, and check --master-addr, --master-port and the firewall"
+            )
+        time.sleep(0.2)
     try:
         return TCPStore(master_addr, master_port, None, False, wait)
     except Exception as exc:
-        raise RendezvousError(
-            f"could not reach party 0 at {master_addr}:{master_port} within {timeout:g}s ({_first_line(exc)}); "
-            "start party 0 first, and check --master-addr, --master-port and the firewall"
-        ) from None
+        raise RendezvousError(f"party 0 at {master_addr}:{master_port} did not answer: {_first_line(exc)}") from None
 
 
 def _first_line(exc: BaseException) -> str:
