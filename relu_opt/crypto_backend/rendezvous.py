@@ -268,13 +268,24 @@ def check_in(store, rank: int, fp: dict, timeout: float) -> None:
                 f"start it with --rank {r} and the same --master-addr and --master-port"
             ) from None
         why = mismatch(fp, json.loads(store.get(key)), rank, r)
+        if rank != 0:
+            store.add(f"{PREFIX}seen", 1)  # party 0 keeps the store up until every party has compared
         if why:
             store.set(f"{PREFIX}error/{rank}", why)
+            if rank == 0:
+                _linger(store, world_size, min(timeout, 10))
             raise RendezvousError(why)
     if rank == 0 and world_size > 1:
         store.set(f"{PREFIX}checked", "1")
     elif rank != 0:
         _wait_verdict(store, timeout)
+
+
+def _linger(store, world_size: int, timeout: float) -> None:
+    """Keep party 0's store up until every other party has read party 0's fingerprint."""
+    deadline = time.monotonic() + timeout
+    while store.add(f"{PREFIX}seen", 0) < world_size - 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _wait_verdict(store, timeout: float) -> None:
