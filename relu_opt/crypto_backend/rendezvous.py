@@ -19,10 +19,14 @@ import subprocess
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import onnx
 
 from relu_opt.errors import CryptenError
+
+if TYPE_CHECKING:
+    from torch.distributed import Store, TCPStore
 
 PREFIX = "relu-opt/"
 
@@ -203,7 +207,7 @@ def _is_addr_in_use(exc: BaseException) -> bool:
     return "address already in use" in text or f"errno: {errno.EADDRINUSE}" in text or "eaddrinuse" in text
 
 
-def open_store(rank: int, master_addr: str, master_port: int, timeout: float):
+def open_store(rank: int, master_addr: str, master_port: int, timeout: float) -> TCPStore:
     """Return the TCPStore of this run: hosted by party 0 (multi-tenant, so torch.distributed reuses
     it), a client elsewhere. Raises RendezvousError for a busy port or an unreachable party 0."""
     from torch.distributed import TCPStore
@@ -248,7 +252,7 @@ def _first_line(exc: BaseException) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
-def check_in(store, rank: int, fp: dict, timeout: float) -> None:
+def check_in(store: Store, rank: int, fp: dict, timeout: float) -> None:
     """Publish this party's fingerprint and compare it with the others' (party 0 sees all, the others
     see party 0's); raises RendezvousError on a duplicate rank, a missing party or any disagreement."""
     world_size = fp["world_size"]
@@ -300,7 +304,7 @@ def _wait_verdict(store, timeout: float) -> None:
     raise RendezvousError(f"party 0 did not confirm the other parties within {timeout:g}s; is every party started?")
 
 
-def share_results(store, rank: int, world_size: int, result: dict, timeout: float) -> list[dict]:
+def share_results(store: Store, rank: int, world_size: int, result: dict, timeout: float) -> list[dict]:
     """Publish this party's result, return every party's (by rank), and keep party 0's store up until
     every party has read them."""
     store.set(f"{PREFIX}result/{rank}", json.dumps(result))
@@ -325,13 +329,13 @@ def store_alive(master_addr: str, master_port: int) -> bool:
         return False
 
 
-def report_failure(store, rank: int, message: str) -> None:
+def report_failure(store: Store, rank: int, message: str) -> None:
     """Best effort: leave this party's error in the store for the others to name."""
     with contextlib.suppress(Exception):
         store.set(f"{PREFIX}error/{rank}", message)
 
 
-def peer_failure(store, rank: int, world_size: int) -> str | None:
+def peer_failure(store: Store, rank: int, world_size: int) -> str | None:
     """Return another party's reported error, if one is in the store."""
     for r in range(world_size):
         if r == rank:
