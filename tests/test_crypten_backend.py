@@ -146,30 +146,40 @@ def test_fixed_point_warning_names_the_site():
     assert fixed_point_warnings(trace(model), torch.ones(1, 4) * 1e-6) == []
 
 
-def _children_running(pattern: str) -> list[int]:
-    pids = []
+def _party_pids(parent: int) -> dict[int, int]:
+    """Return {rank: pid} of the party processes that `parent` (this test's bench) started; other
+    benches running on the same machine at the same time are not ours to kill."""
+    pids = {}
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
-                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
                 continue
-            if pattern in cmd:
-                pids.append(int(d.name))
+            if ppid == parent and "relu_opt.crypto_backend.party" in cmd:
+                for rank in (0, 1):
+                    if f"party{rank}.job.json" in cmd:
+                        pids[rank] = int(d.name)
     return pids
 
 
-def _party_pid(rank: int, deadline: float) -> int:
+def _alive(pid: int) -> bool:
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return b"relu_opt.crypto_backend.party" in cmd and state != "Z"
+
+
+def _wait_parties(parent: int, deadline: float) -> dict[int, int]:
     while time.monotonic() < deadline:
-        for pid in _children_running("relu_opt.crypto_backend.party"):
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-            except OSError:
-                continue
-            if f"party{rank}.job.json" in cmd:
-                return pid
+        pids = _party_pids(parent)
+        if len(pids) == 2:
+            return pids
         time.sleep(0.05)
-    raise AssertionError(f"party {rank} never started")
+    raise AssertionError("the parties never started")
 
 
 @pytest.mark.parametrize("how", ["kill", "hang"])
@@ -191,7 +201,8 @@ def test_failed_party_stops_the_bench(how, tmp_path):
         text=True,
         env=env,
     )
-    pid = _party_pid(1, start + 60)
+    parties = _wait_parties(proc.pid, start + 60)
+    pid = parties[1]
     time.sleep(2)
     os.kill(pid, signal.SIGKILL if how == "kill" else signal.SIGSTOP)
     try:
@@ -208,7 +219,7 @@ def test_failed_party_stops_the_bench(how, tmp_path):
         assert f"did not finish within --timeout {timeout}s" in stderr
     assert time.monotonic() - start < timeout + 60
     time.sleep(1)
-    assert _children_running("relu_opt.crypto_backend.party") == []
+    assert not any(_alive(p) for p in parties.values())
 
 
 def test_one_party_per_host_mode(tmp_path):
