@@ -217,8 +217,9 @@ def _bench_table(r) -> Table:
     }
     # a column nobody can fill (no --link, no labels, agreement on separate hosts) is left out
     cols = {k: f for k, f in cols.items() if not all(_is_none(m, k) for m in r.models)}
-    where = f", party {r.hosts['rank']} over {r.hosts['interface']}" if r.hosts else ""
-    t = _compact_table(f"CrypTen, {r.parties} parties, batch {r.batch}{where}; times in s", ("model", *cols))
+    t = _compact_table(f"CrypTen, {r.parties} parties, batch {r.batch}, seconds", ("model", *cols))
+    if r.hosts:
+        t.caption, t.caption_justify = f"party {r.hosts['rank']} over {r.hosts['interface']}", "left"
     for m in r.models:
         t.add_row(m.name, *("-" if _is_none(m, k) else f(m) for k, f in cols.items()))
     return t
