@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import io
 import json
 import os
@@ -11,12 +12,17 @@ from pathlib import Path
 
 import torch
 
+from relu_opt.errors import ConfigError
+
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to `path` atomically; returns the path. A crash leaves the old file or none."""
     path = Path(path)
+    if path.exists() and not path.is_file():  # never rename over a device (/dev/null), pipe or folder
+        raise ConfigError(f"'{path}' exists and is not a regular file; write to a file path instead")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _clear_stale(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
     try:
         with os.fdopen(fd, "wb") as f:
@@ -46,6 +52,26 @@ def save_torch(obj, path: str | os.PathLike) -> Path:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return write_bytes(path, buf.getvalue())
+
+
+def _clear_stale(path: Path) -> None:
+    """Remove temporary files a killed writer of `path` left (their process id is in the name)."""
+    prefix = f".{path.name}."
+    for tmp in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        pid = tmp.name[len(prefix) :].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _umask() -> int:

@@ -14,14 +14,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from relu_opt import api, atomic
+from relu_opt import api, atomic, validation
 from relu_opt.data import load_dataset
-from relu_opt.errors import BudgetError, InputShapeError, ReluOptError
+from relu_opt.errors import ConfigError, InputShapeError, ReluOptError, WeightsError
 from relu_opt.export import DEFAULT_OPSET
 from relu_opt.graph import parse_input_shape, propagate_shapes, trace
 from relu_opt.loading import load_weights, resolve_model
 from relu_opt.models import get_entry, list_models
 from relu_opt.passes.census import Census
+from relu_opt.train import TrainingInterrupted
 
 app = typer.Typer(
     help="Find the ReLUs a model does not need for private inference, rewrite them, and measure the saving.",
@@ -42,10 +43,21 @@ def command(*args, **kwargs):
         def wrapper(*a, **k):
             try:
                 return fn(*a, **k)
+            except TrainingInterrupted as exc:
+                if _debug["on"]:
+                    raise
+                err.print(escape(str(exc)), soft_wrap=True)
+                raise typer.Exit(130) from None
             except ReluOptError as exc:
                 if _debug["on"]:
                     raise
                 err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+                raise typer.Exit(2) from None
+            except (EOFError, MemoryError) as exc:  # a truncated file somewhere, or a job too big for memory
+                if _debug["on"]:
+                    raise
+                what = "a file ended early (truncated?)" if isinstance(exc, EOFError) else "out of memory"
+                err.print(f"[bold red]error:[/] {what}: {escape(str(exc) or type(exc).__name__)}", soft_wrap=True)
                 raise typer.Exit(2) from None
             except KeyboardInterrupt:
                 if _debug["on"]:
@@ -87,15 +99,50 @@ LeafOpt = Annotated[
     list[str] | None,
     typer.Option("--leaf", help="Module class (or qualified name) fx should not trace into; repeatable."),
 ]
-NumClassesOpt = Annotated[int, typer.Option("--num-classes", help="Classes of a zoo model's head.")]
+NumClassesOpt = Annotated[
+    int | None, typer.Option("--num-classes", help="Classes of a zoo model's head (default 10, or the weights').")
+]
+MaxDropOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--max-drop",
+        min=0,
+        help="Validation accuracy points the optimized model may lose; a larger drop fails and saves nothing.",
+    ),
+]
+PretrainedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--pretrained",
+        help="Start from the weights shipped for this zoo model (`relu-opt models` lists them); sha256-checked.",
+    ),
+]
 
 
-def _load(spec: str, input_shape: str | None, weights: Path | None, num_classes: int):
+def _load(
+    spec: str,
+    input_shape: str | None,
+    weights: Path | None,
+    num_classes: int | None,
+    leaf: list[str] | None = None,
+    fix: str = "pass --input-shape N,C,H,W that the model takes",
+    classes: int | None = None,
+    pretrained: bool | str = False,
+):
+    validation.check_int("--num-classes", num_classes)
+    validation.check_input_file(weights, "--weights")
     shape = parse_input_shape(input_shape) if input_shape else None
-    loaded = resolve_model(spec, num_classes=num_classes, in_channels=shape[1] if shape else 3)
+    if pretrained and weights is not None:
+        raise WeightsError("give --pretrained or --weights, not both")
+    if pretrained:
+        loaded = resolve_model(spec, num_classes, shape[1] if shape else None, pretrained=pretrained)
+    else:
+        loaded = resolve_model(spec, num_classes=num_classes or 10, in_channels=shape[1] if shape else 3)
     shape = shape or loaded.default_input_shape
     if shape is None:
         raise InputShapeError(f"'{spec}' has no default input shape; pass --input-shape, e.g. --input-shape 1,3,32,32")
+    validation.check_leaf(loaded.model, leaf)
+    validation.check_model_input(loaded.model, shape, f"'{spec}'", num_classes=classes, fix=fix)
     if weights is not None:
         load_weights(loaded.model, weights)
     return loaded.model.eval(), loaded.name, shape
@@ -131,11 +178,14 @@ def _census_table(c: Census) -> Table:
 
 @command("models")
 def models_cmd() -> None:
-    """List the built-in architectures."""
-    t = Table("name", "default input", "description")
+    """List the built-in architectures and the pretrained weights shipped for them (--pretrained)."""
+    from relu_opt.models.pretrained import list_pretrained
+
+    t = Table("name", "default input", "pretrained (test acc)", "description")
     for name in list_models():
         e = get_entry(name)
-        t.add_row(name, ",".join(map(str, e.default_input_shape)), e.description)
+        shipped = ", ".join(f"{r.dataset} ({r.test_accuracy:.2f}%)" for r in list_pretrained(name)) or "-"
+        t.add_row(name, ",".join(map(str, e.default_input_shape)), shipped, e.description)
     out.print(t)
 
 
@@ -145,14 +195,20 @@ def count_cmd(
     input_shape: InputShapeOpt = None,
     weights: WeightsOpt = None,
     leaf: LeafOpt = None,
-    num_classes: NumClassesOpt = 10,
+    num_classes: NumClassesOpt = None,
+    pretrained: PretrainedOpt = False,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the census as JSON here.")] = None,
 ) -> None:
     """Print where the ReLUs (and other non-linear ops) are: per site elements, share and feeding MACs."""
-    net, name, shape = _load(model, input_shape, weights, num_classes)
+    validation.check_output_file(json_path, "--json")
+    net, name, shape = _load(model, input_shape, weights, num_classes, leaf, pretrained=pretrained)
     c = api.count(net, torch.randn(shape), leaf or (), name=name)
     out.print(_census_table(c))
     out.print(f"ReLU elements per sample: [bold]{c.total_relu:,}[/]   MACs: {c.total_macs:,}   params: {c.params:,}")
+    others = ", ".join(f"{k} {v:,}" for k, v in sorted(c.totals_by_kind.items()) if k != "relu")
+    if others:
+        out.print(f"other non-linear elements per sample: {others}")
+    out.print(f"secure comparisons per sample (ReLU, ReLU6, max-pool, ...): [bold]{c.total_comparisons:,}[/]")
     _write_json(json_path, c.to_dict())
 
 
@@ -163,11 +219,13 @@ def export_cmd(
     input_shape: InputShapeOpt = None,
     weights: WeightsOpt = None,
     leaf: LeafOpt = None,
-    num_classes: NumClassesOpt = 10,
+    num_classes: NumClassesOpt = None,
+    pretrained: PretrainedOpt = False,
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset (11-20).", min=7, max=21)] = DEFAULT_OPSET,
 ) -> None:
     """Write a verified ONNX graph: checker, onnxruntime parity and ReLU count against the census."""
-    net, _, shape = _load(model, input_shape, weights, num_classes)
+    validation.check_output_file(output)
+    net, _, shape = _load(model, input_shape, weights, num_classes, leaf, pretrained=pretrained)
     r = api.export(net, torch.randn(shape), output, opset=opset, leaf=leaf or ())
     out.print(f"wrote {r.path} (opset {r.opset})")
     out.print(
@@ -205,6 +263,7 @@ def _compact_table(title: str, columns: tuple[str, ...]) -> Table:
 def _bench_table(r) -> Table:
     cols = {
         "ReLUs": lambda m: f"{m.relu_elements:,}",
+        "cmp": lambda m: f"{m.comparisons:,}",
         "rounds": lambda m: str(m.rounds),
         "MB/party": lambda m: f"{max(m.bytes_per_party) / 1e6:.1f}",
         "wall": lambda m: f"{m.wall_s_median:.2f}",
@@ -215,8 +274,11 @@ def _bench_table(r) -> Table:
         "top-1": lambda m: f"{m.top1_agreement:.2f}",
         "acc": lambda m: f"{m.accuracy:.0%}",
     }
-    # a column nobody can fill (no --link, no labels, agreement on separate hosts) is left out
+    # a column nobody can fill (no --link, no labels, agreement on separate hosts) is left out; secure
+    # comparisons beyond ReLU (ReLU6, max-pool, ...) get a column only when they differ from the ReLUs
     cols = {k: f for k, f in cols.items() if not all(_is_none(m, k) for m in r.models)}
+    if all(m.comparisons == m.relu_elements for m in r.models):
+        del cols["cmp"]
     t = _compact_table(f"CrypTen, {r.parties} parties, batch {r.batch}, seconds", ("model", *cols))
     if r.hosts:
         t.caption, t.caption_justify = f"party {r.hosts['rank']} over {r.hosts['interface']}", "left"
@@ -238,7 +300,7 @@ def _parse_link(text: str | None):
     try:
         return load_link(text)
     except ValueError as exc:
-        raise InputShapeError(str(exc)) from None
+        raise ConfigError(str(exc)) from None
 
 
 @command("bench")
@@ -261,7 +323,8 @@ def bench_cmd(
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
     input_shape: InputShapeOpt = None,
     weights: WeightsOpt = None,
-    num_classes: NumClassesOpt = 10,
+    num_classes: NumClassesOpt = None,
+    pretrained: PretrainedOpt = False,
     rank: Annotated[int | None, typer.Option("--rank", help="Run only this party (one per host); see README.")] = None,
     world_size: Annotated[int | None, typer.Option("--world-size", help="Parties in a multi-host run.")] = None,
     master_addr: Annotated[str, typer.Option("--master-addr", help="Party 0's address.")] = "127.0.0.1",
@@ -281,9 +344,21 @@ def bench_cmd(
     try:
         networks = (parse_network("lan", lan), parse_network("wan", wan))
     except ValueError as exc:
-        raise InputShapeError(str(exc)) from None
-    net, _, shape = _load(model, input_shape, weights, num_classes)
+        raise ConfigError(str(exc)) from None
+    for n in networks:
+        validation.check_float(f"--{n.name} round-trip time", n.rtt_s, above=None)
+        validation.check_float(f"--{n.name} bandwidth", n.bandwidth_Bps)
+    validation.check_float("--timeout", timeout)
+    validation.check_output_file(json_path, "--json")
+    if world_size is not None:
+        validation.check_int("--world-size", world_size, 2)
+    if rank is not None:
+        validation.check_int("--rank", rank, 0, (world_size or parties) - 1)
+    validation.check_int("--master-port", master_port, 1, 65535)
+    net, _, shape = _load(model, input_shape, weights, num_classes, pretrained=(data or True) if pretrained else False)
     opt = api.load(optimized) if optimized else None
+    if opt is not None:
+        validation.check_optimized_fits(opt, net, shape, str(optimized))
     link_net = _parse_link(link)
     x, y = _samples(data, data_dir, samples, shape)
     if rank is not None:
@@ -372,15 +447,16 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda.")]
 
 
 def _check_device(device: str) -> str:
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ReluOptError(f"--device {device} asked for, but torch sees no CUDA device; use --device cpu")
-    return device
+    return validation.check_device(device)
 
 
-def _data_and_model(model, data, data_dir, weights):
+def _data_and_model(model, data, data_dir, weights, pretrained: bool = False):
     ds = load_dataset(data, data_dir, download=False)
     shape = ",".join(map(str, ds.input_shape))
-    net, name, input_shape = _load(model, shape, weights, ds.num_classes)
+    fix = f"give a model that takes the {data} inputs ({shape})"
+    net, name, input_shape = _load(
+        model, shape, weights, ds.num_classes, fix=fix, classes=ds.num_classes, pretrained=data if pretrained else False
+    )
     return ds, net, name, input_shape
 
 
@@ -397,12 +473,21 @@ def train_cmd(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUTPUT.ckpt.")] = False,
     device: DeviceOpt = "cpu",
     weights: WeightsOpt = None,
+    pretrained: PretrainedOpt = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the initial weights and the data order.")] = 0,
 ) -> None:
     """Train a baseline: SGD + cosine, a checkpoint each epoch (OUTPUT.ckpt), --resume, Ctrl-C saves."""
     from relu_opt.train import TrainConfig, evaluate, fit
 
-    ds, net, _, _ = _data_and_model(model, data, data_dir, weights)
-    cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, max_train=max_train, device=_check_device(device))
+    validation.check_output_file(output)
+    validation.check_float("--lr", lr)
+    validation.check_int("--max-train", max_train)
+    _check_device(device)
+    torch.manual_seed(seed)
+    ds, net, _, _ = _data_and_model(model, data, data_dir, weights, pretrained)
+    cfg = TrainConfig(
+        epochs=epochs, lr=lr, batch_size=batch_size, max_train=max_train, device=_check_device(device), seed=seed
+    )
     ckpt = output.with_name(output.name + ".ckpt")
     result = fit(net, ds, cfg, checkpoint=ckpt, resume=resume)
     atomic.save_torch(net.cpu().state_dict(), output)
@@ -411,25 +496,57 @@ def train_cmd(
 
 
 StrategyOpt = Annotated[str, typer.Option("--strategy", help="Ranking: taylor, drop-one, snl or random.")]
-ReplaceOpt = Annotated[str, typer.Option("--replace", help="What replaces a dropped ReLU: poly, square, identity.")]
+ReplaceOpt = Annotated[
+    str,
+    typer.Option(
+        "--replace",
+        help="What replaces a dropped element: poly, square, identity (elementwise kinds); softmax sites "
+        "default to 2quad and LayerNorm to frozen-norm.",
+    ),
+]
 GranularityOpt = Annotated[str, typer.Option("--granularity", help="Unit of keeping a ReLU: site, channel, pixel.")]
 
 
 def _parse_budgets(budget: int | None, budgets: str | None) -> list[int]:
-    if budgets:
+    return validation.parse_budgets(budget, budgets)
+
+
+def _check_method(strategy: str, replace: str, granularity: str, poly_per: str = "channel") -> None:
+    from relu_opt.plan import REPLACEMENTS
+    from relu_opt.ranking import STRATEGIES
+
+    validation.check_choice("--strategy", strategy, sorted(STRATEGIES))
+    validation.check_choice("--replace", replace, REPLACEMENTS)
+    validation.check_choice("--granularity", granularity, ("site", "channel", "pixel"))
+    validation.check_choice("--poly-per", poly_per, ("channel", "layer"))
+
+
+def _parse_kinds(text: str | None) -> tuple[str, ...]:
+    from relu_opt import ops
+
+    kinds = tuple(k.strip() for k in (text or "").split(",") if k.strip())
+    unknown = [k for k in kinds if k not in ops.kind_names()]
+    if unknown:
+        raise ConfigError(f"--kinds: unknown kind(s) {', '.join(unknown)}; known: {', '.join(ops.kind_names())}")
+    return kinds
+
+
+def _parse_kind_budgets(items: list[str]) -> tuple[tuple[str, int], ...]:
+    out = []
+    for item in items:
+        kind, _, value = item.partition("=")
         try:
-            return [int(b.replace("_", "")) for b in budgets.split(",") if b.strip()]
-        except ValueError:
-            raise BudgetError(f"--budgets '{budgets}' must be integers separated by commas") from None
-    if budget is None:
-        raise BudgetError("give --budget N (ReLU elements per sample to keep) or --budgets N1,N2,...")
-    return [budget]
+            out.append((_parse_kinds(kind)[0], int(value.replace("_", ""))))
+        except (ValueError, IndexError):
+            raise ConfigError(f"--kind-budget '{item}' must be KIND=N, e.g. --kind-budget relu6=20000") from None
+    return tuple(out)
 
 
 @command("rank")
 def rank_cmd(
     model: ModelArg,
     weights: WeightsOpt = None,
+    pretrained: PretrainedOpt = False,
     data: DataOpt = "fashion-mnist",
     data_dir: DataDirOpt = None,
     strategy: StrategyOpt = "taylor",
@@ -447,7 +564,13 @@ def rank_cmd(
     from relu_opt.optimizer import OptimizeConfig, _calibrate, _replacement_factory
     from relu_opt.ranking import RankContext, rank
 
-    ds, net, _, shape = _data_and_model(model, data, data_dir, weights)
+    _check_method(strategy, replace, granularity)
+    validation.check_int("--samples", samples)
+    validation.check_int("--finetune-steps", finetune_steps, 0)
+    validation.check_int("--budget", budget, 0)
+    validation.check_output_file(json_path, "--json")
+    _check_device(device)
+    ds, net, _, shape = _data_and_model(model, data, data_dir, weights, pretrained)
     cfg = OptimizeConfig(budget=budget or 0, replace=replace, granularity=granularity)
     gm = propagate_shapes(trace(net.eval()), ds.train.x[:1])
     coeffs, _ = _calibrate(gm, ds, cfg)
@@ -484,6 +607,7 @@ def optimize_cmd(
         str | None, typer.Option("--budgets", help="Several budgets, comma separated: a frontier.")
     ] = None,
     weights: WeightsOpt = None,
+    pretrained: PretrainedOpt = False,
     data: DataOpt = "fashion-mnist",
     data_dir: DataDirOpt = None,
     strategy: StrategyOpt = "taylor",
@@ -495,19 +619,37 @@ def optimize_cmd(
     lr: Annotated[float, typer.Option("--lr", help="Fine-tuning peak learning rate.")] = 0.01,
     rank_samples: Annotated[int, typer.Option("--rank-samples", help="Examples the ranking looks at.")] = 5000,
     max_train: Annotated[int | None, typer.Option("--max-train", help="Fine-tune on the first N examples.")] = None,
+    max_drop: MaxDropOpt = None,
     device: DeviceOpt = "cpu",
+    kinds: Annotated[
+        str | None,
+        typer.Option(
+            "--kinds",
+            help="Non-linear kinds to optimize, comma separated (relu,relu6,gelu,softmax,layernorm,...; "
+            "default: every non-polynomial kind the model has; see `relu-opt count`).",
+        ),
+    ] = None,
+    kind_budget: Annotated[
+        list[str] | None,
+        typer.Option("--kind-budget", help="KIND=N: a budget of its own for one kind; repeatable."),
+    ] = None,
 ) -> None:
-    """Keep the most critical ReLUs that fit the budget, replace the rest, fine-tune with distillation."""
+    """Keep the most critical non-linear elements that fit the budget, replace the rest, fine-tune with KD."""
     from relu_opt.optimizer import OptimizeConfig, optimize_frontier
 
     levels = _parse_budgets(budget, budgets)
-    ds, net, name, _ = _data_and_model(model, data, data_dir, weights)
-    if weights is None:
-        err.print("warning: no --weights given, so the model being optimized is untrained", soft_wrap=True)
-    if granularity not in ("site", "channel", "pixel"):
-        raise BudgetError(f"--granularity '{granularity}' must be site, channel or pixel")
-    if poly_per not in ("channel", "layer"):
-        raise BudgetError(f"--poly-per '{poly_per}' must be channel or layer")
+    _check_method(strategy, replace, granularity, poly_per)
+    validation.check_float("--epochs", epochs)
+    validation.check_float("--lr", lr)
+    validation.check_int("--rank-samples", rank_samples)
+    validation.check_int("--max-train", max_train)
+    validation.check_output_dir(output)
+    _check_device(device)
+    ds, net, name, _ = _data_and_model(model, data, data_dir, weights, pretrained)
+    if weights is None and not pretrained:
+        err.print(
+            "warning: no --weights or --pretrained given, so the model being optimized is untrained", soft_wrap=True
+        )
     cfg = OptimizeConfig(
         budget=levels[0],
         strategy=strategy,
@@ -519,12 +661,15 @@ def optimize_cmd(
         lr=lr,
         rank_samples=rank_samples,
         max_train=max_train,
+        max_drop=max_drop,
         device=_check_device(device),
+        kinds=_parse_kinds(kinds),
+        kind_budgets=_parse_kind_budgets(kind_budget or []),
     )
     results = optimize_frontier(net, ds, levels, cfg, output, base_spec=name)
     t = Table(
         "budget",
-        "ReLUs (ONNX)",
+        "kept (ONNX)",
         "fewer",
         "test acc before",
         "test acc after",
@@ -541,6 +686,10 @@ def optimize_cmd(
             r.outdir,
         )
     out.print(t)
+    for r in results:
+        if set(r.kinds) != {"relu"}:
+            per = ", ".join(f"{k} {v['before']:,} -> {v['after']:,}" for k, v in r.kinds.items())
+            out.print(f"budget {r.budget:,}: elements per sample by kind (ONNX after): {per}")
     out.print(f"wrote {output}/pareto.md and pareto.png")
 
 
@@ -583,10 +732,18 @@ def _summary(r) -> None:
 def run_cmd(
     model: Annotated[
         str, typer.Argument(help="Model spec (zoo name, file.py:Class, package.module:factory).")
-    ] = "small_cnn",
+    ] = "resnet20",
     data: DataOpt = "fashion-mnist",
     data_dir: DataDirOpt = None,
     weights: WeightsOpt = None,
+    pretrained: Annotated[
+        bool,
+        typer.Option(
+            "--pretrained/--no-pretrained",
+            help="Start from the shipped weights for MODEL on DATA when there are any; otherwise train a baseline.",
+        ),
+    ] = True,
+    max_drop: MaxDropOpt = None,
     budget: Annotated[int | None, typer.Option("--budget", help="ReLUs per sample to keep (default: 1/10).")] = None,
     budgets: Annotated[str | None, typer.Option("--budgets", help="Several budgets, comma separated.")] = None,
     strategy: StrategyOpt = "taylor",
@@ -599,7 +756,9 @@ def run_cmd(
     parties: Annotated[int, typer.Option("--parties", min=2, help="CrypTen parties.")] = 2,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds before stuck parties are stopped.")] = 300,
     runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where report folders go.")] = Path("runs"),
-    cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="Cache (default ~/.cache/relu-opt).")] = None,
+    cache_dir: Annotated[
+        Path | None, typer.Option("--cache-dir", help="Cache (default $RELU_OPT_CACHE, else ~/.cache/relu-opt).")
+    ] = None,
     device: DeviceOpt = "cpu",
 ) -> None:
     """The main job: baseline, optimize, verified ONNX, 2-party CrypTen bench, and a report folder."""
@@ -607,12 +766,22 @@ def run_cmd(
 
     from relu_opt.pipeline import RunConfig, run
 
-    levels = _parse_budgets(budget, budgets) if (budget is not None or budgets) else []
+    levels = validation.parse_budgets(budget, budgets, required=False)
+    _check_method(strategy, replace, granularity)
+    validation.check_int("--baseline-epochs", baseline_epochs)
+    validation.check_float("--epochs", epochs)
+    validation.check_int("--max-train", max_train)
+    validation.check_float("--timeout", timeout)
+    validation.check_input_file(weights, "--weights")
+    validation.check_output_dir(runs_dir, "--runs-dir")
+    validation.check_output_dir(cache_dir, "--cache-dir")
     cfg = RunConfig(
         model=model,
         data=data,
         data_dir=str(data_dir) if data_dir else None,
         weights=str(weights) if weights else None,
+        pretrained=pretrained,
+        max_drop=max_drop,
         budgets=tuple(levels),
         strategy=strategy,
         replace=replace,
@@ -644,12 +813,22 @@ def report_cmd(
     from relu_opt.report import render_run
 
     if not (rundir / "report.json").is_file():
-        raise ReluOptError(f"'{rundir}' has no report.json; give a folder that `relu-opt run` wrote")
+        raise ConfigError(f"'{rundir}' has no report.json; give a folder that `relu-opt run` wrote")
     out.print(f"wrote {render_run(rundir)}")
+
+
+def _exit_on_signal(signum, _frame) -> None:
+    """Turn SIGTERM and SIGHUP into an exit that runs every cleanup (parties stopped, temp files removed)."""
+    err.print(f"stopped by signal {signum}; finished stages are saved, so the same command resumes", soft_wrap=True)
+    raise SystemExit(128 + signum)
 
 
 def main() -> None:
     """Console-script entry point."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _exit_on_signal)
     app()
 
 

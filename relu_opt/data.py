@@ -12,6 +12,7 @@ import pickle
 import struct
 import tarfile
 import urllib.request
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from relu_opt.cache import cache_dir
 from relu_opt.errors import DataError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -158,8 +160,13 @@ def fashion_mnist(data_dir=None, val_size: int = 5000, **_) -> Dataset:
         )
     try:
         arrays = [_read_idx(root / f) for f in FASHION_FILES]
-    except (OSError, ValueError, struct.error) as exc:
-        raise DataError(f"cannot parse Fashion-MNIST files in {root}: {exc}") from exc
+    except (OSError, EOFError, ValueError, struct.error, zlib.error) as exc:
+        raise DataError(
+            f"cannot parse Fashion-MNIST files in {root} ({type(exc).__name__}: {exc}); they are truncated or "
+            "damaged, so reinstall them (`apt-get install --reinstall dataset-fashion-mnist`) or copy them again"
+        ) from exc
+    if len(arrays[0]) != len(arrays[1]) or len(arrays[2]) != len(arrays[3]):
+        raise DataError(f"Fashion-MNIST files in {root} disagree on the number of examples; copy them again")
     xtr = torch.from_numpy(arrays[0].copy()).float().div_(255).unsqueeze(1)
     xte = torch.from_numpy(arrays[2].copy()).float().div_(255).unsqueeze(1)
     xtr, mean, std = _normalise(xtr)
@@ -189,7 +196,7 @@ def download_cifar(name: str, root: Path) -> None:
 
 
 def _cifar(name: str, data_dir, val_size: int, download: bool) -> Dataset:
-    root = Path(data_dir) if data_dir else Path.home() / ".cache" / "relu-opt" / "data"
+    root = Path(data_dir) if data_dir else cache_dir() / "data"
     folder = root / CIFAR_FOLDERS[name]
     if not folder.is_dir() and download:
         download_cifar(name, root)
@@ -208,16 +215,21 @@ def _cifar(name: str, data_dir, val_size: int, download: bool) -> Dataset:
             split: [_unpickle(folder / f) for f in files]
             for split, files in (("train", train_files), ("test", test_files))
         }
-    except (OSError, pickle.UnpicklingError, EOFError) as exc:
-        raise DataError(f"cannot read {name} from {folder}: {exc}") from exc
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise DataError(
+            f"cannot read {name} from {folder} ({type(exc).__name__}: {exc}); copy the files again"
+        ) from exc
 
     def stack(dicts):
         x = np.concatenate([d[b"data"] for d in dicts]).reshape(-1, 3, 32, 32)
         y = np.concatenate([np.asarray(d[key], dtype=np.int64) for d in dicts])
         return torch.from_numpy(x).float().div_(255), torch.from_numpy(y)
 
-    xtr, ytr = stack(parts["train"])
-    xte, yte = stack(parts["test"])
+    try:
+        xtr, ytr = stack(parts["train"])
+        xte, yte = stack(parts["test"])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise DataError(f"{name} files in {folder} are damaged ({type(exc).__name__}: {exc}); copy them again") from exc
     xtr, mean, std = _normalise(xtr)
     xte, _, _ = _normalise(xte, mean, std)
     train, val = _carve(xtr, ytr, min(val_size, len(ytr) // 10))

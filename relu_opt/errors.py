@@ -37,3 +37,11 @@ class BudgetError(ReluOptError):
 
 class CryptenError(ReluOptError):
     """CrypTen is missing, a model cannot be converted, or a party failed."""
+
+
+class ConfigError(ReluOptError):
+    """An option or input is out of range, unknown, or does not fit the model, found before any work."""
+
+
+class CorruptFileError(ReluOptError):
+    """A file relu-opt reads back (plan, report, checkpoint) is truncated or malformed."""

@@ -19,19 +19,25 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from relu_opt import atomic
-from relu_opt.activations import MaskedReLU, Poly, Square
-from relu_opt.calibration import collect_stats, fit_error, fit_poly
-from relu_opt.crypto_backend.convert import prepare_for_pi
+from relu_opt import atomic, ops
+from relu_opt.activations import MaskedSite, Poly, Square
+from relu_opt.cache import state_digest
+from relu_opt.calibration import collect_stats, collect_variances, fit_error, fit_poly
+from relu_opt.checked_io import load_cache, load_torch, read_json
 from relu_opt.data import Dataset, batches
 from relu_opt.errors import BudgetError, ExportError
 from relu_opt.export import export
+from relu_opt.finetune import check_drop, guarded_fit
 from relu_opt.graph import propagate_shapes, trace
+from relu_opt.passes.base import GraphPass, run_passes
 from relu_opt.passes.census import census
-from relu_opt.passes.replace import maxpool_to_avgpool, relu_nodes, replace_sites
-from relu_opt.plan import REPLACEMENTS, Plan, SitePlan, with_module_names
+from relu_opt.passes.pi import prepare_for_pi
+from relu_opt.passes.replace import maxpool_to_avgpool, replace_sites, site_op
+from relu_opt.plan import Plan, SitePlan, with_module_names
 from relu_opt.ranking import STRATEGIES, Criticality, RankContext, rank, select
-from relu_opt.train import TrainConfig, evaluate, fit, kd_loss
+from relu_opt.replacements import REPLACEMENTS, SiteContext, replacement_for
+from relu_opt.sites import SiteInfo, find_sites
+from relu_opt.train import TrainConfig, _note, evaluate, kd_loss
 
 
 @dataclass(frozen=True)
@@ -56,8 +62,11 @@ class OptimizeConfig:
     rank_epochs: float = 1.0
     calib_samples: int = 1024
     max_train: int | None = None
+    max_drop: float | None = None  # validation points the result may lose; more is a failure, not a result
     device: str = "cpu"
     seed: int = 0
+    kinds: tuple[str, ...] = ()  # kinds to optimize; empty: every non-polynomial kind the model has
+    kind_budgets: tuple[tuple[str, int], ...] = ()  # per-kind budgets; `budget` covers the other kinds
 
     def key(self, *fields: str) -> str:
         """Return a short hash of the named fields (all when none), to key cached work."""
@@ -72,7 +81,8 @@ class SiteResult:
     elements: int
     kept: int
     replacement: str
-    fit_error: float | None  # relative MSE of the fitted polynomial to ReLU at this site
+    fit_error: float | None  # relative MSE of the fitted polynomial to the site's function
+    kind: str = "relu"
 
 
 @dataclass(frozen=True)
@@ -84,8 +94,8 @@ class OptimizeResult:
     strategy: str
     replace: str
     granularity: str
-    relu_before: int
-    relu_after: int  # counted on the exported ONNX graph
+    relu_before: int  # elements per sample of the optimized kinds (ReLU for a ReLU network)
+    relu_after: int  # the same, counted on the exported ONNX graph
     accuracy_before: float
     accuracy_after: float
     val_accuracy_before: float
@@ -94,6 +104,7 @@ class OptimizeResult:
     sites: tuple[SiteResult, ...]
     onnx: dict = field(default_factory=dict)
     finetune: dict = field(default_factory=dict)
+    kinds: dict = field(default_factory=dict)  # kind -> {"before", "after" (ONNX), "budget"}
 
     def to_dict(self) -> dict:
         """Return the JSON written as report.json."""
@@ -106,18 +117,38 @@ class OptimizeResult:
         return cls(**{**d, "sites": tuple(SiteResult(**s) for s in d["sites"])})
 
 
-def check_budget(budget: int, total: int) -> None:
+def check_budget(budget: int, total: int, what: str = "ReLU") -> None:
     """Raise BudgetError unless 0 <= budget < total."""
     if budget < 0:
-        raise BudgetError(f"budget {budget} is negative; give the ReLU elements per sample to keep (0 or more)")
+        raise BudgetError(f"budget {budget} is negative; give the {what} elements per sample to keep (0 or more)")
     if budget >= total:
         raise BudgetError(
-            f"budget {budget:,} is not below the model's {total:,} ReLU elements per sample, so there is "
+            f"budget {budget:,} is not below the model's {total:,} {what} elements per sample, so there is "
             f"nothing to remove; choose a budget under {total:,}"
+            + ("" if what != "ReLU" else ", or optimize other kinds with --kinds (see relu-opt count)")
         )
 
 
+def check_config(config: OptimizeConfig) -> None:
+    """Raise ConfigError naming the first option of `config` that is unknown or out of range."""
+    from relu_opt import validation as v
+
+    v.check_choice("strategy", config.strategy, sorted(STRATEGIES))
+    v.check_choice("replace", config.replace, REPLACEMENTS)
+    v.check_choice("granularity", config.granularity, ("site", "channel", "pixel"))
+    v.check_choice("poly_per", config.poly_per, ("channel", "layer"))
+    v.check_int("degree", config.degree, 1, 4)
+    for name in ("epochs", "lr", "temperature", "rank_epochs"):
+        v.check_float(name, getattr(config, name))
+    v.check_float("kd_alpha", config.kd_alpha, above=None, maximum=1.0)
+    v.check_float("anneal", config.anneal, above=None, maximum=1.0)
+    for name in ("batch_size", "rank_samples", "calib_samples", "max_train"):
+        v.check_int(name, getattr(config, name))
+
+
 def _replacement_factory(kind: str, coeffs: dict[str, torch.Tensor], poly_per: str):
+    """Return site -> a fresh ReLU-site replacement from fitted coefficients (the `relu-opt rank` path)."""
+
     def make(site: str) -> nn.Module | None:
         if kind == "identity":
             return None
@@ -129,9 +160,11 @@ def _replacement_factory(kind: str, coeffs: dict[str, torch.Tensor], poly_per: s
     return make
 
 
-def _calibrate(gm: fx.GraphModule, data: Dataset, cfg: OptimizeConfig):
+def _calibrate(gm: fx.GraphModule, data: Dataset, cfg: OptimizeConfig, sites: dict[str, SiteInfo] | None = None):
+    """Return (coefficients, errors) of polynomials fitted to each elementwise site's own function."""
     calib = data.train.subset(cfg.calib_samples)
-    stats = collect_stats(gm, (x for x, _ in batches(calib, 256)), degree=cfg.degree)
+    names = None if sites is None else [s for s, info in sites.items() if ops.get_kind(info.kind).elementwise]
+    stats = collect_stats(gm, (x for x, _ in batches(calib, 256)), degree=cfg.degree, sites=names)
     coeffs, errors = {}, {}
     for site, st in stats.items():
         st = st if cfg.poly_per == "channel" else st.merged()
@@ -140,7 +173,41 @@ def _calibrate(gm: fx.GraphModule, data: Dataset, cfg: OptimizeConfig):
     return coeffs, errors
 
 
-def _ranking(work: Path, gm, data, cfg: OptimizeConfig, make_rep, progress: bool) -> Criticality:
+def _site_replacements(gm: fx.GraphModule, data: Dataset, cfg: OptimizeConfig, sites: dict[str, SiteInfo]):
+    """Return (site -> fresh fitted replacement factory, fit errors) for every site of any kind."""
+    calib = data.train.subset(cfg.calib_samples)
+    elementwise = [s for s, info in sites.items() if ops.get_kind(info.kind).elementwise]
+    stats = collect_stats(gm, (x for x, _ in batches(calib, 256)), degree=cfg.degree, sites=elementwise)
+    norms = [s for s, info in sites.items() if info.kind == "layernorm"]
+    variances = collect_variances(gm, (x for x, _ in batches(calib, 256)), norms) if norms else {}
+    nodes = {n.name: n for n in gm.graph.nodes}
+    chosen = {s: replacement_for(info.kind, cfg.replace) for s, info in sites.items()}
+    errors = {}
+    for s, st in stats.items():
+        if chosen[s].name == "poly":
+            st = st if cfg.poly_per == "channel" else st.merged()
+            errors[s] = float(fit_error(st, fit_poly(st)).mean())
+
+    def make(site: str) -> nn.Module | None:
+        info = sites[site]
+        ctx = SiteContext(
+            site,
+            info.kind,
+            info.shape,
+            site_op(gm, nodes[site]),
+            stats.get(site),
+            variances.get(site),
+            cfg.degree,
+            cfg.poly_per,
+        )
+        return chosen[site](ctx)
+
+    return make, errors, {s: r.name for s, r in chosen.items()}
+
+
+def _ranking(
+    work: Path, gm, data, cfg: OptimizeConfig, make_rep, progress: bool, content: str, sites=None
+) -> Criticality:
     fields = [
         "strategy",
         "replace",
@@ -151,11 +218,13 @@ def _ranking(work: Path, gm, data, cfg: OptimizeConfig, make_rep, progress: bool
         "rank_epochs",
         "calib_samples",
         "seed",
+        "kinds",
     ] + (["budget"] if cfg.strategy == "snl" else [])
-    path = work / f"rank_{cfg.strategy}_{cfg.key(*fields)}.pt"
-    if path.is_file():
-        d = torch.load(path, weights_only=True)
-        return Criticality(d["strategy"], d["granularity"], d["scores"], d["unit_elements"], d["site_scores"])
+    path = work / f"rank_{cfg.strategy}_{cfg.key(*fields)}_{content}.pt"
+    keys = ("strategy", "granularity", "scores", "unit_elements", "site_scores")
+    d = load_cache(path, lambda p: load_torch(p, "cached ranking", keys=keys), note=_note)
+    if d is not None:
+        return Criticality(*(d[k] for k in keys))
     ctx = RankContext(
         gm,
         data,
@@ -167,6 +236,7 @@ def _ranking(work: Path, gm, data, cfg: OptimizeConfig, make_rep, progress: bool
         device=cfg.device,
         seed=cfg.seed,
         progress=progress,
+        sites=sites,
     )
     crit = rank(ctx, cfg.strategy)
     atomic.save_torch(
@@ -183,7 +253,7 @@ def _ranking(work: Path, gm, data, cfg: OptimizeConfig, make_rep, progress: bool
 
 
 def _anneal(model: nn.Module, anneal: float):
-    masked = [m for m in model.modules() if isinstance(m, MaskedReLU)]
+    masked = [m for m in model.modules() if isinstance(m, MaskedSite)]
 
     def on_step(frac: float) -> None:
         blend = max(0.0, 1.0 - frac / anneal) if anneal > 0 else 0.0
@@ -208,37 +278,60 @@ def optimize(
     t0 = time.perf_counter()
     outdir = Path(outdir)
     work = outdir.parent / ".work" if outdir.name.startswith("budget_") else outdir / ".work"
-    work.mkdir(parents=True, exist_ok=True)
     report_path = outdir / "report.json"
-    if report_path.is_file():
-        done = json.loads(report_path.read_text())
-        if done.get("config_key") == config.key():
+    # Cached work is keyed on the options and on the content of the weights and data, never on file times.
+    data_id = f"{data.name}:{len(data.train)}:{len(data.val)}:{tuple(data.train.x.shape[1:])}"
+    content = state_digest(model, extra=data_id)
+    run_key = f"{config.key()}_{content}"
+    done = load_cache(report_path, lambda p: read_json(p, ("config_key", "result"), "optimize report"), note=_note)
+    if done is not None and done["config_key"] == run_key:
+        try:
             return OptimizeResult.from_dict(done["result"])
-    if config.strategy not in STRATEGIES:
-        raise BudgetError(f"unknown strategy '{config.strategy}'; choose {', '.join(sorted(STRATEGIES))}")
-    if config.replace not in REPLACEMENTS:
-        raise BudgetError(f"unknown replacement '{config.replace}'; choose {', '.join(REPLACEMENTS)}")
+        except (KeyError, TypeError):
+            _note(f"note: '{report_path}' is damaged; optimizing this budget again")
+    check_config(config)
 
     example = data.train.x[:1]
     teacher = propagate_shapes(trace(copy.deepcopy(model).eval()), example).eval()
-    shapes = {n.name: tuple(n.meta["tensor_meta"].shape[1:]) for n in relu_nodes(teacher)}
-    total = sum(math.prod(s) for s in shapes.values())
-    check_budget(config.budget, total)
-    coeffs, errors = _calibrate(teacher, data, config)
-    make_rep = _replacement_factory(config.replace, coeffs, config.poly_per)
-    crit = _ranking(work, teacher, data, config, make_rep, progress)
-    keep = select(crit, config.budget)
+    site_info = find_sites(teacher, config.kinds or None, config.granularity)
+    kinds = tuple(dict.fromkeys(info.kind for info in site_info.values()))
+    totals = {k: sum(i.elements for i in site_info.values() if i.kind == k) for k in kinds}
+    caps = dict(config.kind_budgets)
+    shared = [k for k in kinds if k not in caps]
+    what = "ReLU" if kinds == ("relu",) else "/".join(shared or kinds)
+    total = sum(totals.values())
+    if not site_info:
+        raise BudgetError(
+            f"the model has no sites of the kinds {', '.join(config.kinds) or 'it has'} to optimize; "
+            "see `relu-opt count` for its kinds and pass them with --kinds"
+        )
+    check_budget(config.budget, sum(totals[k] for k in shared) if shared else total, what)
+    make_rep, errors, rep_names = _site_replacements(teacher, data, config, site_info)
+    crit = _ranking(work, teacher, data, config, make_rep, progress, content, site_info)
+    keep = _select_by_kind(crit, site_info, config.budget, caps)
 
     sites, new_modules = [], {}
-    for site, shape in shapes.items():
+    for site, info in site_info.items():
         unit = crit.unit_elements[site]
         kept = int(keep[site].sum()) * unit
-        elements = math.prod(shape)
-        sites.append(SitePlan(site, elements, kept, config.replace, config.granularity, config.degree, config.poly_per))
+        elements = info.elements
+        sites.append(
+            SitePlan(
+                site,
+                elements,
+                kept,
+                rep_names[site],
+                info.granularity,
+                config.degree,
+                config.poly_per,
+                kind=info.kind,
+            )
+        )
         if kept < elements:
-            new_modules[site] = MaskedReLU(keep[site].float(), make_rep(site))
+            original = site_op(teacher, next(n for n in teacher.graph.nodes if n.name == site))
+            new_modules[site] = MaskedSite(keep[site].float(), make_rep(site), original, info.kind)
     student = replace_sites(teacher, new_modules)
-    student = propagate_shapes(maxpool_to_avgpool(student) if config.avgpool else student, example)
+    student = run_passes(student, [GraphPass(maxpool_to_avgpool)] if config.avgpool else [], example)
     plan_sites = with_module_names(student, sites)
 
     _, val_before = evaluate(teacher, data.val, device=config.device)
@@ -257,21 +350,23 @@ def optimize(
     groups = [{"params": other}] + (
         [{"params": poly_params, "lr": config.lr * 0.1, "weight_decay": 0.0}] if poly_params else []
     )
-    ft = fit(
+    ft = guarded_fit(
         student,
         data,
         train_cfg,
-        loss_fn=kd_loss(teacher, config.temperature, config.kd_alpha),
-        checkpoint=work / f"finetune_{config.key()}.ckpt",
-        resume=True,
+        baseline_val=100 * val_before,
+        checkpoint=work / f"finetune_{run_key}.ckpt",
         param_groups=groups,
+        finalize=lambda m: _anneal(m, config.anneal)(1.0),
+        loss_fn=kd_loss(teacher, config.temperature, config.kd_alpha),
         on_step=_anneal(student, config.anneal),
         progress=progress,
         description=f"fine-tune {config.budget:,}",
+        resume_hint="rerun the same command to continue from there",
     )
-    _anneal(student, config.anneal)(1.0)
     student.eval()
-    _, val_after = evaluate(student, data.val, device=config.device)
+    val_after = ft.val_accuracy / 100
+    check_drop(100 * val_before, ft.val_accuracy, config.max_drop, f"budget {config.budget:,}")
     _, test_after = evaluate(student, data.test, device=config.device)
 
     plan = Plan(
@@ -279,7 +374,7 @@ def optimize(
         tuple(example.shape),
         data.num_classes,
         plan_sites,
-        meta={"strategy": config.strategy, "budget": config.budget},
+        meta={"strategy": config.strategy, "budget": config.budget, "kinds": list(kinds)},
         avgpool=config.avgpool,
     )
     outdir.mkdir(parents=True, exist_ok=True)
@@ -293,8 +388,9 @@ def optimize(
         census_totals=census(prepared).totals_by_kind,
         parity_inputs=data.val.x[:64],
     )
-    if exported.onnx_relu > config.budget:
-        raise ExportError(f"exported graph has {exported.onnx_relu:,} ReLUs, over the budget {config.budget:,}")
+    after = {k: exported.onnx_totals.get(k, 0) for k in kinds}
+    if sum(after[k] for k in shared) > config.budget or any(after[k] > caps[k] for k in caps if k in after):
+        raise ExportError(f"exported graph keeps {after} elements per sample, over the budget {config.budget:,}")
     result = OptimizeResult(
         outdir=str(outdir),
         budget=config.budget,
@@ -302,7 +398,7 @@ def optimize(
         replace=config.replace,
         granularity=config.granularity,
         relu_before=total,
-        relu_after=exported.onnx_relu,
+        relu_after=sum(after.values()),
         accuracy_before=100 * test_before,
         accuracy_after=100 * test_after,
         val_accuracy_before=100 * val_before,
@@ -314,18 +410,40 @@ def optimize(
                 s.elements,
                 s.kept,
                 "relu" if s.kept == s.elements else s.replacement,
-                errors.get(s.site) if config.replace == "poly" else None,
+                errors.get(s.site) if s.replacement == "poly" else None,
+                s.kind,
             )
             for s in plan_sites
         ),
         onnx=exported.to_dict(),
         finetune=ft.to_dict(),
+        kinds={k: {"before": totals[k], "after": after[k], "budget": caps.get(k)} for k in kinds},
     )
     from relu_opt.report import write_optimize_report
 
     write_optimize_report(result, outdir)
-    atomic.write_json(report_path, {"config_key": config.key(), "config": asdict(config), "result": result.to_dict()})
+    atomic.write_json(report_path, {"config_key": run_key, "config": asdict(config), "result": result.to_dict()})
     return result
+
+
+def _select_by_kind(
+    crit: Criticality, sites: dict[str, SiteInfo], budget: int, caps: dict[str, int]
+) -> dict[str, torch.Tensor]:
+    """Return keep-masks: kinds with their own budget in `caps` are selected within it, the other kinds
+    share `budget`."""
+    groups: dict[str | None, list[str]] = {}
+    for s, info in sites.items():
+        groups.setdefault(info.kind if info.kind in caps else None, []).append(s)
+    keep = {}
+    for kind, names in groups.items():
+        sub = Criticality(
+            crit.strategy,
+            crit.granularity,
+            {s: crit.scores[s] for s in names},
+            {s: crit.unit_elements[s] for s in names},
+        )
+        keep.update(select(sub, caps[kind] if kind is not None else budget))
+    return keep
 
 
 def _max_train(cfg: OptimizeConfig, n: int) -> int | None:

@@ -22,22 +22,26 @@ import torch
 
 from relu_opt import atomic
 from relu_opt.api import count
-from relu_opt.crypto_backend.cost_model import cache_dir
+from relu_opt.cache import cache_dir, file_digest
+from relu_opt.checked_io import load_cache, load_torch
 from relu_opt.data import Dataset, load_dataset
 from relu_opt.loading import load_weights, resolve_model
+from relu_opt.models.pretrained import list_pretrained, load_pretrained
 from relu_opt.optimizer import OptimizeConfig, OptimizeResult, optimize
 from relu_opt.plan import load
 from relu_opt.train import TrainConfig, evaluate, fit
+from relu_opt.validation import check_model_input
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """Everything `relu-opt run` takes; the defaults are the built-in job."""
 
-    model: str = "small_cnn"
+    model: str = "resnet20"
     data: str = "fashion-mnist"
     data_dir: str | None = None
     weights: str | None = None
+    pretrained: bool = True  # start from the shipped weights for (model, data) when there are any
     budgets: tuple[int, ...] = ()  # empty: one budget, `fraction` of the baseline's ReLUs
     fraction: float = 0.1
     strategy: str = "taylor"
@@ -52,6 +56,7 @@ class RunConfig:
     timeout: float = 300
     device: str = "cpu"
     seed: int = 0
+    max_drop: float | None = None
 
 
 @dataclass(frozen=True)
@@ -95,15 +100,28 @@ def _slug(spec: str) -> str:
 def _baseline(cfg: RunConfig, data: Dataset, cache: Path, log: Callable[[str], None]):
     loaded = resolve_model(cfg.model, num_classes=data.num_classes, in_channels=data.input_shape[1])
     model = loaded.model
+    check_model_input(model, data.input_shape, f"'{cfg.model}'", num_classes=data.num_classes)
     if cfg.weights:
         load_weights(model, cfg.weights)
         return model.eval(), {"source": cfg.weights, "cached": False}
+    shipped = [r for r in list_pretrained(cfg.model) if r.dataset == cfg.data] if cfg.pretrained else []
+    if shipped:
+        rec = shipped[0]
+        log(f"baseline: shipped pretrained {cfg.model} on {cfg.data} ({rec.test_accuracy:.2f}% test, sha256 checked)")
+        load_pretrained(model, rec)
+        return model.eval(), {"source": str(rec.path), "cached": False, "pretrained": rec.command}
     key = _key(cfg.model, cfg.data, cfg.data_dir, cfg.baseline_epochs, cfg.max_train, cfg.seed)
     path = cache / "baselines" / f"{_slug(cfg.model)}_{cfg.data}_e{cfg.baseline_epochs}_{key}.pt"
-    if path.is_file():
-        model.load_state_dict(torch.load(path, weights_only=True))
-        log(f"baseline: reusing {path}")
-        return model.eval(), {"source": str(path), "cached": True}
+    state = load_cache(path, lambda p: load_torch(p, "cached baseline"), note=log)
+    if state is not None:
+        try:
+            model.load_state_dict(state)
+        except RuntimeError:
+            path.unlink(missing_ok=True)
+            log(f"note: cached baseline '{path}' does not fit the model; training it again")
+        else:
+            log(f"baseline: reusing {path}")
+            return model.eval(), {"source": str(path), "cached": True}
     log(f"baseline: training {cfg.model} on {cfg.data} for {cfg.baseline_epochs} epochs (cached at {path})")
     torch.manual_seed(cfg.seed)
     fit(
@@ -113,6 +131,7 @@ def _baseline(cfg: RunConfig, data: Dataset, cache: Path, log: Callable[[str], N
         checkpoint=path.with_name(path.name + ".ckpt"),
         resume=True,
         description="baseline epoch",
+        resume_hint="rerun the same command to continue from there",
     )
     atomic.save_torch(model.cpu().state_dict(), path)
     path.with_name(path.name + ".ckpt").unlink(missing_ok=True)
@@ -143,7 +162,7 @@ def run(
     budgets = list(cfg.budgets) or [max(1, int(before.total_relu * cfg.fraction))]
 
     t = time.perf_counter()
-    weights_key = _key(baseline_info["source"], os.path.getmtime(baseline_info["source"]))
+    weights_key = file_digest(baseline_info["source"])[:10]
     work = cache / "runs" / f"{_slug(cfg.model)}_{cfg.data}_{weights_key}"
     results: list[OptimizeResult] = []
     for b in budgets:
@@ -155,6 +174,7 @@ def run(
             granularity=cfg.granularity,
             epochs=cfg.epochs,
             max_train=cfg.max_train,
+            max_drop=cfg.max_drop,
             device=cfg.device,
             seed=cfg.seed,
         )
@@ -194,24 +214,28 @@ def run(
     final = Path(runs_dir) / stamp
     partial = Path(runs_dir) / f".{stamp}.partial"
     partial.mkdir(parents=True, exist_ok=True)
-    for r in results:
-        dest = partial / f"budget_{r.budget}"
-        shutil.copytree(r.outdir, dest, ignore=shutil.ignore_patterns(".work"))
-    result = RunResult(
-        rundir=str(final),
-        config=asdict(cfg),
-        baseline=baseline_info,
-        census_before=before.to_dict(),
-        census_after=after.to_dict(),
-        optimized=[r.to_dict() for r in results],
-        bench=bench_result.to_dict(),
-        command=command,
-        versions=versions(),
-        seconds=seconds,
-    )
-    atomic.write_json(partial / "report.json", result.to_dict())
-    from relu_opt.report import render_run
+    try:
+        for r in results:
+            dest = partial / f"budget_{r.budget}"
+            shutil.copytree(r.outdir, dest, ignore=shutil.ignore_patterns(".work"))
+        result = RunResult(
+            rundir=str(final),
+            config=asdict(cfg),
+            baseline=baseline_info,
+            census_before=before.to_dict(),
+            census_after=after.to_dict(),
+            optimized=[r.to_dict() for r in results],
+            bench=bench_result.to_dict(),
+            command=command,
+            versions=versions(),
+            seconds=seconds,
+        )
+        atomic.write_json(partial / "report.json", result.to_dict())
+        from relu_opt.report import render_run
 
-    render_run(partial)
-    os.replace(partial, final)  # the folder appears complete or not at all
+        render_run(partial)
+        os.replace(partial, final)  # the folder appears complete or not at all
+    except BaseException:  # Ctrl-C, SIGTERM or an error: no half-written run folder stays behind
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     return result

@@ -1,4 +1,4 @@
-"""A rewrite plan: which ReLU sites keep how many elements and what replaces the rest.
+"""A rewrite plan: which non-linear sites keep how many elements and what replaces the rest.
 
 A plan plus the rewritten state dict rebuilds the optimized model from the base model exactly: sites are
 named by their node names in the traced base model, and passes keep module names stable.
@@ -6,7 +6,6 @@ named by their node names in the traced base model, and passes keep module names
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -16,12 +15,19 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from relu_opt.activations import MaskedReLU, Poly, Square
-from relu_opt.errors import ReluOptError
+from relu_opt.activations import MaskedSite
+from relu_opt.checked_io import load_torch, read_json
+from relu_opt.errors import CorruptFileError, ReluOptError
 from relu_opt.graph import propagate_shapes, trace
-from relu_opt.passes.replace import maxpool_to_avgpool, module_name_for, replace_sites
+from relu_opt.passes.replace import maxpool_to_avgpool, module_name_for, replace_sites, site_op
+from relu_opt.replacements import REPLACEMENTS, SiteContext, replacement_for
 
-REPLACEMENTS = ("identity", "poly", "square")
+
+def get_replacement(name: str):
+    """Return the registered replacement `name` (ValueError naming the choices if unknown)."""
+    if name not in REPLACEMENTS:
+        raise ValueError(f"unknown replacement '{name}'; choose {', '.join(REPLACEMENTS)}")
+    return REPLACEMENTS[name]
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,7 @@ class SitePlan:
     degree: int = 2
     poly_per: str = "channel"  # "channel": coefficients per channel; "layer": one set for the site
     module: str = ""  # the submodule name the rewrite uses; its mask/coefficients are in model.pt
+    kind: str = "relu"  # the site's op-table kind
 
     @property
     def action(self) -> str:
@@ -93,14 +100,8 @@ def mask_shape(shape: tuple[int, ...], granularity: str) -> tuple[int, ...]:
 
 
 def replacement_module(kind: str, channels: int, degree: int = 2) -> nn.Module | None:
-    """Return a fresh replacement module (None for identity); coefficients are set later."""
-    if kind == "identity":
-        return None
-    if kind == "square":
-        return Square()
-    if kind == "poly":
-        return Poly(torch.zeros(degree + 1, channels))
-    raise ValueError(f"unknown replacement '{kind}'; choose {', '.join(REPLACEMENTS)}")
+    """Return a fresh ReLU-site replacement module (None for identity); coefficients are set later."""
+    return get_replacement(kind)(SiteContext("", "relu", (channels,), degree=degree))
 
 
 def site_modules(gm: fx.GraphModule, sites: Iterable[SitePlan]) -> dict[str, nn.Module]:
@@ -112,12 +113,14 @@ def site_modules(gm: fx.GraphModule, sites: Iterable[SitePlan]) -> dict[str, nn.
             continue
         if sp.site not in nodes:
             raise ReluOptError(f"plan names site '{sp.site}', which the base model does not have")
-        shape = tuple(nodes[sp.site].meta["tensor_meta"].shape[1:])
-        channels = shape[0] if sp.poly_per == "channel" and len(shape) > 0 else 1
-        rep = replacement_module(sp.replacement, channels, sp.degree)
+        node = nodes[sp.site]
+        shape = tuple(node.meta["tensor_meta"].shape[1:])
+        original = site_op(gm, node)
+        ctx = SiteContext(sp.site, sp.kind, shape, original, degree=sp.degree, poly_per=sp.poly_per)
+        rep = replacement_for(sp.kind, sp.replacement)(ctx)
         # Fully replaced sites keep the masked (training) form too, with an all-zero mask, so every
         # rewritten site has the same state-dict layout; export materialises each into its cheap form.
-        out[sp.site] = MaskedReLU(torch.ones(mask_shape(shape, sp.granularity)), rep)
+        out[sp.site] = MaskedSite(torch.ones(mask_shape(shape, sp.granularity)), rep, original, sp.kind)
     return out
 
 
@@ -147,9 +150,19 @@ def load(outdir: str | os.PathLike) -> fx.GraphModule:
     plan_path = outdir / "plan.json"
     if not plan_path.is_file():
         raise ReluOptError(f"'{outdir}' has no plan.json; give the folder `relu-opt optimize -o` wrote")
-    plan = Plan.from_dict(json.loads(plan_path.read_text()))
+    fix = "rerun `relu-opt optimize` to write it again"
+    d = read_json(plan_path, ("base_model", "input_shape", "num_classes", "sites"), "plan", fix)
+    try:
+        plan = Plan.from_dict(d)
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise CorruptFileError(f"plan '{plan_path}' is malformed ({type(exc).__name__}: {exc}); {fix}") from None
     base = resolve_model(plan.base_model, num_classes=plan.num_classes, in_channels=plan.input_shape[1]).model
     gm = apply_plan(base, plan)
-    state = torch.load(outdir / plan.state, map_location="cpu", weights_only=True)
-    gm.load_state_dict(state)
+    state_path = outdir / plan.state
+    state = load_torch(state_path, "optimized weights", fix)
+    try:
+        gm.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CorruptFileError(f"'{state_path}' does not fit the plan in '{plan_path}' ({first}); {fix}") from None
     return gm.eval()

@@ -35,6 +35,19 @@ def optimize_markdown(r) -> str:
         )
         + f"\nReLUs after are counted on the exported ONNX graph (`model.onnx`); wall time {r.wall_s:.0f} s.\n\n"
     )
+    kinds = getattr(r, "kinds", None) or {}
+    if set(kinds) - {"relu"}:  # beyond ReLU: the kept elements of each optimized kind
+        head += (
+            "## Kinds\n\n"
+            + _md_table(
+                ["kind", "elements before", "after (ONNX)", "own budget"],
+                [
+                    [k, f"{v['before']:,}", f"{v['after']:,}", "-" if v.get("budget") is None else f"{v['budget']:,}"]
+                    for k, v in kinds.items()
+                ],
+            )
+            + "\nThe ReLU columns above and below count the kept elements of these kinds.\n\n"
+        )
     rows = [
         [
             s.site,
@@ -257,10 +270,22 @@ def run_markdown(r: dict) -> str:
 
 def render_run(rundir: str | Path) -> Path:
     """(Re)write report.md, census.png and pareto.png of a run folder from its report.json; returns report.md."""
-    import json
+    from relu_opt.checked_io import read_json
+    from relu_opt.errors import CorruptFileError
 
     rundir = Path(rundir)
-    r = json.loads((rundir / "report.json").read_text())
+    keys = ("config", "baseline", "census_before", "census_after", "optimized", "bench")
+    path = rundir / "report.json"
+    r = read_json(path, keys, "run report", "rerun `relu-opt run` to write it again")
+    try:
+        return _render_run(rundir, r)
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise CorruptFileError(
+            f"run report '{path}' is malformed ({type(exc).__name__}: {exc}); rerun `relu-opt run` to write it again"
+        ) from None
+
+
+def _render_run(rundir: Path, r: dict) -> Path:
     census_plot(r["census_before"], r["census_after"], rundir / "census.png")
     points = {r["config"]["strategy"]: [(max(o["relu_after"], 1), o["accuracy_after"]) for o in r["optimized"]]}
     pareto_plot(

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
+import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,14 +19,15 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from torch import Tensor, nn
 
 from relu_opt import atomic
+from relu_opt.checked_io import load_cache, load_torch
 from relu_opt.data import Dataset, Split, batches
-from relu_opt.errors import ReluOptError
+from relu_opt.errors import ConfigError, ReluOptError
 
 LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (logits, x, y) -> loss
 
 
 class TrainingDiverged(ReluOptError):
-    """The loss became NaN or infinite."""
+    """The loss became NaN or infinite, or grew past `max_loss_growth` times its start."""
 
 
 class TrainingInterrupted(ReluOptError):
@@ -73,7 +77,12 @@ class TrainConfig:
     freeze_bn: bool = False  # keep BatchNorm running statistics fixed (fine-tuning polynomial nets)
     device: str = "cpu"
     seed: int = 0
+    max_loss_growth: float | None = None  # a loss this many times the recent median (or 1) counts as diverged
     extra: dict = field(default_factory=dict)
+
+
+def _note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _prepare_input(x: Tensor, device: str) -> Tensor:
@@ -118,6 +127,17 @@ def kd_loss(teacher: nn.Module, temperature: float = 4.0, alpha: float = 0.9) ->
     return loss
 
 
+_LOSS_WINDOW = 50  # steps in the running median an exploding loss is measured against
+_LOSS_WARMUP = 20  # steps before the first judgement: early losses move fast for good reasons (annealing)
+
+
+def _exploded(loss: float, recent: deque[float], growth: float | None) -> bool:
+    """Return whether `loss` is `growth` times past the recent median (an explosion, not a trend)."""
+    if growth is None or len(recent) < _LOSS_WARMUP:
+        return False
+    return loss > growth * max(statistics.median(recent), 1.0)
+
+
 def _ce(logits: Tensor, x: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(logits, y)
 
@@ -134,12 +154,17 @@ def fit(
     on_step: Callable[[float], None] | None = None,
     progress: bool = True,
     description: str = "train",
+    resume_hint: str = "rerun with --resume",
 ) -> TrainResult:
     """Train `model` in place for `config.epochs` and return the TrainResult.
 
     `on_epoch_start(epoch, fraction_done)` and `on_step(fraction_done)` let callers anneal masks.
     Raises TrainingDiverged on a non-finite loss (the checkpoint on disk is the last good epoch) and
-    TrainingInterrupted on Ctrl-C (after saving the current state for --resume)."""
+    TrainingInterrupted on Ctrl-C (after saving the current state for --resume).
+
+    A resumed run continues at the step where the checkpoint stopped, with the same batches, learning
+    rates and random state, so it ends with the weights an uninterrupted run would have. A damaged
+    checkpoint is removed and training starts again; one written with other settings is a ConfigError."""
     device = config.device
     model.to(device).to(memory_format=torch.channels_last)
     groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
@@ -162,19 +187,39 @@ def fit(
         else None
     )
     history: list[EpochStats] = []
-    start_epoch = 0
+    start_epoch, start_step, partial = 0, 0, (0.0, 0, 0)
     ckpt = Path(checkpoint) if checkpoint else None
-    if ckpt and resume and ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if sched is not None:
-            sched.load_state_dict(state["scheduler"])
+    schedule = {"epochs": config.epochs, "steps_per_epoch": steps_per_epoch, "batch_size": config.batch_size}
+    keys = ("model", "optimizer", "scheduler", "epoch", "history")
+    state = (
+        load_cache(ckpt, lambda p: load_torch(p, "training checkpoint", keys=keys), note=_note)
+        if ckpt and resume
+        else None
+    )
+    if state is not None:
+        if state.get("schedule", schedule) != schedule:
+            raise ConfigError(
+                f"checkpoint '{ckpt}' was written by a run with {state['schedule']}, not {schedule}; rerun with "
+                "the same --epochs, --batch-size and --max-train, or delete the checkpoint to start again"
+            )
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            if sched is not None:
+                sched.load_state_dict(state["scheduler"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise ConfigError(
+                f"checkpoint '{ckpt}' does not fit this model ({first}); delete it to start again"
+            ) from None
         history = [EpochStats(**e) for e in state["history"]]
-        start_epoch = int(state["epoch"])
+        start_epoch, start_step = int(state["epoch"]), int(state.get("step", 0))
+        partial = tuple(state.get("partial", partial))
+        if "rng" in state:
+            torch.set_rng_state(state["rng"])
     resumed_from = start_epoch
 
-    def save(epoch: int) -> None:
+    def save(epoch: int, step: int = 0, stats: tuple = (0.0, 0, 0)) -> None:
         if ckpt:
             atomic.save_torch(
                 {
@@ -182,12 +227,17 @@ def fit(
                     "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict() if sched else {},
                     "epoch": epoch,
+                    "step": step,  # steps done in `epoch` (an interrupted epoch continues from here)
+                    "partial": list(stats),
+                    "schedule": schedule,
+                    "rng": torch.get_rng_state(),
                     "history": [asdict(e) for e in history],
                 },
                 ckpt,
             )
 
     gen = torch.Generator().manual_seed(config.seed)
+    recent: deque[float] = deque(maxlen=_LOSS_WINDOW)
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -200,28 +250,37 @@ def fit(
         for epoch in range(start_epoch, config.epochs):
             gen.manual_seed(config.seed + epoch)
             task = bar.add_task(f"{description} {epoch + 1}/{config.epochs}", total=steps_per_epoch, info="")
-            if on_epoch_start:
-                on_epoch_start(epoch, epoch / config.epochs)
-            model.train()
-            if config.freeze_bn:
-                for m in model.modules():
-                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                        m.eval()
-            t0, total_loss, correct, seen = time.perf_counter(), 0.0, 0, 0
-            try:
+            t0, (total_loss, correct, seen) = time.perf_counter(), (0.0, 0, 0)
+            skip = start_step if epoch == start_epoch else 0
+            if skip:
+                total_loss, correct, seen = float(partial[0]), int(partial[1]), int(partial[2])
+                bar.update(task, advance=skip)
+            done = skip
+            try:  # Ctrl-C anywhere in the epoch (steps, evaluation, saving) saves where it stopped
+                if on_epoch_start:
+                    on_epoch_start(epoch, epoch / config.epochs)
+                model.train()
+                if config.freeze_bn:
+                    for m in model.modules():
+                        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                            m.eval()
                 for step, (x, y) in enumerate(
                     batches(train, config.batch_size, shuffle=True, generator=gen, augment=data.augment)
                 ):
+                    if step < skip:  # drawn (so the random stream is the same) but already trained on
+                        continue
                     if on_step:
                         on_step((epoch + step / steps_per_epoch) / config.epochs)
                     x, y = _prepare_input(x, device), y.to(device)
                     logits = model(x)
                     loss = loss_fn(logits, x, y)
-                    if not torch.isfinite(loss):
+                    exploded = _exploded(loss.item(), recent, config.max_loss_growth)
+                    recent.append(loss.item())
+                    if not torch.isfinite(loss) or exploded:
                         where = f"'{ckpt}' (epoch {len(history)})" if ckpt and ckpt.is_file() else "none"
                         raise TrainingDiverged(
-                            f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; stopped. Last good "
-                            f"checkpoint: {where}. Try a lower --lr"
+                            f"loss became {loss.item():.4g}{' (exploding)' if exploded else ''} at epoch {epoch + 1}, "
+                            f"step {step + 1}; stopped. Last good checkpoint: {where}. Try a lower --lr"
                         )
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
@@ -229,30 +288,34 @@ def fit(
                         nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
                     opt.step()
                     sched.step()
+                    done = sched.last_epoch - epoch * steps_per_epoch
                     total_loss += loss.item() * len(y)
                     correct += int((logits.argmax(1) == y).sum())
                     seen += len(y)
                     bar.update(task, advance=1, info=f"loss {total_loss / seen:.3f} acc {correct / seen:.1%}")
+                val_loss, val_acc = evaluate(model, data.val, device=device)
+                history.append(
+                    EpochStats(
+                        epoch + 1,
+                        total_loss / max(seen, 1),
+                        correct / max(seen, 1),
+                        val_loss,
+                        val_acc,
+                        opt.param_groups[0]["lr"],
+                        time.perf_counter() - t0,
+                    )
+                )
+                bar.update(task, info=f"loss {total_loss / max(seen, 1):.3f} val acc {val_acc:.2%}")
+                save(epoch + 1)
             except KeyboardInterrupt:
-                save(epoch)  # the interrupted epoch restarts on --resume, from these weights
+                if sched is not None:  # the steps the schedule took are the steps done, wherever Ctrl-C hit
+                    done = sched.last_epoch - epoch * steps_per_epoch
+                del history[epoch:]  # this epoch's stats are recomputed when it finishes
+                save(epoch, done, (total_loss, correct, seen))
                 raise TrainingInterrupted(
-                    f"interrupted in epoch {epoch + 1}; state saved to '{ckpt}', rerun with --resume"
+                    f"interrupted in epoch {epoch + 1} after step {done}; state saved to '{ckpt}', {resume_hint}"
                     if ckpt
                     else f"interrupted in epoch {epoch + 1}"
                 ) from None
-            val_loss, val_acc = evaluate(model, data.val, device=device)
-            history.append(
-                EpochStats(
-                    epoch + 1,
-                    total_loss / max(seen, 1),
-                    correct / max(seen, 1),
-                    val_loss,
-                    val_acc,
-                    opt.param_groups[0]["lr"],
-                    time.perf_counter() - t0,
-                )
-            )
-            bar.update(task, info=f"loss {total_loss / max(seen, 1):.3f} val acc {val_acc:.2%}")
-            save(epoch + 1)
     model.to(memory_format=torch.contiguous_format)
     return TrainResult(tuple(history), str(ckpt) if ckpt else None, resumed_from)

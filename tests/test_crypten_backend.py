@@ -23,6 +23,7 @@ from relu_opt.export import to_onnx_bytes
 from relu_opt.graph import propagate_shapes, trace
 from relu_opt.models import create_model
 from relu_opt.passes.replace import relu_nodes, replace_sites
+from relu_opt.private_tmp import private_root
 
 X = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(1))
 
@@ -146,40 +147,42 @@ def test_fixed_point_warning_names_the_site():
     assert fixed_point_warnings(trace(model), torch.ones(1, 4) * 1e-6) == []
 
 
-def _party_pids(parent: int) -> dict[int, int]:
-    """Return {rank: pid} of the party processes that `parent` (this test's bench) started; other
-    benches running on the same machine at the same time are not ours to kill."""
-    pids = {}
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _children_of(parent: int, pattern: str) -> list[int]:
+    """Return the processes whose parent is `parent` and whose command line holds `pattern`: only the
+    test's own bench's parties, never another bench's on the same machine."""
+    pids = []
     for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            if ppid == parent and "relu_opt.crypto_backend.party" in cmd:
-                for rank in (0, 1):
-                    if f"party{rank}.job.json" in cmd:
-                        pids[rank] = int(d.name)
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # field 4; the command name may hold spaces
+        if ppid == parent and pattern in _cmdline(int(d.name)):
+            pids.append(int(d.name))
     return pids
 
 
-def _alive(pid: int) -> bool:
-    try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return b"relu_opt.crypto_backend.party" in cmd and state != "Z"
-
-
-def _wait_parties(parent: int, deadline: float) -> dict[int, int]:
+def _party_pids(parent: int, deadline: float) -> dict[int, int]:
+    """Wait until `parent` has started both parties; return {rank: pid}."""
     while time.monotonic() < deadline:
-        pids = _party_pids(parent)
-        if len(pids) == 2:
-            return pids
+        found = {}
+        for pid in _children_of(parent, "relu_opt.crypto_backend.party"):
+            for rank in (0, 1):
+                if f"party{rank}.job.json" in _cmdline(pid):
+                    found[rank] = pid
+        if len(found) == 2:
+            return found
         time.sleep(0.05)
-    raise AssertionError("the parties never started")
+    raise AssertionError("the bench never started both parties")
 
 
 @pytest.mark.parametrize("how", ["kill", "hang"])
@@ -201,7 +204,7 @@ def test_failed_party_stops_the_bench(how, tmp_path):
         text=True,
         env=env,
     )
-    parties = _wait_parties(proc.pid, start + 60)
+    parties = _party_pids(proc.pid, start + 60)
     pid = parties[1]
     time.sleep(2)
     os.kill(pid, signal.SIGKILL if how == "kill" else signal.SIGSTOP)
@@ -219,7 +222,8 @@ def test_failed_party_stops_the_bench(how, tmp_path):
         assert f"did not finish within --timeout {timeout}s" in stderr
     assert time.monotonic() - start < timeout + 60
     time.sleep(1)
-    assert not any(_alive(p) for p in parties.values())
+    assert [p for p in parties.values() if "relu_opt.crypto_backend.party" in _cmdline(p)] == []
+    assert list(private_root().glob(f"bench-{proc.pid}-*")) == []  # the ONNX weights and inputs are gone
 
 
 def test_one_party_per_host_mode(tmp_path):
@@ -270,3 +274,39 @@ def test_one_party_per_host_mode(tmp_path):
     assert results[0]["models"] == results[1]["models"]
     orig = results[0]["models"][0]
     assert orig["sent_per_party"] == [b // 2 for b in orig["bytes_per_party"]]
+
+
+@pytest.mark.parametrize("how", ["term", "kill"])
+def test_stopped_bench_leaves_no_weights_or_inputs(how, tmp_path):
+    """SIGTERM: the bench stops its parties and removes its private folder on the way out. SIGKILL: the
+    parties notice their parent is gone and exit, and the next use clears the folder it left."""
+    from relu_opt.private_tmp import clear_stale
+
+    env = {**os.environ, "RELU_OPT_CACHE": str(tmp_path)}
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relu_opt.cli", "bench", "small_cnn", "--runs", "50", "--timeout", "120"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    parties = _party_pids(proc.pid, start + 60)
+    private = list(private_root().glob(f"bench-{proc.pid}-*"))
+    assert len(private) == 1 and (private[0].stat().st_mode & 0o777) == 0o700
+    assert {p.suffix for p in private[0].iterdir()} >= {".onnx", ".pt"}  # the weights and the inputs
+    os.kill(proc.pid, signal.SIGTERM if how == "term" else signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=60)
+    deadline = time.monotonic() + 15
+    while any("relu_opt.crypto_backend.party" in _cmdline(p) for p in parties.values()):
+        assert time.monotonic() < deadline, "parties outlived the bench"
+        time.sleep(0.1)
+    if how == "term":
+        assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr
+        assert "stopped by signal 15" in stderr
+        assert not private[0].exists()
+    else:
+        assert proc.returncode == -signal.SIGKILL
+        assert private[0].exists()  # nothing runs on SIGKILL ...
+        assert private[0] in clear_stale()  # ... so the next use removes it
+        assert not private[0].exists()

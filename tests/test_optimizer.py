@@ -136,7 +136,13 @@ def test_training_resume_after_interrupt(synthetic, tmp_path):
 def test_non_finite_loss_stops_and_keeps_last_good(synthetic, tmp_path):
     ckpt = tmp_path / "w.ckpt"
     model = create_model("small_cnn", num_classes=4, in_channels=1)
-    fit(model, synthetic, TrainConfig(epochs=1), checkpoint=ckpt, progress=False)
+
+    def stop_at_epoch_2(epoch, _frac):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(TrainingInterrupted, match="epoch 2 after step 0"):
+        fit(model, synthetic, TrainConfig(epochs=2), checkpoint=ckpt, on_epoch_start=stop_at_epoch_2, progress=False)
     good = ckpt.read_bytes()
 
     def nan_loss(logits, x, y):
