@@ -279,8 +279,9 @@ def _bench_table(r) -> Table:
     cols = {k: f for k, f in cols.items() if not all(_is_none(m, k) for m in r.models)}
     if all(m.comparisons == m.relu_elements for m in r.models):
         del cols["cmp"]
-    where = f", party {r.hosts['rank']} over {r.hosts['interface']}" if r.hosts else ""
-    t = _compact_table(f"CrypTen, {r.parties} parties, batch {r.batch}{where}; times in s", ("model", *cols))
+    t = _compact_table(f"CrypTen, {r.parties} parties, batch {r.batch}, seconds", ("model", *cols))
+    if r.hosts:
+        t.caption, t.caption_justify = f"party {r.hosts['rank']} over {r.hosts['interface']}", "left"
     for m in r.models:
         t.add_row(m.name, *("-" if _is_none(m, k) else f(m) for k, f in cols.items()))
     return t
@@ -378,8 +379,7 @@ def bench_cmd(
                 networks=networks,
                 link=link_net,
             )
-        out.print(_bench_table(r))
-        _write_json(json_path, r.to_dict())
+        _print_bench(r, json_path)
         return
     with out.status("calibrating the cost model (cached after the first run)"):
         cost = calibrate(parties, timeout=timeout)
@@ -398,6 +398,10 @@ def bench_cmd(
             log=lambda m: err.print(escape(m), soft_wrap=True),
             link=link_net,
         )
+    _print_bench(r, json_path)
+
+
+def _print_bench(r, json_path: Path | None) -> None:
     out.print(_bench_table(r))
     for name, ratio in r.ratios.items():
         out.print(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -224,7 +224,7 @@ def run_one_party(
             ifname=ifname,
             fingerprint=fp,
         )
-        start_watchdog(job)
+        start_watchdog(replace(job, timeout=timeout + 10))  # the rendezvous' own errors come first
         result = run_party(job)
     names = [name for name, _ in variants]
     measured = _measurements(result["parties"], names, relus, [None] * len(names), comparisons)

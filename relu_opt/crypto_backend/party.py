@@ -6,6 +6,7 @@ starts one per host. Party 0 owns the model weights; the data-owner party (1) ow
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -23,6 +24,7 @@ import torch
 from onnx import numpy_helper
 
 from relu_opt import atomic
+from relu_opt.errors import CryptenError
 
 MODEL_OWNER = 0
 DATA_OWNER = 1
@@ -64,7 +66,8 @@ def start_watchdog(job: PartyJob) -> None:
                 os._exit(3)
             if time.monotonic() > deadline:
                 msg = f"party {job.rank} did not finish within --timeout {job.timeout:g}s"
-                _write_error(job.result, job.rank, msg)
+                with contextlib.suppress(OSError):  # the result's folder may be gone already
+                    _write_error(job.result, job.rank, msg)
                 print(f"error: {msg}", file=sys.stderr, flush=True)
                 os._exit(124)
 
@@ -103,15 +106,16 @@ def run(job: PartyJob) -> dict:
         rdv.check_in(store, job.rank, job.fingerprint, job.timeout)
     try:
         result = _run(job)
-    except BaseException as exc:
+    except Exception as exc:
         if store is None:
             raise
-        rdv.report_failure(store, job.rank, f"party {job.rank} failed: {type(exc).__name__}: {_first_line(exc)}")
-        time.sleep(0.5)  # let a party that failed first leave its reason
-        peer = rdv.peer_failure(store, job.rank, job.world_size)
-        if peer:
-            raise rdv.RendezvousError(peer) from exc
-        raise
+        why = f"party {job.rank} failed: {type(exc).__name__}: {_first_line(exc)}"
+        why = str(exc) if isinstance(exc, CryptenError) else why
+        if job.rank == 0 or rdv.store_alive(job.master_addr, job.master_port):
+            rdv.report_failure(store, job.rank, why)
+            time.sleep(0.5)  # a party that failed first leaves its reason: name that, not the lost link
+            why = rdv.peer_failure(store, job.rank, job.world_size) or why
+        raise CryptenError(why) from exc
     result["interface"] = iface
     if store is not None:
         result["parties"] = rdv.share_results(store, job.rank, job.world_size, dict(result), job.timeout)

@@ -19,10 +19,14 @@ import subprocess
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import onnx
 
 from relu_opt.errors import CryptenError
+
+if TYPE_CHECKING:
+    from torch.distributed import Store, TCPStore
 
 PREFIX = "relu-opt/"
 
@@ -203,7 +207,7 @@ def _is_addr_in_use(exc: BaseException) -> bool:
     return "address already in use" in text or f"errno: {errno.EADDRINUSE}" in text or "eaddrinuse" in text
 
 
-def open_store(rank: int, master_addr: str, master_port: int, timeout: float):
+def open_store(rank: int, master_addr: str, master_port: int, timeout: float) -> TCPStore:
     """Return the TCPStore of this run: hosted by party 0 (multi-tenant, so torch.distributed reuses
     it), a client elsewhere. Raises RendezvousError for a busy port or an unreachable party 0."""
     from torch.distributed import TCPStore
@@ -223,13 +227,24 @@ def open_store(rank: int, master_addr: str, master_port: int, timeout: float):
                     f"--master-port {master_port} is already in use on this host; pick a free port for every party"
                 ) from None
             raise RendezvousError(f"party 0 cannot listen on {master_addr}:{master_port}: {_first_line(exc)}") from None
+    # wait for party 0's port ourselves: torch's own retries print C++ stack traces when they give up
+    deadline, last = time.monotonic() + timeout, "no answer"
+    while True:
+        try:
+            with socket.create_connection((master_addr, master_port), timeout=max(0.1, min(2.0, timeout))):
+                break
+        except OSError as exc:
+            last = exc.strerror or ("no answer" if isinstance(exc, TimeoutError) else type(exc).__name__)
+        if time.monotonic() > deadline:
+            raise RendezvousError(
+                f"could not reach party 0 at {master_addr}:{master_port} within {timeout:g}s ({last}); "
+                "start party 0 first, and check --master-addr, --master-port and the firewall"
+            )
+        time.sleep(0.2)
     try:
         return TCPStore(master_addr, master_port, None, False, wait)
     except Exception as exc:
-        raise RendezvousError(
-            f"could not reach party 0 at {master_addr}:{master_port} within {timeout:g}s ({_first_line(exc)}); "
-            "start party 0 first, and check --master-addr, --master-port and the firewall"
-        ) from None
+        raise RendezvousError(f"party 0 at {master_addr}:{master_port} did not answer: {_first_line(exc)}") from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -237,7 +252,7 @@ def _first_line(exc: BaseException) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
-def check_in(store, rank: int, fp: dict, timeout: float) -> None:
+def check_in(store: Store, rank: int, fp: dict, timeout: float) -> None:
     """Publish this party's fingerprint and compare it with the others' (party 0 sees all, the others
     see party 0's); raises RendezvousError on a duplicate rank, a missing party or any disagreement."""
     world_size = fp["world_size"]
@@ -257,13 +272,24 @@ def check_in(store, rank: int, fp: dict, timeout: float) -> None:
                 f"start it with --rank {r} and the same --master-addr and --master-port"
             ) from None
         why = mismatch(fp, json.loads(store.get(key)), rank, r)
+        if rank != 0:
+            store.add(f"{PREFIX}seen", 1)  # party 0 keeps the store up until every party has compared
         if why:
             store.set(f"{PREFIX}error/{rank}", why)
+            if rank == 0:
+                _linger(store, world_size, min(timeout, 10))
             raise RendezvousError(why)
     if rank == 0 and world_size > 1:
         store.set(f"{PREFIX}checked", "1")
     elif rank != 0:
         _wait_verdict(store, timeout)
+
+
+def _linger(store, world_size: int, timeout: float) -> None:
+    """Keep party 0's store up until every other party has read party 0's fingerprint."""
+    deadline = time.monotonic() + timeout
+    while store.add(f"{PREFIX}seen", 0) < world_size - 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _wait_verdict(store, timeout: float) -> None:
@@ -278,7 +304,7 @@ def _wait_verdict(store, timeout: float) -> None:
     raise RendezvousError(f"party 0 did not confirm the other parties within {timeout:g}s; is every party started?")
 
 
-def share_results(store, rank: int, world_size: int, result: dict, timeout: float) -> list[dict]:
+def share_results(store: Store, rank: int, world_size: int, result: dict, timeout: float) -> list[dict]:
     """Publish this party's result, return every party's (by rank), and keep party 0's store up until
     every party has read them."""
     store.set(f"{PREFIX}result/{rank}", json.dumps(result))
@@ -293,13 +319,23 @@ def share_results(store, rank: int, world_size: int, result: dict, timeout: floa
     return results
 
 
-def report_failure(store, rank: int, message: str) -> None:
+def store_alive(master_addr: str, master_port: int) -> bool:
+    """Return whether party 0's store still accepts connections (touching a dead one makes torch
+    print a C++ stack trace)."""
+    try:
+        with socket.create_connection((master_addr, master_port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def report_failure(store: Store, rank: int, message: str) -> None:
     """Best effort: leave this party's error in the store for the others to name."""
     with contextlib.suppress(Exception):
         store.set(f"{PREFIX}error/{rank}", message)
 
 
-def peer_failure(store, rank: int, world_size: int) -> str | None:
+def peer_failure(store: Store, rank: int, world_size: int) -> str | None:
     """Return another party's reported error, if one is in the store."""
     for r in range(world_size):
         if r == rank:
