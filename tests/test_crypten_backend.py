@@ -153,15 +153,22 @@ def _children_running(pattern: str) -> list[int]:
     return pids
 
 
-def _party_pid(rank: int, deadline: float) -> int:
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _party_pid(rank: int, deadline: float, parent: int) -> tuple[int, str]:
+    """Return the pid and job folder of party `rank` started by `parent` (other benches may run too)."""
     while time.monotonic() < deadline:
         for pid in _children_running("relu_opt.crypto_backend.party"):
             try:
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-            except OSError:
+                mine = _parent(pid) == parent
+            except (OSError, ValueError, IndexError):
                 continue
-            if f"party{rank}.job.json" in cmd:
-                return pid
+            if mine and f"party{rank}.job.json" in cmd:
+                job = next(a for a in cmd.split("\0") if a.endswith(f"party{rank}.job.json"))
+                return pid, str(Path(job).parent)
         time.sleep(0.05)
     raise AssertionError(f"party {rank} never started")
 
@@ -185,7 +192,7 @@ def test_failed_party_stops_the_bench(how, tmp_path):
         text=True,
         env=env,
     )
-    pid = _party_pid(1, start + 60)
+    pid, workdir = _party_pid(1, start + 60, proc.pid)
     time.sleep(2)
     os.kill(pid, signal.SIGKILL if how == "kill" else signal.SIGSTOP)
     try:
@@ -202,7 +209,7 @@ def test_failed_party_stops_the_bench(how, tmp_path):
         assert f"did not finish within --timeout {timeout}s" in stderr
     assert time.monotonic() - start < timeout + 60
     time.sleep(1)
-    assert _children_running("relu_opt.crypto_backend.party") == []
+    assert _children_running(workdir) == []
 
 
 def test_one_party_per_host_mode(tmp_path):
