@@ -67,7 +67,10 @@ class OptimizeConfig:
     def key(self, *fields: str) -> str:
         """Return a short hash of the named fields (all when none), to key cached work."""
         d = asdict(self)
-        blob = json.dumps({k: d[k] for k in (fields or d)}, sort_keys=True)
+        for k in ("kinds", "kind_budgets"):  # unset, they leave the keys of ReLU-only runs as they were
+            if not d[k]:
+                del d[k]
+        blob = json.dumps({k: d[k] for k in (fields or d) if k in d}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
