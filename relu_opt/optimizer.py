@@ -280,7 +280,7 @@ def optimize(
     if not site_info:
         raise BudgetError(
             f"the model has no sites of the kinds {', '.join(config.kinds) or 'it has'} to optimize; "
-            "see `relu-opt count` for its kinds and pass them with --kinds"
+            "see `relu-opt count` for its kinds and pass them with --kinds (max-pools: use --avgpool)"
         )
     check_budget(config.budget, sum(totals[k] for k in shared) if shared else total, what)
     make_rep, errors, rep_names = _site_replacements(teacher, data, config, site_info)
