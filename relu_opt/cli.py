@@ -534,7 +534,9 @@ def _parse_kinds(text: str | None) -> tuple[str, ...]:
 def _parse_kind_budgets(items: list[str]) -> tuple[tuple[str, int], ...]:
     out = []
     for item in items:
-        kind, _, value = item.partition("=")
+        kind, sep, value = item.partition("=")
+        if not sep:
+            raise BudgetError(f"--kind-budget '{item}' must be KIND=N, e.g. --kind-budget relu6=20000")
         try:
             out.append((_parse_kinds(kind)[0], int(value.replace("_", ""))))
         except (ValueError, IndexError):

@@ -71,7 +71,10 @@ class OptimizeConfig:
     def key(self, *fields: str) -> str:
         """Return a short hash of the named fields (all when none), to key cached work."""
         d = asdict(self)
-        blob = json.dumps({k: d[k] for k in (fields or d)}, sort_keys=True)
+        for k in ("kinds", "kind_budgets"):  # unset, they leave the keys of ReLU-only runs as they were
+            if not d[k]:
+                del d[k]
+        blob = json.dumps({k: d[k] for k in (fields or d) if k in d}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
@@ -303,7 +306,7 @@ def optimize(
     if not site_info:
         raise BudgetError(
             f"the model has no sites of the kinds {', '.join(config.kinds) or 'it has'} to optimize; "
-            "see `relu-opt count` for its kinds and pass them with --kinds"
+            "see `relu-opt count` for its kinds and pass them with --kinds (max-pools: use --avgpool)"
         )
     check_budget(config.budget, sum(totals[k] for k in shared) if shared else total, what)
     make_rep, errors, rep_names = _site_replacements(teacher, data, config, site_info)

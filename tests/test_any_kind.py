@@ -201,3 +201,21 @@ def test_gelu_silu_sigmoid_rsqrt_model_through_count_optimize_export_and_bench(t
     original, opt, floor = b.models
     assert opt.rounds < original.rounds and opt.bytes_per_party[0] < original.bytes_per_party[0]
     assert original.top1_agreement >= 0.75 and opt.top1_agreement == 1.0  # polynomials are exact in MPC
+
+
+def test_cli_kinds_options(tmp_path):
+    from typer.testing import CliRunner
+
+    from relu_opt.cli import app
+
+    runner = CliRunner()
+    base = ["optimize", "mobilenet_v2", "--data", "digits", "--rank-samples", "50", "--epochs", "0.2"]
+    r = runner.invoke(app, [*base, "--budget", "0", "--kinds", "relu7", "-o", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "unknown kind(s) relu7" in r.output
+    r = runner.invoke(app, [*base, "--budget", "0", "--kind-budget", "relu6:5", "-o", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "must be KIND=N" in r.output
+    r = runner.invoke(app, [*base, "--budget", "0", "--kinds", "relu6", "-o", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    assert "relu6" in r.output and "-> 0" in r.output
+    report = json.loads((tmp_path / "o" / "budget_0" / "report.json").read_text())
+    assert report["result"]["kinds"]["relu6"]["after"] == 0 and report["config"]["kinds"] == ["relu6"]

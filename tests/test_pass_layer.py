@@ -67,3 +67,29 @@ def test_optimizer_does_not_import_the_crypten_backend():
     code = "import sys, relu_opt.optimizer; print(any(m.startswith('relu_opt.crypto_backend') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_frozen_norm_folds_into_the_linears_that_read_it():
+    from relu_opt.passes.fold_norm import Centre, fold_frozen_norm
+    from relu_opt.replacements import FrozenNorm
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            gen = torch.Generator().manual_seed(0)
+            self.n1 = FrozenNorm(1, torch.rand(8, generator=gen) + 0.5, torch.randn(8, generator=gen))
+            self.n2 = FrozenNorm(1, torch.rand(8, generator=gen) + 0.5, torch.randn(8, generator=gen))
+            self.q, self.k, self.out = nn.Linear(8, 8), nn.Linear(8, 8, bias=False), nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.n1(x)
+            h = self.q(h) * self.k(h)
+            return self.out(self.n2(h).mean(1))  # n2 feeds a mean, not a linear: left as is
+
+    x = torch.randn(4, 5, 8)
+    model = Net().eval()
+    folded = fold_frozen_norm(trace(model))
+    assert isinstance(folded.get_submodule("n1"), Centre) and isinstance(folded.get_submodule("n2"), FrozenNorm)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), atol=1e-5)
+    assert isinstance(model.n1, FrozenNorm)  # the input is untouched

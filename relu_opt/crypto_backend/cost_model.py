@@ -46,8 +46,22 @@ CATEGORIES = (
     "rsqrt",
     "matmul",
     "2quad",
+    "mul",
 )
 _MATMULS = (torch.matmul, torch.bmm, operator.matmul)
+_MULS = (operator.mul, torch.mul)
+_POWS = (operator.pow, torch.pow)
+
+
+def _elementwise_product(node: fx.Node) -> str | None:
+    """Return "mul" for a product of two graph values, "square" for x ** 2 (one round each), else None."""
+    if node.op == "call_function" and node.target in _MULS or node.op == "call_method" and node.target == "mul":
+        return "mul" if all(isinstance(a, fx.Node) for a in node.args[:2]) else None
+    if node.op == "call_function" and node.target in _POWS or node.op == "call_method" and node.target == "pow":
+        return "square" if len(node.args) > 1 and node.args[1] == 2 else None
+    return None
+
+
 BYTE_TERMS = CATEGORIES + ("poly_coeffs",)
 _AVG = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
 
@@ -119,6 +133,11 @@ def features(gm: fx.GraphModule, batch: int = 1) -> CostFeatures:
             # encrypted x encrypted (attention): Beaver triples open both operands
             counts["matmul"] += 1
             elements["matmul"] += batch * sum(math.prod((_meta_shape(a) or (1,))[1:]) for a in node.args[:2])
+            continue
+        product = _elementwise_product(node)
+        if product:  # a Beaver multiplication of encrypted values outside any site
+            counts[product] += 1
+            elements[product] += batch * per_sample
             continue
         if isinstance(mod, ChannelAffine):
             counts["affine"] += 1
@@ -228,7 +247,14 @@ def calibration_suite() -> list[tuple[str, nn.Module]]:
         ("matmul", nn.Sequential(conv(), _SelfProduct())),
         ("2quad", nn.Sequential(conv(), TwoQuad(8))),
         ("2quad_wide", nn.Sequential(conv(3, 16), TwoQuad(8))),
+        ("mul", nn.Sequential(conv(), _Gate())),
+        ("mul_wide", nn.Sequential(conv(3, 16), _Gate())),
     ]
+
+
+class _Gate(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (x + 1)
 
 
 class _SelfProduct(nn.Module):
@@ -241,8 +267,8 @@ class _Rsqrt(nn.Module):
         return torch.rsqrt(x * x + 1)
 
 
-# Bump when a suite model or a lowering it goes through changes (GELU by sigmoid: 2).
-SUITE_VERSION = 2
+# Bump when a suite model or a lowering it goes through changes (GELU by sigmoid: 2; products: 3).
+SUITE_VERSION = 3
 
 
 def suite_key() -> str:

@@ -12,6 +12,7 @@ kind they stand for to the census.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 
@@ -249,13 +250,38 @@ def _spelling(node: fx.Node) -> str:
     return f".{node.target}()" if node.op == "call_method" else f"module '{node.target}'"
 
 
+def _lowered(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    kind = ops.node_kind(gm, node)
+    factory = LOWERINGS.get(kind) if kind else None
+    return factory(gm, node) if factory else None
+
+
+def _lower_inner(site: nn.Module) -> nn.Module | None:
+    """Return a copy of a partial/masked site whose own op (`original`) is lowered, or None if it needs none."""
+    from relu_opt.graph import trace
+
+    original = getattr(site, "original", None)
+    if not isinstance(original, nn.Module):
+        return None
+    inner = trace(nn.Sequential(original))
+    node = next(n for n in inner.graph.nodes if n.op == "call_module")
+    lowered = _lowered(inner, node)
+    if lowered is None:
+        return None
+    site = copy.deepcopy(site)
+    site.original = lowered
+    site.kind = lowered.comparisons_kind or lowered.kind  # what the lowered graph counts as
+    return site
+
+
 def lower_for_crypten(gm: fx.GraphModule) -> fx.GraphModule:
-    """Return a copy of `gm` with every node whose kind has a lowering replaced by its lowered module."""
+    """Return a copy of `gm` with every node whose kind has a lowering replaced by its lowered module
+    (inside partial sites too: a kept Hardswish is lowered like a whole one)."""
     new = {}
     for node in gm.graph.nodes:
-        kind = ops.node_kind(gm, node)
-        factory = LOWERINGS.get(kind) if kind else None
-        module = factory(gm, node) if factory else None
+        module = _lowered(gm, node)
+        if module is None and node.op == "call_module":
+            module = _lower_inner(gm.get_submodule(node.target))
         if module is not None:
             new[node.name] = module
     return replace_sites(gm, new)

@@ -11,13 +11,16 @@ from torch import nn
 from relu_opt.graph import eval_mode, trace
 from relu_opt.passes.base import GraphPass, run_passes
 from relu_opt.passes.fold_bn import fold_batchnorm
+from relu_opt.passes.fold_norm import fold_frozen_norm
 from relu_opt.passes.lower import lower_for_crypten
 from relu_opt.passes.replace import linearize, materialize_partial, maxpool_to_avgpool
 
-# BatchNorm folded, masked sites in their gathered (partial) form.
+# BatchNorm folded, masked sites in their gathered (partial) form, frozen LayerNorms folded into the
+# linear layers after them.
 PI_PASSES: tuple[GraphPass, ...] = (
     GraphPass(fold_batchnorm),
     GraphPass(materialize_partial, needs_shapes=True),
+    GraphPass(fold_frozen_norm),
 )
 # ... and every kind CrypTen's converter lacks lowered to ops it runs (relu_opt/passes/lower.py).
 CRYPTEN_PASSES: tuple[GraphPass, ...] = PI_PASSES + (GraphPass(lower_for_crypten),)
