@@ -536,7 +536,7 @@ def _parse_kind_budgets(items: list[str]) -> tuple[tuple[str, int], ...]:
     for item in items:
         kind, sep, value = item.partition("=")
         if not sep:
-            raise BudgetError(f"--kind-budget '{item}' must be KIND=N, e.g. --kind-budget relu6=20000")
+            raise ConfigError(f"--kind-budget '{item}' must be KIND=N, e.g. --kind-budget relu6=20000")
         try:
             out.append((_parse_kinds(kind)[0], int(value.replace("_", ""))))
         except (ValueError, IndexError):
