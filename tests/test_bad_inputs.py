@@ -854,3 +854,12 @@ def test_a_head_too_big_for_memory_is_one_line():
 )
 def test_optimized_folder_of_another_model(optimized_dir, args, pattern):
     fails(["bench", *args, "--optimized", optimized_dir], pattern)
+
+
+def test_run_refuses_a_budget_the_model_cannot_meet_before_training(tmp_path):
+    runs, cache = tmp_path / "runs", tmp_path / "cache"
+    fails(
+        ["run", "small_cnn", "--data", "digits", "--budget", 10**9, "--runs-dir", runs, "--cache-dir", cache],
+        r"budget 1,000,000,000 is not below the model's [\d,]+ ReLU elements",
+    )
+    assert not runs.exists() and not (cache / "baselines").exists()
