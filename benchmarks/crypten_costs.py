@@ -98,7 +98,7 @@ def markdown(results: dict) -> str:
     m = results["machine"]
     lines.append(
         f"Measured on {m['cpus']} CPU cores ({m['platform']}); latency = measured compute + rounds x RTT "
-        "+ bytes / bandwidth (LAN 0.5 ms, 1 GB/s; WAN 40 ms, 100 MB/s)."
+        "+ bytes sent one way / bandwidth per direction (LAN 0.5 ms, 1 GB/s; WAN 40 ms, 100 MB/s)."
     )
     return "\n".join(lines) + "\n"
 

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from relu_opt import api, atomic, validation
 from relu_opt.data import load_dataset
-from relu_opt.errors import ConfigError, InputShapeError, ReluOptError
+from relu_opt.errors import ConfigError, InputShapeError, ReluOptError, WeightsError
 from relu_opt.export import DEFAULT_OPSET
 from relu_opt.graph import parse_input_shape, propagate_shapes, trace
 from relu_opt.loading import load_weights, resolve_model
@@ -99,14 +99,32 @@ LeafOpt = Annotated[
     list[str] | None,
     typer.Option("--leaf", help="Module class (or qualified name) fx should not trace into; repeatable."),
 ]
-NumClassesOpt = Annotated[int, typer.Option("--num-classes", help="Classes of a zoo model's head.")]
+NumClassesOpt = Annotated[
+    int | None, typer.Option("--num-classes", help="Classes of a zoo model's head (default 10, or the weights').")
+]
+MaxDropOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--max-drop",
+        min=0,
+        help="Validation accuracy points the optimized model may lose; a larger drop fails and saves nothing.",
+    ),
+]
+PretrainedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--pretrained",
+        help="Start from the weights shipped for this zoo model (`relu-opt models` lists them); sha256-checked.",
+    ),
+]
 
 
 def _load(
     spec: str,
     input_shape: str | None,
     weights: Path | None,
-    num_classes: int,
+    num_classes: int | None,
+    pretrained: bool | str = False,
     leaf: list[str] | None = None,
     fix: str = "pass --input-shape N,C,H,W that the model takes",
     classes: int | None = None,
@@ -114,7 +132,12 @@ def _load(
     validation.check_int("--num-classes", num_classes)
     validation.check_input_file(weights, "--weights")
     shape = parse_input_shape(input_shape) if input_shape else None
-    loaded = resolve_model(spec, num_classes=num_classes, in_channels=shape[1] if shape else 3)
+    if pretrained and weights is not None:
+        raise WeightsError("give --pretrained or --weights, not both")
+    if pretrained:
+        loaded = resolve_model(spec, num_classes, shape[1] if shape else None, pretrained=pretrained)
+    else:
+        loaded = resolve_model(spec, num_classes=num_classes or 10, in_channels=shape[1] if shape else 3)
     shape = shape or loaded.default_input_shape
     if shape is None:
         raise InputShapeError(f"'{spec}' has no default input shape; pass --input-shape, e.g. --input-shape 1,3,32,32")
@@ -155,11 +178,14 @@ def _census_table(c: Census) -> Table:
 
 @command("models")
 def models_cmd() -> None:
-    """List the built-in architectures."""
-    t = Table("name", "default input", "description")
+    """List the built-in architectures and the pretrained weights shipped for them (--pretrained)."""
+    from relu_opt.models.pretrained import list_pretrained
+
+    t = Table("name", "default input", "pretrained (test acc)", "description")
     for name in list_models():
         e = get_entry(name)
-        t.add_row(name, ",".join(map(str, e.default_input_shape)), e.description)
+        shipped = ", ".join(f"{r.dataset} ({r.test_accuracy:.2f}%)" for r in list_pretrained(name)) or "-"
+        t.add_row(name, ",".join(map(str, e.default_input_shape)), shipped, e.description)
     out.print(t)
 
 
@@ -169,12 +195,13 @@ def count_cmd(
     input_shape: InputShapeOpt = None,
     weights: WeightsOpt = None,
     leaf: LeafOpt = None,
-    num_classes: NumClassesOpt = 10,
+    num_classes: NumClassesOpt = None,
+    pretrained: PretrainedOpt = False,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the census as JSON here.")] = None,
 ) -> None:
     """Print where the ReLUs (and other non-linear ops) are: per site elements, share and feeding MACs."""
     validation.check_output_file(json_path, "--json")
-    net, name, shape = _load(model, input_shape, weights, num_classes, leaf)
+    net, name, shape = _load(model, input_shape, weights, num_classes, pretrained, leaf)
     c = api.count(net, torch.randn(shape), leaf or (), name=name)
     out.print(_census_table(c))
     out.print(f"ReLU elements per sample: [bold]{c.total_relu:,}[/]   MACs: {c.total_macs:,}   params: {c.params:,}")
@@ -188,12 +215,13 @@ def export_cmd(
     input_shape: InputShapeOpt = None,
     weights: WeightsOpt = None,
     leaf: LeafOpt = None,
-    num_classes: NumClassesOpt = 10,
+    num_classes: NumClassesOpt = None,
+    pretrained: PretrainedOpt = False,
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset (11-20).", min=7, max=21)] = DEFAULT_OPSET,
 ) -> None:
     """Write a verified ONNX graph: checker, onnxruntime parity and ReLU count against the census."""
     validation.check_output_file(output)
-    net, _, shape = _load(model, input_shape, weights, num_classes, leaf)
+    net, _, shape = _load(model, input_shape, weights, num_classes, pretrained, leaf)
     r = api.export(net, torch.randn(shape), output, opset=opset, leaf=leaf or ())
     out.print(f"wrote {r.path} (opset {r.opset})")
     out.print(
@@ -229,24 +257,41 @@ def _compact_table(title: str, columns: tuple[str, ...]) -> Table:
 
 
 def _bench_table(r) -> Table:
-    t = _compact_table(
-        f"CrypTen, {r.parties} parties, batch {r.batch}",
-        ("model", "ReLUs", "rounds", "MB/party", "wall s", "LAN s", "WAN s", "err", "top-1", "acc"),
-    )
+    cols = {
+        "ReLUs": lambda m: f"{m.relu_elements:,}",
+        "rounds": lambda m: str(m.rounds),
+        "MB/party": lambda m: f"{max(m.bytes_per_party) / 1e6:.1f}",
+        "wall": lambda m: f"{m.wall_s_median:.2f}",
+        "link": lambda m: f"{m.predicted_s:.2f}",
+        "LAN": lambda m: f"{m.lan_s:.2f}",
+        "WAN": lambda m: f"{m.wan_s:.2f}",
+        "err": lambda m: f"{m.max_abs_err:.1g}",
+        "top-1": lambda m: f"{m.top1_agreement:.2f}",
+        "acc": lambda m: f"{m.accuracy:.0%}",
+    }
+    # a column nobody can fill (no --link, no labels, agreement on separate hosts) is left out
+    cols = {k: f for k, f in cols.items() if not all(_is_none(m, k) for m in r.models)}
+    where = f", party {r.hosts['rank']} over {r.hosts['interface']}" if r.hosts else ""
+    t = _compact_table(f"CrypTen, {r.parties} parties, batch {r.batch}{where}; times in s", ("model", *cols))
     for m in r.models:
-        t.add_row(
-            m.name,
-            f"{m.relu_elements:,}",
-            str(m.rounds),
-            f"{max(m.bytes_per_party) / 1e6:.1f}",
-            f"{m.wall_s_median:.2f}",
-            f"{m.lan_s:.2f}",
-            f"{m.wan_s:.2f}",
-            f"{m.max_abs_err:.1g}",
-            f"{m.top1_agreement:.2f}",
-            "-" if m.accuracy is None else f"{m.accuracy:.0%}",
-        )
+        t.add_row(m.name, *("-" if _is_none(m, k) else f(m) for k, f in cols.items()))
     return t
+
+
+def _is_none(m, column: str) -> bool:
+    attr = {"link": "predicted_s", "err": "max_abs_err", "top-1": "top1_agreement", "acc": "accuracy"}.get(column)
+    return attr is not None and getattr(m, attr) is None
+
+
+def _parse_link(text: str | None):
+    from relu_opt.crypto_backend.link import load_link
+
+    if text is None:
+        return None
+    try:
+        return load_link(text)
+    except ValueError as exc:
+        raise InputShapeError(str(exc)) from None
 
 
 @command("bench")
@@ -269,11 +314,19 @@ def bench_cmd(
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
     input_shape: InputShapeOpt = None,
     weights: WeightsOpt = None,
-    num_classes: NumClassesOpt = 10,
+    num_classes: NumClassesOpt = None,
+    pretrained: PretrainedOpt = False,
     rank: Annotated[int | None, typer.Option("--rank", help="Run only this party (one per host); see README.")] = None,
     world_size: Annotated[int | None, typer.Option("--world-size", help="Parties in a multi-host run.")] = None,
     master_addr: Annotated[str, typer.Option("--master-addr", help="Party 0's address.")] = "127.0.0.1",
     master_port: Annotated[int, typer.Option("--master-port", help="Party 0's rendezvous port.")] = 29500,
+    ifname: Annotated[
+        str | None, typer.Option("--ifname", help="Network interface for the parties' traffic (default: the route).")
+    ] = None,
+    link: Annotated[
+        str | None,
+        typer.Option("--link", help="Predict latency on this link: RTT_MS,MB_PER_S or a `relu-opt link --json` file."),
+    ] = None,
 ) -> None:
     """Run the original, optimized and linear-floor models under CrypTen; report rounds, bytes, latency."""
     from relu_opt.crypto_backend import bench as cb
@@ -293,26 +346,32 @@ def bench_cmd(
     if rank is not None:
         validation.check_int("--rank", rank, 0, (world_size or parties) - 1)
     validation.check_int("--master-port", master_port, 1, 65535)
-    net, _, shape = _load(model, input_shape, weights, num_classes)
+    net, _, shape = _load(model, input_shape, weights, num_classes, (data or True) if pretrained else False)
     opt = api.load(optimized) if optimized else None
     if opt is not None:
         validation.check_optimized_fits(opt, net, shape, str(optimized))
+    link_net = _parse_link(link)
     x, y = _samples(data, data_dir, samples, shape)
     if rank is not None:
-        r = cb.run_one_party(
-            net,
-            x,
-            rank,
-            world_size or parties,
-            master_addr,
-            master_port,
-            optimized=opt,
-            runs=runs,
-            warmup=warmup,
-            timeout=timeout,
-        )
-        out.print_json(data=r)
-        _write_json(json_path, r)
+        with out.status(f"party {rank} of {world_size or parties}: waiting for the others, then running"):
+            r = cb.run_one_party(
+                net,
+                x,
+                rank,
+                world_size or parties,
+                master_addr,
+                master_port,
+                optimized=opt,
+                y=y,
+                runs=runs,
+                warmup=warmup,
+                timeout=timeout,
+                ifname=ifname,
+                networks=networks,
+                link=link_net,
+            )
+        out.print(_bench_table(r))
+        _write_json(json_path, r.to_dict())
         return
     with out.status("calibrating the cost model (cached after the first run)"):
         cost = calibrate(parties, timeout=timeout)
@@ -329,6 +388,7 @@ def bench_cmd(
             networks=networks,
             cost_model=cost,
             log=lambda m: err.print(escape(m), soft_wrap=True),
+            link=link_net,
         )
     out.print(_bench_table(r))
     for name, ratio in r.ratios.items():
@@ -337,6 +397,36 @@ def bench_cmd(
             f"LAN x{ratio['lan_s']:.2f}, WAN x{ratio['wan_s']:.2f}"
         )
     _write_json(json_path, r.to_dict())
+
+
+@command("link")
+def link_cmd(
+    rank: Annotated[int, typer.Option("--rank", help="This party's rank (0 hosts the rendezvous).")],
+    master_addr: Annotated[str, typer.Option("--master-addr", help="Party 0's address.")],
+    world_size: Annotated[int, typer.Option("--world-size", min=2, help="Parties.")] = 2,
+    master_port: Annotated[int, typer.Option("--master-port", help="Party 0's rendezvous port.")] = 29500,
+    ifname: Annotated[
+        str | None, typer.Option("--ifname", help="Network interface for the parties' traffic (default: the route).")
+    ] = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the other parties.")] = 120,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write the measurement here (`bench --link FILE` reads it).")
+    ] = None,
+) -> None:
+    """Measure RTT and bandwidth per direction between the parties, over the group CrypTen would use."""
+    from relu_opt.crypto_backend.link import measure_link
+
+    with out.status(f"party {rank}: measuring the link to party 0 at {master_addr}"):
+        m = measure_link(rank, world_size, master_addr, master_port, timeout=timeout, ifname=ifname)
+    t = _compact_table(f"link from party {rank} over {m.interface}", ("direction", "alone MB/s", "both at once MB/s"))
+    for d, v in m.one_way_MBps.items():
+        t.add_row(d, f"{v:.2f}", f"{m.duplex_MBps[d]:.2f}")
+    out.print(t)
+    out.print(
+        f"RTT {m.rtt_ms:.3f} ms (median {m.rtt_median_ms:.3f}), bandwidth {m.bandwidth_MBps:.2f} MB/s per direction; "
+        f"predict with: relu-opt bench ... --link {m.rtt_ms:.3f},{m.bandwidth_MBps:.2f}"
+    )
+    _write_json(json_path, m.to_dict())
 
 
 DataOpt = Annotated[str, typer.Option("--data", help="Dataset: fashion-mnist, cifar10, cifar100, digits, synthetic.")]
@@ -348,11 +438,13 @@ def _check_device(device: str) -> str:
     return validation.check_device(device)
 
 
-def _data_and_model(model, data, data_dir, weights):
+def _data_and_model(model, data, data_dir, weights, pretrained: bool = False):
     ds = load_dataset(data, data_dir, download=False)
     shape = ",".join(map(str, ds.input_shape))
     fix = f"give a model that takes the {data} inputs ({shape})"
-    net, name, input_shape = _load(model, shape, weights, ds.num_classes, fix=fix, classes=ds.num_classes)
+    net, name, input_shape = _load(
+        model, shape, weights, ds.num_classes, data if pretrained else False, fix=fix, classes=ds.num_classes
+    )
     return ds, net, name, input_shape
 
 
@@ -369,6 +461,7 @@ def train_cmd(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUTPUT.ckpt.")] = False,
     device: DeviceOpt = "cpu",
     weights: WeightsOpt = None,
+    pretrained: PretrainedOpt = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the initial weights and the data order.")] = 0,
 ) -> None:
     """Train a baseline: SGD + cosine, a checkpoint each epoch (OUTPUT.ckpt), --resume, Ctrl-C saves."""
@@ -379,7 +472,7 @@ def train_cmd(
     validation.check_int("--max-train", max_train)
     _check_device(device)
     torch.manual_seed(seed)
-    ds, net, _, _ = _data_and_model(model, data, data_dir, weights)
+    ds, net, _, _ = _data_and_model(model, data, data_dir, weights, pretrained)
     cfg = TrainConfig(
         epochs=epochs, lr=lr, batch_size=batch_size, max_train=max_train, device=_check_device(device), seed=seed
     )
@@ -413,6 +506,7 @@ def _check_method(strategy: str, replace: str, granularity: str, poly_per: str =
 def rank_cmd(
     model: ModelArg,
     weights: WeightsOpt = None,
+    pretrained: PretrainedOpt = False,
     data: DataOpt = "fashion-mnist",
     data_dir: DataDirOpt = None,
     strategy: StrategyOpt = "taylor",
@@ -436,7 +530,7 @@ def rank_cmd(
     validation.check_int("--budget", budget, 0)
     validation.check_output_file(json_path, "--json")
     _check_device(device)
-    ds, net, _, shape = _data_and_model(model, data, data_dir, weights)
+    ds, net, _, shape = _data_and_model(model, data, data_dir, weights, pretrained)
     cfg = OptimizeConfig(budget=budget or 0, replace=replace, granularity=granularity)
     gm = propagate_shapes(trace(net.eval()), ds.train.x[:1])
     coeffs, _ = _calibrate(gm, ds, cfg)
@@ -473,6 +567,7 @@ def optimize_cmd(
         str | None, typer.Option("--budgets", help="Several budgets, comma separated: a frontier.")
     ] = None,
     weights: WeightsOpt = None,
+    pretrained: PretrainedOpt = False,
     data: DataOpt = "fashion-mnist",
     data_dir: DataDirOpt = None,
     strategy: StrategyOpt = "taylor",
@@ -484,6 +579,7 @@ def optimize_cmd(
     lr: Annotated[float, typer.Option("--lr", help="Fine-tuning peak learning rate.")] = 0.01,
     rank_samples: Annotated[int, typer.Option("--rank-samples", help="Examples the ranking looks at.")] = 5000,
     max_train: Annotated[int | None, typer.Option("--max-train", help="Fine-tune on the first N examples.")] = None,
+    max_drop: MaxDropOpt = None,
     device: DeviceOpt = "cpu",
 ) -> None:
     """Keep the most critical ReLUs that fit the budget, replace the rest, fine-tune with distillation."""
@@ -497,9 +593,11 @@ def optimize_cmd(
     validation.check_int("--max-train", max_train)
     validation.check_output_dir(output)
     _check_device(device)
-    ds, net, name, _ = _data_and_model(model, data, data_dir, weights)
-    if weights is None:
-        err.print("warning: no --weights given, so the model being optimized is untrained", soft_wrap=True)
+    ds, net, name, _ = _data_and_model(model, data, data_dir, weights, pretrained)
+    if weights is None and not pretrained:
+        err.print(
+            "warning: no --weights or --pretrained given, so the model being optimized is untrained", soft_wrap=True
+        )
     cfg = OptimizeConfig(
         budget=levels[0],
         strategy=strategy,
@@ -511,6 +609,7 @@ def optimize_cmd(
         lr=lr,
         rank_samples=rank_samples,
         max_train=max_train,
+        max_drop=max_drop,
         device=_check_device(device),
     )
     results = optimize_frontier(net, ds, levels, cfg, output, base_spec=name)
@@ -575,10 +674,18 @@ def _summary(r) -> None:
 def run_cmd(
     model: Annotated[
         str, typer.Argument(help="Model spec (zoo name, file.py:Class, package.module:factory).")
-    ] = "small_cnn",
+    ] = "resnet20",
     data: DataOpt = "fashion-mnist",
     data_dir: DataDirOpt = None,
     weights: WeightsOpt = None,
+    pretrained: Annotated[
+        bool,
+        typer.Option(
+            "--pretrained/--no-pretrained",
+            help="Start from the shipped weights for MODEL on DATA when there are any; otherwise train a baseline.",
+        ),
+    ] = True,
+    max_drop: MaxDropOpt = None,
     budget: Annotated[int | None, typer.Option("--budget", help="ReLUs per sample to keep (default: 1/10).")] = None,
     budgets: Annotated[str | None, typer.Option("--budgets", help="Several budgets, comma separated.")] = None,
     strategy: StrategyOpt = "taylor",
@@ -615,6 +722,8 @@ def run_cmd(
         data=data,
         data_dir=str(data_dir) if data_dir else None,
         weights=str(weights) if weights else None,
+        pretrained=pretrained,
+        max_drop=max_drop,
         budgets=tuple(levels),
         strategy=strategy,
         replace=replace,

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from relu_opt.errors import ModelSpecError, WeightsError
-from relu_opt.models import get_entry
+from relu_opt.models import create_model, get_entry
 
 _SPEC_HELP = "MODEL is a zoo name (see `relu-opt models`), path/to/file.py:ClassOrFactory, or package.module:factory"
 
@@ -55,12 +55,24 @@ def _candidates(module) -> list[str]:
     )
 
 
-def resolve_model(spec: str, num_classes: int = 10, in_channels: int = 3) -> LoadedModel:
-    """Return the model named by `spec`; raise ModelSpecError naming what is missing and the fix."""
+def resolve_model(
+    spec: str, num_classes: int | None = 10, in_channels: int | None = 3, pretrained: bool | str = False
+) -> LoadedModel:
+    """Return the model named by `spec`; raise ModelSpecError naming what is missing and the fix.
+
+    `pretrained` (True or a dataset name) loads a zoo model's shipped weights; None for `num_classes` or
+    `in_channels` then means "whatever the weights have"."""
     if ":" not in spec:
         if spec.endswith(".py") or os.sep in spec:
             raise ModelSpecError(f"'{spec}' names a file but no class; write {spec}:ClassName. {_SPEC_HELP}")
         entry = get_entry(spec)  # raises with close matches
+        if pretrained:
+            from relu_opt.models.pretrained import get_pretrained
+
+            rec = get_pretrained(spec, pretrained)
+            model = create_model(spec, num_classes=num_classes, in_channels=in_channels, pretrained=rec.dataset)
+            return LoadedModel(model, spec, rec.input_shape)
+        num_classes, in_channels = num_classes or 10, in_channels or 3
         try:
             model = entry.factory(num_classes=num_classes, in_channels=in_channels)
         except (RuntimeError, MemoryError, ValueError) as exc:
@@ -70,6 +82,10 @@ def resolve_model(spec: str, num_classes: int = 10, in_channels: int = 3) -> Loa
             ) from exc
         shape = (1, in_channels, *entry.default_input_shape[2:])
         return LoadedModel(model, spec, shape)
+    if pretrained:
+        raise ModelSpecError(
+            f"--pretrained works for zoo models only (see `relu-opt models`); for '{spec}' pass --weights FILE"
+        )
     where, _, attr = spec.rpartition(":")
     if where.endswith(".py") or os.sep in where:
         path = Path(where)

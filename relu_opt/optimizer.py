@@ -28,12 +28,13 @@ from relu_opt.crypto_backend.convert import prepare_for_pi
 from relu_opt.data import Dataset, batches
 from relu_opt.errors import BudgetError, ExportError
 from relu_opt.export import export
+from relu_opt.finetune import check_drop, guarded_fit
 from relu_opt.graph import propagate_shapes, trace
 from relu_opt.passes.census import census
 from relu_opt.passes.replace import maxpool_to_avgpool, relu_nodes, replace_sites
 from relu_opt.plan import REPLACEMENTS, Plan, SitePlan, with_module_names
 from relu_opt.ranking import STRATEGIES, Criticality, RankContext, rank, select
-from relu_opt.train import TrainConfig, _note, evaluate, fit, kd_loss
+from relu_opt.train import TrainConfig, _note, evaluate, kd_loss
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class OptimizeConfig:
     rank_epochs: float = 1.0
     calib_samples: int = 1024
     max_train: int | None = None
+    max_drop: float | None = None  # validation points the result may lose; more is a failure, not a result
     device: str = "cpu"
     seed: int = 0
 
@@ -279,22 +281,23 @@ def optimize(
     groups = [{"params": other}] + (
         [{"params": poly_params, "lr": config.lr * 0.1, "weight_decay": 0.0}] if poly_params else []
     )
-    ft = fit(
+    ft = guarded_fit(
         student,
         data,
         train_cfg,
-        loss_fn=kd_loss(teacher, config.temperature, config.kd_alpha),
+        baseline_val=100 * val_before,
         checkpoint=work / f"finetune_{run_key}.ckpt",
-        resume=True,
         param_groups=groups,
+        finalize=lambda m: _anneal(m, config.anneal)(1.0),
+        loss_fn=kd_loss(teacher, config.temperature, config.kd_alpha),
         on_step=_anneal(student, config.anneal),
         progress=progress,
         description=f"fine-tune {config.budget:,}",
         resume_hint="rerun the same command to continue from there",
     )
-    _anneal(student, config.anneal)(1.0)
     student.eval()
-    _, val_after = evaluate(student, data.val, device=config.device)
+    val_after = ft.val_accuracy / 100
+    check_drop(100 * val_before, ft.val_accuracy, config.max_drop, f"budget {config.budget:,}")
     _, test_after = evaluate(student, data.test, device=config.device)
 
     plan = Plan(

@@ -26,6 +26,7 @@ from relu_opt.cache import cache_dir, file_digest
 from relu_opt.checked_io import load_cache, load_torch
 from relu_opt.data import Dataset, load_dataset
 from relu_opt.loading import load_weights, resolve_model
+from relu_opt.models.pretrained import list_pretrained, load_pretrained
 from relu_opt.optimizer import OptimizeConfig, OptimizeResult, check_budget, optimize
 from relu_opt.plan import load
 from relu_opt.train import TrainConfig, evaluate, fit
@@ -36,10 +37,11 @@ from relu_opt.validation import check_model_input
 class RunConfig:
     """Everything `relu-opt run` takes; the defaults are the built-in job."""
 
-    model: str = "small_cnn"
+    model: str = "resnet20"
     data: str = "fashion-mnist"
     data_dir: str | None = None
     weights: str | None = None
+    pretrained: bool = True  # start from the shipped weights for (model, data) when there are any
     budgets: tuple[int, ...] = ()  # empty: one budget, `fraction` of the baseline's ReLUs
     fraction: float = 0.1
     strategy: str = "taylor"
@@ -54,6 +56,7 @@ class RunConfig:
     timeout: float = 300
     device: str = "cpu"
     seed: int = 0
+    max_drop: float | None = None
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,12 @@ def _baseline(cfg: RunConfig, data: Dataset, cache: Path, log: Callable[[str], N
     if cfg.weights:
         load_weights(model, cfg.weights)
         return model.eval(), {"source": cfg.weights, "cached": False}
+    shipped = [r for r in list_pretrained(cfg.model) if r.dataset == cfg.data] if cfg.pretrained else []
+    if shipped:
+        rec = shipped[0]
+        log(f"baseline: shipped pretrained {cfg.model} on {cfg.data} ({rec.test_accuracy:.2f}% test, sha256 checked)")
+        load_pretrained(model, rec)
+        return model.eval(), {"source": str(rec.path), "cached": False, "pretrained": rec.command}
     key = _key(cfg.model, cfg.data, cfg.data_dir, cfg.baseline_epochs, cfg.max_train, cfg.seed)
     path = cache / "baselines" / f"{_slug(cfg.model)}_{cfg.data}_e{cfg.baseline_epochs}_{key}.pt"
     state = load_cache(path, lambda p: load_torch(p, "cached baseline"), note=log)
@@ -169,6 +178,7 @@ def run(
             granularity=cfg.granularity,
             epochs=cfg.epochs,
             max_train=cfg.max_train,
+            max_drop=cfg.max_drop,
             device=cfg.device,
             seed=cfg.seed,
         )

@@ -208,7 +208,8 @@ def run_markdown(r: dict) -> str:
         "",
         f"LAN = {lan.get('rtt_ms', '?')} ms RTT, {lan.get('bandwidth_MBps', '?')} MB/s; "
         f"WAN = {wan.get('rtt_ms', '?')} ms RTT, {wan.get('bandwidth_MBps', '?')} MB/s; "
-        "latency = measured compute + rounds x RTT + bytes / bandwidth.",
+        "latency = measured compute + rounds x RTT + bytes each party sends one way / bandwidth per direction "
+        "(a full-duplex link).",
         "",
         "| model | ReLUs | rounds | MB per party | wall s (median) | LAN s | WAN s | predicted rounds |",
         "|---|---|---|---|---|---|---|---|",

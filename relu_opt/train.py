@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +27,7 @@ LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (logits, x, y) -> loss
 
 
 class TrainingDiverged(ReluOptError):
-    """The loss became NaN or infinite."""
+    """The loss became NaN or infinite, or grew past `max_loss_growth` times its start."""
 
 
 class TrainingInterrupted(ReluOptError):
@@ -75,6 +77,7 @@ class TrainConfig:
     freeze_bn: bool = False  # keep BatchNorm running statistics fixed (fine-tuning polynomial nets)
     device: str = "cpu"
     seed: int = 0
+    max_loss_growth: float | None = None  # a loss this many times the recent median (or 1) counts as diverged
     extra: dict = field(default_factory=dict)
 
 
@@ -122,6 +125,17 @@ def kd_loss(teacher: nn.Module, temperature: float = 4.0, alpha: float = 0.9) ->
         return alpha * temperature**2 * kl + (1 - alpha) * F.cross_entropy(logits, y)
 
     return loss
+
+
+_LOSS_WINDOW = 50  # steps in the running median an exploding loss is measured against
+_LOSS_WARMUP = 20  # steps before the first judgement: early losses move fast for good reasons (annealing)
+
+
+def _exploded(loss: float, recent: deque[float], growth: float | None) -> bool:
+    """Return whether `loss` is `growth` times past the recent median (an explosion, not a trend)."""
+    if growth is None or len(recent) < _LOSS_WARMUP:
+        return False
+    return loss > growth * max(statistics.median(recent), 1.0)
 
 
 def _ce(logits: Tensor, x: Tensor, y: Tensor) -> Tensor:
@@ -217,12 +231,14 @@ def fit(
                     "partial": list(stats),
                     "schedule": schedule,
                     "rng": torch.get_rng_state(),
+                    "recent_losses": list(recent),
                     "history": [asdict(e) for e in history],
                 },
                 ckpt,
             )
 
     gen = torch.Generator().manual_seed(config.seed)
+    recent: deque[float] = deque(state.get("recent_losses", []) if state else [], maxlen=_LOSS_WINDOW)
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -259,11 +275,13 @@ def fit(
                     x, y = _prepare_input(x, device), y.to(device)
                     logits = model(x)
                     loss = loss_fn(logits, x, y)
-                    if not torch.isfinite(loss):
+                    exploded = _exploded(loss.item(), recent, config.max_loss_growth)
+                    recent.append(loss.item())
+                    if not torch.isfinite(loss) or exploded:
                         where = f"'{ckpt}' (epoch {len(history)})" if ckpt and ckpt.is_file() else "none"
                         raise TrainingDiverged(
-                            f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; stopped. Last good "
-                            f"checkpoint: {where}. Try a lower --lr"
+                            f"loss became {loss.item():.4g}{' (exploding)' if exploded else ''} at epoch {epoch + 1}, "
+                            f"step {step + 1}; stopped. Last good checkpoint: {where}. Try a lower --lr"
                         )
                     opt.zero_grad(set_to_none=True)
                     loss.backward()

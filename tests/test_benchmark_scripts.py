@@ -47,3 +47,39 @@ def test_cifar_resnet18_tiny(tmp_path):
     assert [row["relu"] <= row["budget"] for row in result["rows"]] == [True, True]
     assert result["device"].startswith("CPU")
     assert (out / "cifar_resnet18.png").is_file()
+
+
+def test_pareto_markdown_checks_targets_and_keeps_failed_rows():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pareto_bench", ROOT / "benchmarks" / "pareto.py")
+    pareto = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pareto)
+    row = {"strategy": "taylor", "replace": "poly", "granularity": "channel", "seed": 0, "epochs": 1.0, "wall_s": 9}
+    result = {
+        "baseline": {"relu": 144256, "test_accuracy": 94.46, "epochs": None, "source": "pretrained"},
+        "rows": [
+            {**row, "budget": 7212, "relu": 7212, "test_accuracy": 94.1},  # 20x, -0.36: met
+            {**row, "budget": 1442, "relu": 1442, "test_accuracy": 93.2},  # 100x, -1.26: missed
+            {**row, "strategy": "random", "budget": 1442, "relu": 1442, "test_accuracy": None, "failed": "diverged"},
+        ],
+        "machine": {"cpus": 2, "platform": "linux", "torch": "2.13.0"},
+    }
+    md = pareto.markdown(result)
+    assert "shipped pretrained weights" in md
+    assert "| 20x | 94.10% | -0.36 | met (20x, <=0.5) |" in md
+    assert "| 100x | 93.20% | -1.26 | missed (100x, <=1) |" in md
+    assert "| random | poly | channel | 1,442 | 0 | 1,442 | 100x | failed | - | - |" in md
+    result["rows"].append({**row, "seed": 1, "budget": 7212, "relu": 7212, "test_accuracy": 93.8})
+    assert pareto.seed_spread(result["rows"]) == [
+        {
+            "strategy": "taylor",
+            "granularity": "channel",
+            "budget": 7212,
+            "seeds": 2,
+            "failed": 0,
+            "min": 93.8,
+            "max": 94.1,
+        }
+    ]
+    assert "| taylor | 7,212 | 2 | 0 | 93.80% | 94.10% | 0.30 |" in pareto.markdown(result)

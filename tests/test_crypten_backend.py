@@ -68,7 +68,13 @@ def test_two_party_forward_matches_plaintext():
     assert orig.max_abs_err < 1e-2 * scale
     assert orig.accuracy == orig.plain_accuracy
     assert r.ratios["floor"]["rounds"] == pytest.approx(4 / 31)
-    assert len(orig.bytes_per_party) == 2 and orig.lan_s > orig.wall_s_median
+    assert len(orig.bytes_per_party) == 2 and 0 < orig.compute_s < orig.wall_s_median
+    # two parties: each all-reduce of N bytes moves N each way; CrypTen's count adds both directions
+    assert orig.sent_per_party == orig.received_per_party == [b // 2 for b in orig.bytes_per_party]
+    wan = r.networks["wan"]
+    assert orig.wan_s == pytest.approx(
+        orig.compute_s + 31 * wan["rtt_ms"] / 1e3 + max(orig.sent_per_party) / (wan["bandwidth_MBps"] * 1e6)
+    )
     d = r.to_dict()
     assert {"parties", "batch", "models", "ratios"} <= set(d)
     assert {
@@ -253,12 +259,21 @@ def test_one_party_per_host_mode(tmp_path):
         )
         for rank in (0, 1)
     ]
+    outs = []
     for p in procs:
-        _, err = p.communicate(timeout=180)
+        out, err = p.communicate(timeout=180)
         assert p.returncode == 0, err
+        outs.append(out)
     results = [json.loads((tmp_path / f"p{r}.json").read_text()) for r in (0, 1)]
-    assert [m["name"] for m in results[0]["models"]] == ["original", "floor"]
-    assert results[0]["models"][0]["rounds"] == [31] and results[1]["models"][0]["rounds"] == [31]
+    for rank, (r, out) in enumerate(zip(results, outs)):
+        assert f"CrypTen, 2 parties, batch 2, party {rank} over lo" in out  # the local bench's table
+        assert [m["name"] for m in r["models"]] == ["original", "floor"]
+        assert r["models"][0]["rounds"] == 31 and r["models"][1]["rounds"] == 4
+        assert r["hosts"] == {"rank": rank, "interface": "lo"}
+    # the parties share their measurements at the end, so both report the same numbers
+    assert results[0]["models"] == results[1]["models"]
+    orig = results[0]["models"][0]
+    assert orig["sent_per_party"] == [b // 2 for b in orig["bytes_per_party"]]
 
 
 @pytest.mark.parametrize("how", ["term", "kill"])

@@ -29,16 +29,54 @@ class Measurement:
     name: str
     relu_elements: int  # per sample, counted on the exported ONNX graph
     rounds: int
-    bytes_per_party: list[int]
+    bytes_per_party: list[int]  # CrypTen's count: both directions of each all-reduce added up
     wall_s_runs: list[float]
     conversion_s: float
     encryption_s: float
     logits: np.ndarray
-    features: CostFeatures
+    features: CostFeatures | None
+    sent_per_party: list[int] = field(default_factory=list)  # bytes each party sends per forward
+    received_per_party: list[int] = field(default_factory=list)  # bytes each party receives per forward
+    compute_s: float = 0.0  # median over runs of the slowest party's time outside communication
 
     @property
     def wall_s_median(self) -> float:
         return statistics.median(self.wall_s_runs)
+
+
+def _measurements(
+    results: list[dict], names: Sequence[str], relus: Sequence[int], feats: Sequence[CostFeatures | None]
+) -> list[Measurement]:
+    """Return one Measurement per model from every party's result (ordered by rank)."""
+    out = []
+    for i, name in enumerate(names):
+        per_party = [r["models"][i] for r in results]
+        p0 = per_party[0]
+        walls = [max(w) for w in zip(*(p["wall_s_runs"] for p in per_party))]
+        compute = [
+            max(w - c for w, c in zip(ws, cs))
+            for ws, cs in zip(
+                zip(*(p["wall_s_runs"] for p in per_party)),
+                zip(*(p.get("comm_s", [0.0] * len(p["wall_s_runs"])) for p in per_party)),
+            )
+        ]
+        out.append(
+            Measurement(
+                name=name,
+                relu_elements=relus[i],
+                rounds=int(statistics.median(p0["rounds"])),
+                bytes_per_party=[int(statistics.median(p["bytes"])) for p in per_party],
+                wall_s_runs=walls,
+                conversion_s=max(p["conversion_s"] for p in per_party),
+                encryption_s=max(p["encryption_s"] for p in per_party),
+                logits=np.asarray(p0["logits"], dtype=np.float64),
+                features=feats[i],
+                sent_per_party=[int(statistics.median(p.get("sent", [0]))) for p in per_party],
+                received_per_party=[int(statistics.median(p.get("received", [0]))) for p in per_party],
+                compute_s=statistics.median(compute),
+            )
+        )
+    return out
 
 
 def measure(
@@ -81,24 +119,7 @@ def measure(
             timeout=timeout,
         )
         results = launch_local(job, work, timeout)
-    out = []
-    for i, (name, _) in enumerate(models):
-        per_party = [r["models"][i] for r in results]
-        p0 = per_party[0]
-        out.append(
-            Measurement(
-                name=name,
-                relu_elements=relus[i],
-                rounds=int(statistics.median(p0["rounds"])),
-                bytes_per_party=[int(statistics.median(p["bytes"])) for p in per_party],
-                wall_s_runs=[max(w) for w in zip(*(p["wall_s_runs"] for p in per_party))],
-                conversion_s=max(p["conversion_s"] for p in per_party),
-                encryption_s=max(p["encryption_s"] for p in per_party),
-                logits=np.asarray(p0["logits"], dtype=np.float64),
-                features=feats[i],
-            )
-        )
-    return out
+    return _measurements(results, [name for name, _ in models], relus, feats)
 
 
 def fixed_point_warnings(gm: fx.GraphModule, x: torch.Tensor, precision_bits: int = 16) -> list[str]:
@@ -146,21 +167,38 @@ def run_one_party(
     master_addr: str,
     master_port: int,
     optimized: nn.Module | None = None,
+    y: torch.Tensor | None = None,
     runs: int = 3,
     warmup: int = 1,
     timeout: float = 300,
-) -> dict:
-    """Run this process as one party of a multi-host bench and return its own measurements.
+    ifname: str | None = None,
+    networks: tuple[Network, Network] = (LAN, WAN),
+    link: Network | None = None,
+) -> BenchResult:
+    """Run this process as party `rank` of a bench whose parties are on separate hosts; return the
+    BenchResult every party ends with (all parties' traffic and times, shared at the end).
 
     Every party runs the same models (party 0's weights reach the others only as secret shares), and
-    the data owner's samples are the input; the others pass zeros of the same shape."""
+    the data owner's samples are the input; the others pass zeros of the same shape. The parties check
+    at rendezvous that they run the same models, shapes and versions. Agreement with plaintext needs the
+    weights and the samples in one place, so it is not reported; accuracy is, where `y` is given."""
+    from relu_opt.crypto_backend import rendezvous as rdv
+
+    variants = pi_variants(model, x[:1], optimized)
     with private_dir("party") as tmp:
-        specs = []
-        for name, gm in pi_variants(model, x[:1], optimized):
+        specs, relus, hashes = [], [], {}
+        for name, gm in variants:
+            data = crypten_onnx(gm, x[:1])
             path = Path(tmp) / f"{name}.onnx"
-            path.write_bytes(crypten_onnx(gm, x[:1]))
+            path.write_bytes(data)
             specs.append({"name": name, "onnx": str(path)})
+            relus.append(onnx_census(onnx.load_from_string(data), tuple(x[:1].shape)).total_relu)
+            hashes[name] = rdv.structure_hash(data)
         torch.save(x.clone(), Path(tmp) / "inputs.pt")
+        fp = rdv.fingerprint(
+            world_size,
+            {"command": "bench", "models": hashes, "input_shape": list(x.shape), "runs": runs, "warmup": warmup},
+        )
         job = PartyJob(
             rank=rank,
             world_size=world_size,
@@ -173,13 +211,15 @@ def run_one_party(
             warmup=warmup,
             runs=runs,
             timeout=timeout,
+            ifname=ifname,
+            fingerprint=fp,
         )
         start_watchdog(job)
         result = run_party(job)
-    for m in result["models"]:
-        m.pop("logits")
-        m["wall_s_median"] = statistics.median(m["wall_s_runs"])
-    return result
+    names = [name for name, _ in variants]
+    measured = _measurements(result["parties"], names, relus, [None] * len(names))
+    reports = [_report(m, None, y, networks, None, link) for m in measured]
+    return _result(world_size, len(x), reports, (), networks, link, interface=result["interface"], rank=rank)
 
 
 @dataclass(frozen=True)
@@ -194,14 +234,18 @@ class ModelReport:
     wall_s_runs: list[float]
     conversion_s: float
     encryption_s: float
-    max_abs_err: float
-    top1_agreement: float
+    max_abs_err: float | None  # None where no party holds both the weights and the samples
+    top1_agreement: float | None
     accuracy: float | None
     plain_accuracy: float | None
     lan_s: float
     wan_s: float
     predicted_rounds: float | None = None
     predicted_bytes: float | None = None
+    sent_per_party: list[int] = field(default_factory=list)
+    received_per_party: list[int] = field(default_factory=list)
+    compute_s: float = 0.0
+    predicted_s: float | None = None  # latency on the --link network, next to wall_s_median
 
     @property
     def wall_s_spread(self) -> float:
@@ -218,6 +262,8 @@ class BenchResult:
     models: tuple[ModelReport, ...]
     warnings: tuple[str, ...] = ()
     networks: dict = field(default_factory=dict)
+    link: dict | None = None  # the --link network predicted_s refers to
+    hosts: dict | None = None  # parties on separate hosts: this party's rank and interface
 
     @property
     def ratios(self) -> dict[str, dict[str, float]]:
@@ -240,7 +286,65 @@ class BenchResult:
             "ratios": self.ratios,
             "warnings": list(self.warnings),
             "networks": self.networks,
+            "link": self.link,
+            "hosts": self.hosts,
         }
+
+
+def _net_dict(n: Network) -> dict:
+    return {"rtt_ms": n.rtt_s * 1e3, "bandwidth_MBps": n.bandwidth_Bps / 1e6}
+
+
+def _report(
+    m: Measurement,
+    ref: np.ndarray | None,
+    y: torch.Tensor | None,
+    networks: tuple[Network, Network],
+    cost_model: CostModel | None,
+    link: Network | None,
+) -> ModelReport:
+    """Return the ModelReport of one measured model (`ref`: its plaintext logits, when known)."""
+    labels = None if y is None else y.numpy()
+    lan, wan = networks
+
+    def latency(net: Network) -> float:
+        return net.latency(m.compute_s, m.rounds, m.sent_per_party, m.received_per_party)
+
+    return ModelReport(
+        name=m.name,
+        relu_elements=m.relu_elements,
+        rounds=m.rounds,
+        bytes_per_party=m.bytes_per_party,
+        wall_s_median=m.wall_s_median,
+        wall_s_runs=m.wall_s_runs,
+        conversion_s=m.conversion_s,
+        encryption_s=m.encryption_s,
+        max_abs_err=None if ref is None else float(np.abs(m.logits - ref).max()),
+        top1_agreement=None if ref is None else float((m.logits.argmax(1) == ref.argmax(1)).mean()),
+        accuracy=None if labels is None else float((m.logits.argmax(1) == labels).mean()),
+        plain_accuracy=None if labels is None or ref is None else float((ref.argmax(1) == labels).mean()),
+        lan_s=latency(lan),
+        wan_s=latency(wan),
+        predicted_rounds=cost_model.rounds(m.features) if cost_model and m.features else None,
+        predicted_bytes=cost_model.bytes(m.features) if cost_model and m.features else None,
+        sent_per_party=m.sent_per_party,
+        received_per_party=m.received_per_party,
+        compute_s=m.compute_s,
+        predicted_s=None if link is None else latency(link),
+    )
+
+
+def _result(parties, batch, reports, warnings, networks, link, **hosts) -> BenchResult:
+    nets = {n.name: _net_dict(n) for n in networks}
+    return BenchResult(
+        parties,
+        batch,
+        tuple(reports),
+        tuple(warnings),
+        nets,
+        None if link is None else {"name": link.name, **_net_dict(link)},
+        hosts or None,
+    )
 
 
 def bench(
@@ -255,9 +359,11 @@ def bench(
     networks: tuple[Network, Network] = (LAN, WAN),
     cost_model: CostModel | None = None,
     log: Callable[[str], None] = lambda _msg: None,
+    link: Network | None = None,
 ) -> BenchResult:
     """Return the BenchResult of running the original, the optimized (when given) and the linear
-    floor under CrypTen with `parties` parties on the samples `x` (labels `y` optional)."""
+    floor under CrypTen with `parties` parties on the samples `x` (labels `y` optional); with `link`,
+    each model also gets `predicted_s` on that network."""
     variants = pi_variants(model, x[:1], optimized)
     warnings = []
     for name, gm in variants:
@@ -269,30 +375,5 @@ def bench(
 
     log(f"running {len(variants)} models under CrypTen with {parties} parties, batch {len(x)}")
     measured = measure(variants, x, parties=parties, runs=runs, warmup=warmup, timeout=timeout)
-    lan, wan = networks
-    reports = []
-    for m in measured:
-        ref = plain[m.name]
-        labels = None if y is None else y.numpy()
-        reports.append(
-            ModelReport(
-                name=m.name,
-                relu_elements=m.relu_elements,
-                rounds=m.rounds,
-                bytes_per_party=m.bytes_per_party,
-                wall_s_median=m.wall_s_median,
-                wall_s_runs=m.wall_s_runs,
-                conversion_s=m.conversion_s,
-                encryption_s=m.encryption_s,
-                max_abs_err=float(np.abs(m.logits - ref).max()),
-                top1_agreement=float((m.logits.argmax(1) == ref.argmax(1)).mean()),
-                accuracy=None if labels is None else float((m.logits.argmax(1) == labels).mean()),
-                plain_accuracy=None if labels is None else float((ref.argmax(1) == labels).mean()),
-                lan_s=lan.latency(m.wall_s_median, m.rounds, max(m.bytes_per_party)),
-                wan_s=wan.latency(m.wall_s_median, m.rounds, max(m.bytes_per_party)),
-                predicted_rounds=cost_model.rounds(m.features) if cost_model else None,
-                predicted_bytes=cost_model.bytes(m.features) if cost_model else None,
-            )
-        )
-    nets = {n.name: {"rtt_ms": n.rtt_s * 1e3, "bandwidth_MBps": n.bandwidth_Bps / 1e6} for n in networks}
-    return BenchResult(parties, len(x), tuple(reports), tuple(warnings), nets)
+    reports = [_report(m, plain[m.name], y, networks, cost_model, link) for m in measured]
+    return _result(parties, len(x), reports, warnings, networks, link)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,15 +32,20 @@ _AVG = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.Adapt
 
 @dataclass(frozen=True)
 class Network:
-    """A network profile: round-trip time and bandwidth per party."""
+    """A network profile: round-trip time, and bandwidth in each direction of a full-duplex link."""
 
     name: str
     rtt_s: float
-    bandwidth_Bps: float
+    bandwidth_Bps: float  # per direction
 
-    def latency(self, compute_s: float, rounds: float, nbytes: float) -> float:
-        """Return compute time + rounds x RTT + bytes / bandwidth, in seconds."""
-        return compute_s + rounds * self.rtt_s + nbytes / self.bandwidth_Bps
+    def transfer_s(self, sent: Sequence[float], received: Sequence[float]) -> float:
+        """Return the seconds the link needs to carry every party's traffic: both directions carry data
+        at once, so the busiest direction of any party sets the time (not the sum of both)."""
+        return max([*sent, *received, 0.0]) / self.bandwidth_Bps
+
+    def latency(self, compute_s: float, rounds: float, sent: Sequence[float], received: Sequence[float]) -> float:
+        """Return compute time + rounds x RTT + transfer time, in seconds (bytes per party per direction)."""
+        return compute_s + rounds * self.rtt_s + self.transfer_s(sent, received)
 
 
 LAN = Network("lan", 0.5e-3, 1e9)

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,8 @@ class PartyJob:
     timeout: float = 300.0
     threads: int = 1
     extra_env: dict = field(default_factory=dict)
+    ifname: str | None = None  # the interface Gloo binds to; default: the one that routes to master_addr
+    fingerprint: dict | None = None  # parties on separate hosts: check it at rendezvous, share results
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PartyJob:
@@ -88,7 +91,40 @@ def private_weights(data: bytes, rank: int) -> bytes:
 
 
 def run(job: PartyJob) -> dict:
-    """Run every model of `job` under CrypTen as party `job.rank`; returns the measurements."""
+    """Run every model of `job` under CrypTen as party `job.rank`; returns the measurements (with
+    every party's under "parties" when `job.fingerprint` is set)."""
+    from relu_opt.crypto_backend import rendezvous as rdv
+
+    iface = job.ifname or job.extra_env.get("GLOO_SOCKET_IFNAME") or os.environ.get("GLOO_SOCKET_IFNAME")
+    iface = rdv.bind_interface(job.master_addr, iface)
+    store = None
+    if job.fingerprint is not None:
+        store = rdv.open_store(job.rank, job.master_addr, job.master_port, job.timeout)
+        rdv.check_in(store, job.rank, job.fingerprint, job.timeout)
+    try:
+        result = _run(job)
+    except BaseException as exc:
+        if store is None:
+            raise
+        rdv.report_failure(store, job.rank, f"party {job.rank} failed: {type(exc).__name__}: {_first_line(exc)}")
+        time.sleep(0.5)  # let a party that failed first leave its reason
+        peer = rdv.peer_failure(store, job.rank, job.world_size)
+        if peer:
+            raise rdv.RendezvousError(peer) from exc
+        raise
+    result["interface"] = iface
+    if store is not None:
+        result["parties"] = rdv.share_results(store, job.rank, job.world_size, dict(result), job.timeout)
+    return result
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _run(job: PartyJob) -> dict:
+    warnings.filterwarnings("ignore", category=UserWarning, module="crypten")
     os.environ.update(
         {
             "RANK": str(job.rank),
@@ -107,6 +143,9 @@ def run(job: PartyJob) -> dict:
     crypten.cfg.communicator.verbose = True  # the communicator only counts rounds and bytes then
     crypten.init()
     comm = crypten.communicator.get()
+    from relu_opt.crypto_backend.traffic import TrafficCounter
+
+    traffic = TrafficCounter(comm)
     if job.rank == DATA_OWNER % job.world_size and job.inputs:
         x = torch.load(job.inputs, weights_only=True)
     else:
@@ -121,11 +160,12 @@ def run(job: PartyJob) -> dict:
         t1 = time.perf_counter()
         x_enc = crypten.cryptensor(x, src=DATA_OWNER % job.world_size)
         t2 = time.perf_counter()
-        walls, rounds, nbytes = [], [], []
+        walls, rounds, nbytes, sent, received, comm_s = [], [], [], [], [], []
         with crypten.no_grad():
             for i in range(job.warmup + job.runs):
                 comm.barrier()
                 comm.reset_communication_stats()
+                traffic.reset()
                 start = time.perf_counter()
                 y = model(x_enc)
                 wall = time.perf_counter() - start
@@ -134,12 +174,18 @@ def run(job: PartyJob) -> dict:
                     walls.append(wall)
                     rounds.append(int(stats["rounds"]))
                     nbytes.append(int(stats["bytes"]))
+                    sent.append(traffic.sent)
+                    received.append(traffic.received)
+                    comm_s.append(traffic.comm_s)
         logits = y.get_plain_text()
         out.append(
             {
                 "name": spec["name"],
                 "rounds": rounds,
                 "bytes": nbytes,
+                "sent": sent,
+                "received": received,
+                "comm_s": comm_s,
                 "wall_s_runs": walls,
                 "conversion_s": t1 - t0,
                 "encryption_s": t2 - t1,
@@ -158,8 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         atomic.write_json(job.result, run(job))
     except BaseException as exc:  # any failure must reach the launcher as a message, not a hang
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        _write_error(job.result, job.rank, f"party {job.rank} failed: {type(exc).__name__}: {first}")
+        from relu_opt.errors import ReluOptError
+
+        if isinstance(exc, ReluOptError):
+            _write_error(job.result, job.rank, str(exc))
+        else:
+            _write_error(job.result, job.rank, f"party {job.rank} failed: {type(exc).__name__}: {_first_line(exc)}")
         traceback.print_exc()
         return 1
     return 0

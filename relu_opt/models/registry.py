@@ -54,6 +54,30 @@ def get_entry(name: str) -> ModelEntry:
         ) from None
 
 
-def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:
-    """Return a new, randomly initialised zoo model."""
-    return get_entry(name).factory(num_classes=num_classes, in_channels=in_channels, **kwargs)
+def create_model(
+    name: str,
+    num_classes: int | None = None,
+    in_channels: int | None = None,
+    pretrained: bool | str = False,
+    **kwargs,
+) -> nn.Module:
+    """Return a zoo model: randomly initialised, or with shipped weights when `pretrained` (True or a dataset).
+
+    Pretrained models take their classes and input channels from the weights' record; giving other values
+    is an error rather than a silently different head."""
+    entry = get_entry(name)
+    if not pretrained:
+        return entry.factory(num_classes=num_classes or 10, in_channels=in_channels or 3, **kwargs)
+    from relu_opt.models.pretrained import get_pretrained, load_pretrained
+
+    rec = get_pretrained(name, pretrained)
+    for what, given, shipped in (
+        ("num_classes", num_classes, rec.num_classes),
+        ("in_channels", in_channels, rec.in_channels),
+    ):
+        if given is not None and given != shipped:
+            raise ModelSpecError(
+                f"{what}={given} does not match the pretrained '{name}' ({rec.dataset}), which has {what}={shipped}; "
+                f"leave {what} out or train your own weights"
+            )
+    return load_pretrained(entry.factory(num_classes=rec.num_classes, in_channels=rec.in_channels, **kwargs), rec)

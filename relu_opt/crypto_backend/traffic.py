@@ -1,0 +1,110 @@
+"""Count what one CrypTen party sends and receives, per direction.
+
+CrypTen's own counter (`comm.get_communication_stats()["bytes"]`) adds both directions of an
+all-reduce into one number, so `bytes / bandwidth` charges a full-duplex link twice. This counter wraps
+the communicator's collectives and books each one as the Gloo algorithm moves it: for P parties a ring
+all-reduce of N bytes sends and receives 2(P-1)/P x N per party (N each way for two parties), an
+all-gather (P-1) x N, a broadcast N per receiver, and so on.
+"""
+
+from __future__ import annotations
+
+import functools
+import pickle
+import time
+
+import torch
+
+
+def _nbytes(x) -> int:
+    if torch.is_tensor(x):
+        return x.nelement() * x.element_size()
+    if isinstance(x, (list, tuple)):
+        return sum(_nbytes(t) for t in x if t is not None)
+    return 0
+
+
+class TrafficCounter:
+    """Bytes this party sent and received, and seconds spent inside communication, since `reset()`."""
+
+    METHODS = (
+        "send",
+        "recv",
+        "isend",
+        "irecv",
+        "all_reduce",
+        "all_gather",
+        "broadcast",
+        "reduce",
+        "gather",
+        "scatter",
+        "send_obj",
+        "recv_obj",
+        "broadcast_obj",
+        "barrier",
+    )
+
+    def __init__(self, comm) -> None:
+        self.comm = comm
+        self.rank = comm.get_rank()
+        self.world_size = comm.get_world_size()
+        self.reset()
+        for name in self.METHODS:
+            original = getattr(comm, name, None)
+            if original is not None:
+                setattr(comm, name, self._wrap(name, original))
+
+    def reset(self) -> None:
+        """Start counting from zero."""
+        self.sent = 0
+        self.received = 0
+        self.comm_s = 0.0
+
+    def _wrap(self, name: str, original):
+        @functools.wraps(original)
+        def counted(*args, **kwargs):
+            start = time.perf_counter()
+            result = original(*args, **kwargs)
+            self.comm_s += time.perf_counter() - start
+            sent, received = self._book(name, args, kwargs, result)
+            self.sent += int(sent)
+            self.received += int(received)
+            return result
+
+        return counted
+
+    def _book(self, name: str, args: tuple, kwargs: dict, result) -> tuple[float, float]:
+        """Return (bytes sent, bytes received) by this party for one call."""
+        p, me = self.world_size, self.rank
+        if p < 2 or name == "barrier":
+            return 0, 0
+        first = args[0] if args else None
+        if name in ("send", "isend"):
+            return _nbytes(first), 0
+        if name in ("recv", "irecv"):
+            return 0, _nbytes(first)
+        if name == "all_reduce":
+            n = 2 * (p - 1) / p * _nbytes(first)
+            return n, n
+        if name == "all_gather":
+            n = (p - 1) * _nbytes(first)
+            return n, n
+        src = args[1] if len(args) > 1 else kwargs.get("src", kwargs.get("dst"))
+        if name == "broadcast":
+            n = _nbytes(first)
+            return ((p - 1) * n, 0) if src == me else (0, n)
+        if name in ("reduce", "gather"):
+            n = _nbytes(first)
+            return (0, (p - 1) * n) if src == me else (n, 0)
+        if name == "scatter":
+            if src == me:
+                return sum(_nbytes(t) for i, t in enumerate(first) if i != me), 0
+            return 0, _nbytes(result)
+        if name == "send_obj":
+            return len(pickle.dumps(first)) + 4, 0
+        if name == "recv_obj":
+            return 0, len(pickle.dumps(result)) + 4
+        if name == "broadcast_obj":
+            n = len(pickle.dumps(result)) + 4
+            return ((p - 1) * n, 0) if (args[1] if len(args) > 1 else kwargs.get("src")) == me else (0, n)
+        return 0, 0

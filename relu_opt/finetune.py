@@ -1,0 +1,130 @@
+"""Fine-tuning that cannot silently collapse: divergence is detected, rolled back and retried more gently.
+
+Rewritten networks (many ReLUs replaced by polynomials) can diverge when fine-tuned: compositions of
+polynomials grow without bound once an input leaves the range its polynomial was fitted on, and the loss
+explodes or the network falls to chance. `guarded_fit` runs `train.fit` and treats three outcomes as a
+failed attempt: a non-finite loss, a loss that grows `max_loss_growth` times past where it started, and a
+validation accuracy that ends near chance. After a failure it restores the weights it started from and
+tries again with the learning rate scaled down, up to `retries` times; if every attempt fails it raises
+FinetuneFailed, so a collapsed model is never saved as a result.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from torch import nn
+
+from relu_opt.data import Dataset
+from relu_opt.errors import ReluOptError
+from relu_opt.train import TrainConfig, TrainingDiverged, TrainResult, evaluate, fit
+
+
+class FinetuneFailed(ReluOptError):
+    """Fine-tuning diverged on every attempt, or the result fell further below the baseline than allowed."""
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One fine-tuning attempt: its peak learning rate, final validation accuracy (%) and why it failed."""
+
+    lr: float
+    val_accuracy: float | None
+    failure: str | None
+
+
+@dataclass(frozen=True)
+class GuardedResult:
+    """The successful attempt's training history, every attempt made, and the final validation accuracy (%)."""
+
+    train: TrainResult
+    attempts: tuple[Attempt, ...]
+    val_accuracy: float
+
+    def to_dict(self) -> dict:
+        return {**self.train.to_dict(), "attempts": [asdict(a) for a in self.attempts]}
+
+
+def collapse_threshold(baseline_val: float, num_classes: int, fraction: float = 0.25) -> float:
+    """Return the validation accuracy (%) below which a model counts as collapsed toward chance."""
+    chance = 100.0 / num_classes
+    return chance + fraction * max(baseline_val - chance, 0.0)
+
+
+def check_drop(val_before: float, val_after: float, max_drop: float | None, what: str) -> None:
+    """Raise FinetuneFailed when validation accuracy (%) fell more than `max_drop` points."""
+    if max_drop is not None and val_before - val_after > max_drop:
+        raise FinetuneFailed(
+            f"{what}: validation accuracy {val_after:.2f}% is {val_before - val_after:.2f} points below the "
+            f"baseline's {val_before:.2f}%, over the limit --max-drop {max_drop:g}; nothing was saved. Give a "
+            "larger budget, more --epochs, or a larger --max-drop"
+        )
+
+
+def _attempt_checkpoint(checkpoint: Path | None, attempt: int) -> Path | None:
+    if checkpoint is None or attempt == 0:
+        return checkpoint
+    return checkpoint.with_name(f"{checkpoint.stem}.retry{attempt}{checkpoint.suffix}")
+
+
+def guarded_fit(
+    model: nn.Module,
+    data: Dataset,
+    config: TrainConfig,
+    *,
+    baseline_val: float,
+    checkpoint: str | os.PathLike | None = None,
+    param_groups: list[dict] | None = None,
+    finalize: Callable[[nn.Module], None] | None = None,
+    retries: int = 2,
+    lr_factor: float = 0.3,
+    max_loss_growth: float = 50.0,
+    collapse_fraction: float = 0.25,
+    log: Callable[[str], None] = lambda _m: None,
+    **fit_kwargs,
+) -> GuardedResult:
+    """Fine-tune `model` in place with rollback and retries; returns the GuardedResult.
+
+    `finalize(model)` runs after each attempt's training and before its evaluation (e.g. to end an
+    annealing schedule). Checkpoints of failed attempts are removed, so a resumed run does not pick up a
+    diverged state."""
+    ckpt = Path(checkpoint) if checkpoint else None
+    start = copy.deepcopy(model.state_dict())
+    floor = collapse_threshold(baseline_val, data.num_classes, collapse_fraction)
+    attempts: list[Attempt] = []
+    for attempt in range(retries + 1):
+        scale = lr_factor**attempt
+        cfg = copy.copy(config)
+        cfg.lr = config.lr * scale
+        cfg.max_loss_growth = max_loss_growth
+        groups = (
+            [{**g, "lr": g["lr"] * scale} if "lr" in g else dict(g) for g in param_groups] if param_groups else None
+        )
+        path = _attempt_checkpoint(ckpt, attempt)
+        failure, val = None, None
+        try:
+            result = fit(model, data, cfg, checkpoint=path, resume=True, param_groups=groups, **fit_kwargs)
+        except TrainingDiverged as exc:
+            failure = str(exc)
+        else:
+            if finalize:
+                finalize(model)
+            val = 100 * evaluate(model, data.val, device=cfg.device)[1]
+            if val < floor:
+                failure = f"validation accuracy {val:.2f}% fell toward chance (below {floor:.2f}%)"
+        attempts.append(Attempt(cfg.lr, val, failure))
+        if failure is None:
+            return GuardedResult(result, tuple(attempts), val)
+        log(f"fine-tuning attempt {attempt + 1} at lr {cfg.lr:.3g} failed ({failure}); rolling back")
+        model.load_state_dict(start)
+        if path is not None:
+            path.unlink(missing_ok=True)
+    tried = ", ".join(f"lr {a.lr:.3g}: {a.failure}" for a in attempts)
+    raise FinetuneFailed(
+        f"fine-tuning diverged on all {len(attempts)} attempts ({tried}); nothing was saved. "
+        "Give a larger budget, a lower --lr, or another --replace"
+    )

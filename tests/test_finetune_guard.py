@@ -1,0 +1,99 @@
+"""Fine-tuning that cannot silently collapse: explosions and collapses are rolled back and retried."""
+
+import pytest
+import torch
+
+from relu_opt.data import load_dataset
+from relu_opt.finetune import FinetuneFailed, check_drop, collapse_threshold, guarded_fit
+from relu_opt.models import create_model
+from relu_opt.train import TrainConfig, TrainingDiverged, evaluate, fit
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return load_dataset("synthetic", shape=(1, 12, 12), n=600)
+
+
+def test_exploding_loss_counts_as_divergence(synthetic):
+    model = create_model("small_cnn", num_classes=4, in_channels=1)
+    steps = []
+
+    def explodes_at_step_25(logits, x, y):
+        steps.append(1)
+        ce = torch.nn.functional.cross_entropy(logits, y)
+        return ce * (1 + len(steps) / 10) if len(steps) < 25 else ce * 1e4  # a trend, then an explosion
+
+    with pytest.raises(TrainingDiverged, match=r"\(exploding\) at epoch 7, step 1"):
+        fit(model, synthetic, TrainConfig(epochs=8, max_loss_growth=50), loss_fn=explodes_at_step_25, progress=False)
+    assert len(steps) == 25  # the steady 3.4x rise before it was not judged an explosion
+
+
+def test_rollback_then_retry_at_a_lower_lr_succeeds(synthetic, tmp_path):
+    # The labels are a linear map of the pixels, so a linear model learns them (about 50-60% on 400 examples).
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(144, 4))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    logged = []
+    result = guarded_fit(
+        model,
+        synthetic,
+        TrainConfig(epochs=8, lr=1e4, clip_grad=None),  # an absurd learning rate: the loss explodes
+        baseline_val=60.0,
+        checkpoint=tmp_path / "ft.ckpt",
+        retries=6,
+        lr_factor=0.1,
+        log=logged.append,
+        progress=False,
+    )
+    failed = [a for a in result.attempts if a.failure]
+    assert failed and all("exploding" in a.failure for a in failed) and result.attempts[-1].failure is None
+    assert [a.lr for a in result.attempts] == pytest.approx([1e4 * 0.1**i for i in range(len(result.attempts))])
+    assert len(logged) == len(failed) and "rolling back" in logged[0]
+    assert result.val_accuracy >= collapse_threshold(60.0, 4)
+    assert result.val_accuracy == pytest.approx(100 * evaluate(model, synthetic.val)[1])
+    assert any(not torch.equal(start[k], v) for k, v in model.state_dict().items())
+    last = len(result.attempts) - 1  # failed attempts leave no checkpoint behind; the good one's stays
+    assert [p.name for p in tmp_path.iterdir()] == [f"ft.retry{last}.ckpt"]
+    assert result.to_dict()["attempts"][0]["failure"]
+
+
+def test_every_attempt_failing_raises_and_restores_the_weights(synthetic, tmp_path):
+    model = create_model("small_cnn", num_classes=4, in_channels=1)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def nan_loss(logits, x, y):
+        return logits.sum() * float("nan")
+
+    with pytest.raises(FinetuneFailed, match="diverged on all 3 attempts.*nothing was saved"):
+        guarded_fit(
+            model,
+            synthetic,
+            TrainConfig(epochs=1),
+            baseline_val=90.0,
+            checkpoint=tmp_path / "ft.ckpt",
+            loss_fn=nan_loss,
+            progress=False,
+        )
+    assert all(torch.equal(start[k], v) for k, v in model.state_dict().items())
+    assert not list(tmp_path.iterdir())  # no checkpoint of a diverged attempt is left to resume from
+
+
+def test_collapse_to_chance_is_a_failure(synthetic):
+    model = create_model("small_cnn", num_classes=4, in_channels=1)
+
+    def to_chance(m):  # a "finished" model that answers one class for everything
+        with torch.no_grad():
+            for p in m.parameters():
+                p.zero_()
+
+    with pytest.raises(FinetuneFailed, match="fell toward chance"):
+        guarded_fit(
+            model, synthetic, TrainConfig(epochs=1), baseline_val=95.0, finalize=to_chance, retries=1, progress=False
+        )
+
+
+def test_accuracy_floor():
+    assert collapse_threshold(94.0, 10) == pytest.approx(10 + 0.25 * 84)
+    check_drop(94.0, 93.0, 1.5, "budget 10")
+    check_drop(94.0, 50.0, None, "budget 10")
+    with pytest.raises(FinetuneFailed, match="2.50 points below .* --max-drop 2"):
+        check_drop(94.0, 91.5, 2.0, "budget 10")
