@@ -54,54 +54,100 @@ class Square(nn.Module):
         return [("square", math.prod(shape))]
 
 
-def _replacement_kind(rep: nn.Module | None) -> str | None:
+def replacement_items(rep: nn.Module | None, shape: tuple[int, ...]) -> list[tuple[str, int]]:
+    """Return what a replacement module computes on `shape`, as (kind, elements) census items."""
     if rep is None or isinstance(rep, nn.Identity):
-        return None
-    return "square" if isinstance(rep, Square) else "poly"
+        return []
+    items = getattr(rep, "census_items", None)
+    return list(items(shape)) if callable(items) else [("poly", math.prod(shape))]
+
+
+def _arg_value(a):
+    return a.detach().clone() if isinstance(a, Tensor) else a
 
 
 @register_leaf
-class MaskedReLU(nn.Module):
-    """ReLU where `mask` is 1 and `replacement` (identity when None) elsewhere; the training form.
+class FunctionOp(nn.Module):
+    """A function-call site as a module: `fn(x, *args, **kwargs)` (or `x.method(...)`), constant args."""
+
+    def __init__(self, target, args: tuple = (), kwargs: dict | None = None, kind: str = "", method: bool = False):
+        super().__init__()
+        self.target, self.args, self.kwargs = target, tuple(args), dict(kwargs or {})
+        self.kind, self.method = kind, method
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.method:
+            return getattr(x, self.target)(*self.args, **self.kwargs)
+        return self.target(x, *self.args, **self.kwargs)
+
+    def census_items(self, shape: tuple[int, ...]) -> list[tuple[str, int]]:
+        return [(self.kind, math.prod(shape))] if self.kind else []
+
+
+@register_leaf
+class MaskedSite(nn.Module):
+    """The site's own op (`original`, ReLU by default) where `mask` is 1 and `replacement` (identity when
+    None) elsewhere; the training form, whatever the site's kind.
 
     `mask` has the per-sample shape broadcast to the activation: (1,) for a whole site, (C, 1, 1) per
-    channel, (C, H, W) per pixel. Every element is evaluated both ways, so this form costs a full ReLU
-    under MPC; `materialize_partial` turns it into PartialReLU for export.
+    channel, (C, H, W) per pixel. Every element is evaluated both ways, so this form costs the full op
+    under MPC; `materialize_partial` turns it into the original, the replacement or a PartialSite.
     """
 
-    def __init__(self, mask: Tensor, replacement: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        mask: Tensor,
+        replacement: nn.Module | None = None,
+        original: nn.Module | None = None,
+        kind: str = "relu",
+    ) -> None:
         super().__init__()
         self.register_buffer("mask", mask.float().clone())
         self.replacement = replacement if replacement is not None else nn.Identity()
-        self.blend = 0.0  # > 0 during gradual replacement: dropped elements are still part ReLU
+        self.original = original if original is not None else nn.ReLU()
+        self.kind = kind
+        self.blend = 0.0  # > 0 during gradual replacement: dropped elements are still part original
 
     def forward(self, x: Tensor) -> Tensor:
         m = self.mask if not self.blend else self.mask + (1 - self.mask) * self.blend
-        return m * torch.relu(x) + (1 - m) * self.replacement(x)
+        return m * self.original(x) + (1 - m) * self.replacement(x)
 
     def kept(self, shape: tuple[int, ...]) -> int:
-        """Return the ReLU elements per sample this mask keeps at an activation of `shape`."""
+        """Return the elements per sample this mask keeps at an activation of `shape`."""
         return int(torch.broadcast_to(self.mask, shape).count_nonzero())
 
     def census_items(self, shape: tuple[int, ...]) -> list[tuple[str, int]]:
         kept = self.kept(shape)
-        items = [("relu", kept)] if kept else []
-        kind = _replacement_kind(self.replacement)
-        if kind and kept < math.prod(shape):
-            items.append((kind, math.prod(shape) - kept))
+        items = [(self.kind, kept)] if kept else []
+        if kept < math.prod(shape):
+            items += [
+                (k, n * (math.prod(shape) - kept) // math.prod(shape))
+                for k, n in replacement_items(self.replacement, shape)
+            ]
         return items
 
 
-@register_leaf
-class PartialReLU(nn.Module):
-    """ReLU on the kept elements only, the replacement on the rest: the form that really saves.
+MaskedReLU = MaskedSite  # the ReLU case, by its historical name
 
-    Kept and other elements are gathered with public indices, so under MPC only the kept ones pay for a
-    comparison; the results are concatenated and put back in place with an inverse permutation (CrypTen
+
+@register_leaf
+class PartialSite(nn.Module):
+    """The original (elementwise) op on the kept elements only, the replacement on the rest: the form
+    that really saves.
+
+    Kept and other elements are gathered with public indices, so under MPC only the kept ones pay for the
+    original op; the results are concatenated and put back in place with an inverse permutation (CrypTen
     has Gather and Concat but no ScatterElements).
     """
 
-    def __init__(self, keep: Tensor, shape: tuple[int, ...], replacement: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        keep: Tensor,
+        shape: tuple[int, ...],
+        replacement: nn.Module | None = None,
+        original: nn.Module | None = None,
+        kind: str = "relu",
+    ) -> None:
         super().__init__()
         keep = keep.reshape(-1).bool()
         order = torch.cat([keep.nonzero().flatten(), (~keep).nonzero().flatten()])
@@ -110,19 +156,21 @@ class PartialReLU(nn.Module):
         self.register_buffer("rest_idx", (~keep).nonzero().flatten())
         self.register_buffer("inverse", torch.argsort(order))
         self.replacement = replacement if replacement is not None else nn.Identity()
+        self.original = original if original is not None else nn.ReLU()
+        self.kind = kind
 
     def forward(self, x: Tensor) -> Tensor:
         flat = x.flatten(1)
-        kept = torch.relu(flat.index_select(1, self.keep_idx))
+        kept = self.original(flat.index_select(1, self.keep_idx))
         rest = self.replacement(flat.index_select(1, self.rest_idx))
         return torch.cat([kept, rest], 1).index_select(1, self.inverse).view(-1, *self.shape)
 
     def census_items(self, shape: tuple[int, ...]) -> list[tuple[str, int]]:
-        items = [("relu", int(self.keep_idx.numel()))]
-        kind = _replacement_kind(self.replacement)
-        if kind:
-            items.append((kind, int(self.rest_idx.numel())))
-        return items
+        rest = int(self.rest_idx.numel())
+        return [(self.kind, int(self.keep_idx.numel()))] + replacement_items(self.replacement, (rest,))
+
+
+PartialReLU = PartialSite
 
 
 @register_leaf

@@ -124,10 +124,10 @@ def _load(
     input_shape: str | None,
     weights: Path | None,
     num_classes: int | None,
-    pretrained: bool | str = False,
     leaf: list[str] | None = None,
     fix: str = "pass --input-shape N,C,H,W that the model takes",
     classes: int | None = None,
+    pretrained: bool | str = False,
 ):
     validation.check_int("--num-classes", num_classes)
     validation.check_input_file(weights, "--weights")
@@ -201,10 +201,14 @@ def count_cmd(
 ) -> None:
     """Print where the ReLUs (and other non-linear ops) are: per site elements, share and feeding MACs."""
     validation.check_output_file(json_path, "--json")
-    net, name, shape = _load(model, input_shape, weights, num_classes, pretrained, leaf)
+    net, name, shape = _load(model, input_shape, weights, num_classes, leaf, pretrained=pretrained)
     c = api.count(net, torch.randn(shape), leaf or (), name=name)
     out.print(_census_table(c))
     out.print(f"ReLU elements per sample: [bold]{c.total_relu:,}[/]   MACs: {c.total_macs:,}   params: {c.params:,}")
+    others = ", ".join(f"{k} {v:,}" for k, v in sorted(c.totals_by_kind.items()) if k != "relu")
+    if others:
+        out.print(f"other non-linear elements per sample: {others}")
+    out.print(f"secure comparisons per sample (ReLU, ReLU6, max-pool, ...): [bold]{c.total_comparisons:,}[/]")
     _write_json(json_path, c.to_dict())
 
 
@@ -221,7 +225,7 @@ def export_cmd(
 ) -> None:
     """Write a verified ONNX graph: checker, onnxruntime parity and ReLU count against the census."""
     validation.check_output_file(output)
-    net, _, shape = _load(model, input_shape, weights, num_classes, pretrained, leaf)
+    net, _, shape = _load(model, input_shape, weights, num_classes, leaf, pretrained=pretrained)
     r = api.export(net, torch.randn(shape), output, opset=opset, leaf=leaf or ())
     out.print(f"wrote {r.path} (opset {r.opset})")
     out.print(
@@ -259,6 +263,7 @@ def _compact_table(title: str, columns: tuple[str, ...]) -> Table:
 def _bench_table(r) -> Table:
     cols = {
         "ReLUs": lambda m: f"{m.relu_elements:,}",
+        "cmp": lambda m: f"{m.comparisons:,}",
         "rounds": lambda m: str(m.rounds),
         "MB/party": lambda m: f"{max(m.bytes_per_party) / 1e6:.1f}",
         "wall": lambda m: f"{m.wall_s_median:.2f}",
@@ -269,8 +274,11 @@ def _bench_table(r) -> Table:
         "top-1": lambda m: f"{m.top1_agreement:.2f}",
         "acc": lambda m: f"{m.accuracy:.0%}",
     }
-    # a column nobody can fill (no --link, no labels, agreement on separate hosts) is left out
+    # a column nobody can fill (no --link, no labels, agreement on separate hosts) is left out; secure
+    # comparisons beyond ReLU (ReLU6, max-pool, ...) get a column only when they differ from the ReLUs
     cols = {k: f for k, f in cols.items() if not all(_is_none(m, k) for m in r.models)}
+    if all(m.comparisons == m.relu_elements for m in r.models):
+        del cols["cmp"]
     where = f", party {r.hosts['rank']} over {r.hosts['interface']}" if r.hosts else ""
     t = _compact_table(f"CrypTen, {r.parties} parties, batch {r.batch}{where}; times in s", ("model", *cols))
     for m in r.models:
@@ -349,7 +357,7 @@ def bench_cmd(
     if rank is not None:
         validation.check_int("--rank", rank, 0, (world_size or parties) - 1)
     validation.check_int("--master-port", master_port, 1, 65535)
-    net, _, shape = _load(model, input_shape, weights, num_classes, (data or True) if pretrained else False)
+    net, _, shape = _load(model, input_shape, weights, num_classes, pretrained=(data or True) if pretrained else False)
     opt = api.load(optimized) if optimized else None
     if opt is not None:
         validation.check_optimized_fits(opt, net, shape, str(optimized))
@@ -451,7 +459,7 @@ def _data_and_model(model, data, data_dir, weights, pretrained: bool = False):
     shape = ",".join(map(str, ds.input_shape))
     fix = f"give a model that takes the {data} inputs ({shape})"
     net, name, input_shape = _load(
-        model, shape, weights, ds.num_classes, data if pretrained else False, fix=fix, classes=ds.num_classes
+        model, shape, weights, ds.num_classes, fix=fix, classes=ds.num_classes, pretrained=data if pretrained else False
     )
     return ds, net, name, input_shape
 
@@ -492,7 +500,14 @@ def train_cmd(
 
 
 StrategyOpt = Annotated[str, typer.Option("--strategy", help="Ranking: taylor, drop-one, snl or random.")]
-ReplaceOpt = Annotated[str, typer.Option("--replace", help="What replaces a dropped ReLU: poly, square, identity.")]
+ReplaceOpt = Annotated[
+    str,
+    typer.Option(
+        "--replace",
+        help="What replaces a dropped element: poly, square, identity (elementwise kinds); softmax sites "
+        "default to 2quad and LayerNorm to frozen-norm.",
+    ),
+]
 GranularityOpt = Annotated[str, typer.Option("--granularity", help="Unit of keeping a ReLU: site, channel, pixel.")]
 
 
@@ -508,6 +523,27 @@ def _check_method(strategy: str, replace: str, granularity: str, poly_per: str =
     validation.check_choice("--replace", replace, REPLACEMENTS)
     validation.check_choice("--granularity", granularity, ("site", "channel", "pixel"))
     validation.check_choice("--poly-per", poly_per, ("channel", "layer"))
+
+
+def _parse_kinds(text: str | None) -> tuple[str, ...]:
+    from relu_opt import ops
+
+    kinds = tuple(k.strip() for k in (text or "").split(",") if k.strip())
+    unknown = [k for k in kinds if k not in ops.kind_names()]
+    if unknown:
+        raise ConfigError(f"--kinds: unknown kind(s) {', '.join(unknown)}; known: {', '.join(ops.kind_names())}")
+    return kinds
+
+
+def _parse_kind_budgets(items: list[str]) -> tuple[tuple[str, int], ...]:
+    out = []
+    for item in items:
+        kind, _, value = item.partition("=")
+        try:
+            out.append((_parse_kinds(kind)[0], int(value.replace("_", ""))))
+        except (ValueError, IndexError):
+            raise ConfigError(f"--kind-budget '{item}' must be KIND=N, e.g. --kind-budget relu6=20000") from None
+    return tuple(out)
 
 
 @command("rank")
@@ -589,8 +625,20 @@ def optimize_cmd(
     max_train: Annotated[int | None, typer.Option("--max-train", help="Fine-tune on the first N examples.")] = None,
     max_drop: MaxDropOpt = None,
     device: DeviceOpt = "cpu",
+    kinds: Annotated[
+        str | None,
+        typer.Option(
+            "--kinds",
+            help="Non-linear kinds to optimize, comma separated (relu,relu6,gelu,softmax,layernorm,...; "
+            "default: every non-polynomial kind the model has; see `relu-opt count`).",
+        ),
+    ] = None,
+    kind_budget: Annotated[
+        list[str] | None,
+        typer.Option("--kind-budget", help="KIND=N: a budget of its own for one kind; repeatable."),
+    ] = None,
 ) -> None:
-    """Keep the most critical ReLUs that fit the budget, replace the rest, fine-tune with distillation."""
+    """Keep the most critical non-linear elements that fit the budget, replace the rest, fine-tune with KD."""
     from relu_opt.optimizer import OptimizeConfig, optimize_frontier
 
     levels = _parse_budgets(budget, budgets)
@@ -619,11 +667,13 @@ def optimize_cmd(
         max_train=max_train,
         max_drop=max_drop,
         device=_check_device(device),
+        kinds=_parse_kinds(kinds),
+        kind_budgets=_parse_kind_budgets(kind_budget or []),
     )
     results = optimize_frontier(net, ds, levels, cfg, output, base_spec=name)
     t = Table(
         "budget",
-        "ReLUs (ONNX)",
+        "kept (ONNX)",
         "fewer",
         "test acc before",
         "test acc after",
@@ -640,6 +690,10 @@ def optimize_cmd(
             r.outdir,
         )
     out.print(t)
+    for r in results:
+        if set(r.kinds) != {"relu"}:
+            per = ", ".join(f"{k} {v['before']:,} -> {v['after']:,}" for k, v in r.kinds.items())
+            out.print(f"budget {r.budget:,}: elements per sample by kind (ONNX after): {per}")
     out.print(f"wrote {output}/pareto.md and pareto.png")
 
 

@@ -15,36 +15,17 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from relu_opt import atomic
+from relu_opt import atomic, ops
 from relu_opt.errors import ExportError
 from relu_opt.graph import eval_mode
 
 DEFAULT_OPSET = 17
 PARITY_TOLERANCE = 1e-4  # max abs error relative to the output's max magnitude
 
-# ONNX op type -> census kind. Only "relu" and "maxpool" must match the fx census exactly;
-# exporters decompose the others (SiLU becomes Sigmoid*x, GELU becomes Erf), so those are indicative.
-_ONNX_KINDS = {
-    "Relu": "relu",
-    "LeakyRelu": "leaky_relu",
-    "PRelu": "prelu",
-    "MaxPool": "maxpool",
-    "HardSwish": "hardswish",
-    "HardSigmoid": "hardsigmoid",
-    "Gelu": "gelu",
-    "Erf": "gelu",
-    "Mish": "mish",
-    "Elu": "elu",
-    "Selu": "elu",
-    "Softplus": "softplus",
-    "Sigmoid": "sigmoid",
-    "Tanh": "tanh",
-    "Softmax": "softmax",
-    "LogSoftmax": "softmax",
-    "LayerNormalization": "layernorm",
-    "Sqrt": "rsqrt",
-}
-EXACT_KINDS = ("relu", "maxpool")
+
+def exact_kinds() -> tuple[str, ...]:
+    """Return the kinds whose ONNX count must equal the fx census (from the op table)."""
+    return tuple(k.name for k in ops.all_kinds() if k.exact_onnx)
 
 
 @dataclass(frozen=True)
@@ -65,6 +46,11 @@ class OnnxCensus:
     @property
     def total_relu(self) -> int:
         return self.totals_by_kind.get("relu", 0)
+
+    @property
+    def total_comparisons(self) -> int:
+        """Return the secure comparisons per sample of every counted node."""
+        return sum(v * ops.comparisons_per_element(k) for k, v in self.totals_by_kind.items())
 
 
 @dataclass(frozen=True)
@@ -145,9 +131,41 @@ def _clip_kind(node: onnx.NodeProto, consts: dict[str, np.ndarray]) -> str:
     attrs = {a.name: a.f for a in node.attribute}  # before opset 11 the bounds are attributes
     lo = value(1) if len(node.input) > 1 else attrs.get("min")
     hi = value(2) if len(node.input) > 2 else attrs.get("max")
-    if lo == 0 and hi is None:
-        return "relu"
-    return "hardtanh" if lo is not None and hi is not None else "clamp"
+    return ops.bounds_kind(lo, hi)
+
+
+def _fused_kinds(mp: onnx.ModelProto, consts: dict[str, np.ndarray]) -> dict[int, str | None]:
+    """Return node index -> kind for the ONNX patterns one fx op exports as: Sigmoid(x) * x is silu,
+    Softplus -> Tanh -> Mul(x) is mish, Div(1, Sqrt(x)) is rsqrt.
+    The pattern's first node gets the kind and the others None (not counted)."""
+    nodes = list(mp.graph.node)
+    users: dict[str, list[int]] = {}
+    for i, n in enumerate(nodes):
+        for name in n.input:
+            users.setdefault(name, []).append(i)
+
+    def only_user(i: int, op: str) -> int | None:
+        u = users.get(nodes[i].output[0], [])
+        return u[0] if len(u) == 1 and nodes[u[0]].op_type == op else None
+
+    out: dict[int, str | None] = {}
+    for i, n in enumerate(nodes):
+        x = n.input[0] if n.input else None
+        if n.op_type == "Sigmoid":
+            j = only_user(i, "Mul")
+            if j is not None and x in nodes[j].input:
+                out[i] = "silu"
+        elif n.op_type == "Softplus":
+            j = only_user(i, "Tanh")
+            k = only_user(j, "Mul") if j is not None else None
+            if k is not None and x in nodes[k].input:
+                out[i], out[j] = "mish", None
+        elif n.op_type == "Sqrt":
+            j = only_user(i, "Div")
+            num = consts.get(nodes[j].input[0]) if j is not None else None
+            if num is not None and np.all(np.asarray(num) == 1):
+                out[i] = "rsqrt"
+    return out
 
 
 def _output_shapes(mp: onnx.ModelProto, names: list[str], sample: np.ndarray) -> dict[str, tuple[int, ...]]:
@@ -175,9 +193,11 @@ def _output_shapes(mp: onnx.ModelProto, names: list[str], sample: np.ndarray) ->
 def onnx_census(mp: onnx.ModelProto, input_shape: tuple[int, ...]) -> OnnxCensus:
     """Return the non-linear ONNX nodes with elements per sample, counted as the fx census counts."""
     consts = _constants(mp.graph)
+    fused = _fused_kinds(mp, consts)
     picked = []
-    for n in mp.graph.node:
-        kind = _clip_kind(n, consts) if n.op_type == "Clip" else _ONNX_KINDS.get(n.op_type)
+    for i, n in enumerate(mp.graph.node):
+        kind = _clip_kind(n, consts) if n.op_type == "Clip" else ops.onnx_kind(n.op_type)
+        kind = fused.get(i, kind)
         if kind:
             picked.append((n, kind))
     sample = np.random.default_rng(0).standard_normal((1, *input_shape[1:])).astype(np.float32)
@@ -254,7 +274,7 @@ def export(
         )
     counted = onnx_census(mp, tuple(example.shape))
     if census_totals is not None:
-        for kind in EXACT_KINDS:
+        for kind in exact_kinds():
             a, b = counted.totals_by_kind.get(kind, 0), census_totals.get(kind, 0)
             if a != b:
                 raise ExportError(f"ONNX graph has {a} {kind} elements per sample but the census has {b}")

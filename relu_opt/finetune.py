@@ -23,6 +23,8 @@ from relu_opt.data import Dataset
 from relu_opt.errors import ReluOptError
 from relu_opt.train import TrainConfig, TrainingDiverged, TrainResult, evaluate, fit
 
+_CLEARLY_ABOVE_CHANCE = 10.0  # points; below this the baseline itself is near chance and "collapse" means nothing
+
 
 class FinetuneFailed(ReluOptError):
     """Fine-tuning diverged on every attempt, or the result fell further below the baseline than allowed."""
@@ -114,7 +116,7 @@ def guarded_fit(
             if finalize:
                 finalize(model)
             val = 100 * evaluate(model, data.val, device=cfg.device)[1]
-            if val < floor:
+            if val < floor and baseline_val - 100.0 / data.num_classes >= _CLEARLY_ABOVE_CHANCE:
                 failure = f"validation accuracy {val:.2f}% fell toward chance (below {floor:.2f}%)"
         attempts.append(Attempt(cfg.lr, val, failure))
         if failure is None:

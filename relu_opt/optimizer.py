@@ -19,21 +19,24 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from relu_opt import atomic
-from relu_opt.activations import MaskedReLU, Poly, Square
+from relu_opt import atomic, ops
+from relu_opt.activations import MaskedSite, Poly, Square
 from relu_opt.cache import state_digest
-from relu_opt.calibration import collect_stats, fit_error, fit_poly
+from relu_opt.calibration import collect_stats, collect_variances, fit_error, fit_poly
 from relu_opt.checked_io import load_cache, load_torch, read_json
-from relu_opt.crypto_backend.convert import prepare_for_pi
 from relu_opt.data import Dataset, batches
 from relu_opt.errors import BudgetError, ExportError
 from relu_opt.export import export
 from relu_opt.finetune import check_drop, guarded_fit
 from relu_opt.graph import propagate_shapes, trace
+from relu_opt.passes.base import GraphPass, run_passes
 from relu_opt.passes.census import census
-from relu_opt.passes.replace import maxpool_to_avgpool, relu_nodes, replace_sites
-from relu_opt.plan import REPLACEMENTS, Plan, SitePlan, with_module_names
+from relu_opt.passes.pi import prepare_for_pi
+from relu_opt.passes.replace import maxpool_to_avgpool, replace_sites, site_op
+from relu_opt.plan import Plan, SitePlan, with_module_names
 from relu_opt.ranking import STRATEGIES, Criticality, RankContext, rank, select
+from relu_opt.replacements import REPLACEMENTS, SiteContext, replacement_for
+from relu_opt.sites import SiteInfo, find_sites
 from relu_opt.train import TrainConfig, _note, evaluate, kd_loss
 
 
@@ -62,6 +65,8 @@ class OptimizeConfig:
     max_drop: float | None = None  # validation points the result may lose; more is a failure, not a result
     device: str = "cpu"
     seed: int = 0
+    kinds: tuple[str, ...] = ()  # kinds to optimize; empty: every non-polynomial kind the model has
+    kind_budgets: tuple[tuple[str, int], ...] = ()  # per-kind budgets; `budget` covers the other kinds
 
     def key(self, *fields: str) -> str:
         """Return a short hash of the named fields (all when none), to key cached work."""
@@ -76,7 +81,8 @@ class SiteResult:
     elements: int
     kept: int
     replacement: str
-    fit_error: float | None  # relative MSE of the fitted polynomial to ReLU at this site
+    fit_error: float | None  # relative MSE of the fitted polynomial to the site's function
+    kind: str = "relu"
 
 
 @dataclass(frozen=True)
@@ -88,8 +94,8 @@ class OptimizeResult:
     strategy: str
     replace: str
     granularity: str
-    relu_before: int
-    relu_after: int  # counted on the exported ONNX graph
+    relu_before: int  # elements per sample of the optimized kinds (ReLU for a ReLU network)
+    relu_after: int  # the same, counted on the exported ONNX graph
     accuracy_before: float
     accuracy_after: float
     val_accuracy_before: float
@@ -98,6 +104,7 @@ class OptimizeResult:
     sites: tuple[SiteResult, ...]
     onnx: dict = field(default_factory=dict)
     finetune: dict = field(default_factory=dict)
+    kinds: dict = field(default_factory=dict)  # kind -> {"before", "after" (ONNX), "budget"}
 
     def to_dict(self) -> dict:
         """Return the JSON written as report.json."""
@@ -110,14 +117,15 @@ class OptimizeResult:
         return cls(**{**d, "sites": tuple(SiteResult(**s) for s in d["sites"])})
 
 
-def check_budget(budget: int, total: int) -> None:
+def check_budget(budget: int, total: int, what: str = "ReLU") -> None:
     """Raise BudgetError unless 0 <= budget < total."""
     if budget < 0:
-        raise BudgetError(f"budget {budget} is negative; give the ReLU elements per sample to keep (0 or more)")
+        raise BudgetError(f"budget {budget} is negative; give the {what} elements per sample to keep (0 or more)")
     if budget >= total:
         raise BudgetError(
-            f"budget {budget:,} is not below the model's {total:,} ReLU elements per sample, so there is "
+            f"budget {budget:,} is not below the model's {total:,} {what} elements per sample, so there is "
             f"nothing to remove; choose a budget under {total:,}"
+            + ("" if what != "ReLU" else ", or optimize other kinds with --kinds (see relu-opt count)")
         )
 
 
@@ -139,6 +147,8 @@ def check_config(config: OptimizeConfig) -> None:
 
 
 def _replacement_factory(kind: str, coeffs: dict[str, torch.Tensor], poly_per: str):
+    """Return site -> a fresh ReLU-site replacement from fitted coefficients (the `relu-opt rank` path)."""
+
     def make(site: str) -> nn.Module | None:
         if kind == "identity":
             return None
@@ -150,9 +160,11 @@ def _replacement_factory(kind: str, coeffs: dict[str, torch.Tensor], poly_per: s
     return make
 
 
-def _calibrate(gm: fx.GraphModule, data: Dataset, cfg: OptimizeConfig):
+def _calibrate(gm: fx.GraphModule, data: Dataset, cfg: OptimizeConfig, sites: dict[str, SiteInfo] | None = None):
+    """Return (coefficients, errors) of polynomials fitted to each elementwise site's own function."""
     calib = data.train.subset(cfg.calib_samples)
-    stats = collect_stats(gm, (x for x, _ in batches(calib, 256)), degree=cfg.degree)
+    names = None if sites is None else [s for s, info in sites.items() if ops.get_kind(info.kind).elementwise]
+    stats = collect_stats(gm, (x for x, _ in batches(calib, 256)), degree=cfg.degree, sites=names)
     coeffs, errors = {}, {}
     for site, st in stats.items():
         st = st if cfg.poly_per == "channel" else st.merged()
@@ -161,7 +173,41 @@ def _calibrate(gm: fx.GraphModule, data: Dataset, cfg: OptimizeConfig):
     return coeffs, errors
 
 
-def _ranking(work: Path, gm, data, cfg: OptimizeConfig, make_rep, progress: bool, content: str) -> Criticality:
+def _site_replacements(gm: fx.GraphModule, data: Dataset, cfg: OptimizeConfig, sites: dict[str, SiteInfo]):
+    """Return (site -> fresh fitted replacement factory, fit errors) for every site of any kind."""
+    calib = data.train.subset(cfg.calib_samples)
+    elementwise = [s for s, info in sites.items() if ops.get_kind(info.kind).elementwise]
+    stats = collect_stats(gm, (x for x, _ in batches(calib, 256)), degree=cfg.degree, sites=elementwise)
+    norms = [s for s, info in sites.items() if info.kind == "layernorm"]
+    variances = collect_variances(gm, (x for x, _ in batches(calib, 256)), norms) if norms else {}
+    nodes = {n.name: n for n in gm.graph.nodes}
+    chosen = {s: replacement_for(info.kind, cfg.replace) for s, info in sites.items()}
+    errors = {}
+    for s, st in stats.items():
+        if chosen[s].name == "poly":
+            st = st if cfg.poly_per == "channel" else st.merged()
+            errors[s] = float(fit_error(st, fit_poly(st)).mean())
+
+    def make(site: str) -> nn.Module | None:
+        info = sites[site]
+        ctx = SiteContext(
+            site,
+            info.kind,
+            info.shape,
+            site_op(gm, nodes[site]),
+            stats.get(site),
+            variances.get(site),
+            cfg.degree,
+            cfg.poly_per,
+        )
+        return chosen[site](ctx)
+
+    return make, errors, {s: r.name for s, r in chosen.items()}
+
+
+def _ranking(
+    work: Path, gm, data, cfg: OptimizeConfig, make_rep, progress: bool, content: str, sites=None
+) -> Criticality:
     fields = [
         "strategy",
         "replace",
@@ -172,6 +218,7 @@ def _ranking(work: Path, gm, data, cfg: OptimizeConfig, make_rep, progress: bool
         "rank_epochs",
         "calib_samples",
         "seed",
+        "kinds",
     ] + (["budget"] if cfg.strategy == "snl" else [])
     path = work / f"rank_{cfg.strategy}_{cfg.key(*fields)}_{content}.pt"
     keys = ("strategy", "granularity", "scores", "unit_elements", "site_scores")
@@ -189,6 +236,7 @@ def _ranking(work: Path, gm, data, cfg: OptimizeConfig, make_rep, progress: bool
         device=cfg.device,
         seed=cfg.seed,
         progress=progress,
+        sites=sites,
     )
     crit = rank(ctx, cfg.strategy)
     atomic.save_torch(
@@ -205,7 +253,7 @@ def _ranking(work: Path, gm, data, cfg: OptimizeConfig, make_rep, progress: bool
 
 
 def _anneal(model: nn.Module, anneal: float):
-    masked = [m for m in model.modules() if isinstance(m, MaskedReLU)]
+    masked = [m for m in model.modules() if isinstance(m, MaskedSite)]
 
     def on_step(frac: float) -> None:
         blend = max(0.0, 1.0 - frac / anneal) if anneal > 0 else 0.0
@@ -245,24 +293,45 @@ def optimize(
 
     example = data.train.x[:1]
     teacher = propagate_shapes(trace(copy.deepcopy(model).eval()), example).eval()
-    shapes = {n.name: tuple(n.meta["tensor_meta"].shape[1:]) for n in relu_nodes(teacher)}
-    total = sum(math.prod(s) for s in shapes.values())
-    check_budget(config.budget, total)
-    coeffs, errors = _calibrate(teacher, data, config)
-    make_rep = _replacement_factory(config.replace, coeffs, config.poly_per)
-    crit = _ranking(work, teacher, data, config, make_rep, progress, content)
-    keep = select(crit, config.budget)
+    site_info = find_sites(teacher, config.kinds or None, config.granularity)
+    kinds = tuple(dict.fromkeys(info.kind for info in site_info.values()))
+    totals = {k: sum(i.elements for i in site_info.values() if i.kind == k) for k in kinds}
+    caps = dict(config.kind_budgets)
+    shared = [k for k in kinds if k not in caps]
+    what = "ReLU" if kinds == ("relu",) else "/".join(shared or kinds)
+    total = sum(totals.values())
+    if not site_info:
+        raise BudgetError(
+            f"the model has no sites of the kinds {', '.join(config.kinds) or 'it has'} to optimize; "
+            "see `relu-opt count` for its kinds and pass them with --kinds"
+        )
+    check_budget(config.budget, sum(totals[k] for k in shared) if shared else total, what)
+    make_rep, errors, rep_names = _site_replacements(teacher, data, config, site_info)
+    crit = _ranking(work, teacher, data, config, make_rep, progress, content, site_info)
+    keep = _select_by_kind(crit, site_info, config.budget, caps)
 
     sites, new_modules = [], {}
-    for site, shape in shapes.items():
+    for site, info in site_info.items():
         unit = crit.unit_elements[site]
         kept = int(keep[site].sum()) * unit
-        elements = math.prod(shape)
-        sites.append(SitePlan(site, elements, kept, config.replace, config.granularity, config.degree, config.poly_per))
+        elements = info.elements
+        sites.append(
+            SitePlan(
+                site,
+                elements,
+                kept,
+                rep_names[site],
+                info.granularity,
+                config.degree,
+                config.poly_per,
+                kind=info.kind,
+            )
+        )
         if kept < elements:
-            new_modules[site] = MaskedReLU(keep[site].float(), make_rep(site))
+            original = site_op(teacher, next(n for n in teacher.graph.nodes if n.name == site))
+            new_modules[site] = MaskedSite(keep[site].float(), make_rep(site), original, info.kind)
     student = replace_sites(teacher, new_modules)
-    student = propagate_shapes(maxpool_to_avgpool(student) if config.avgpool else student, example)
+    student = run_passes(student, [GraphPass(maxpool_to_avgpool)] if config.avgpool else [], example)
     plan_sites = with_module_names(student, sites)
 
     _, val_before = evaluate(teacher, data.val, device=config.device)
@@ -305,7 +374,7 @@ def optimize(
         tuple(example.shape),
         data.num_classes,
         plan_sites,
-        meta={"strategy": config.strategy, "budget": config.budget},
+        meta={"strategy": config.strategy, "budget": config.budget, "kinds": list(kinds)},
         avgpool=config.avgpool,
     )
     outdir.mkdir(parents=True, exist_ok=True)
@@ -319,8 +388,9 @@ def optimize(
         census_totals=census(prepared).totals_by_kind,
         parity_inputs=data.val.x[:64],
     )
-    if exported.onnx_relu > config.budget:
-        raise ExportError(f"exported graph has {exported.onnx_relu:,} ReLUs, over the budget {config.budget:,}")
+    after = {k: exported.onnx_totals.get(k, 0) for k in kinds}
+    if sum(after[k] for k in shared) > config.budget or any(after[k] > caps[k] for k in caps if k in after):
+        raise ExportError(f"exported graph keeps {after} elements per sample, over the budget {config.budget:,}")
     result = OptimizeResult(
         outdir=str(outdir),
         budget=config.budget,
@@ -328,7 +398,7 @@ def optimize(
         replace=config.replace,
         granularity=config.granularity,
         relu_before=total,
-        relu_after=exported.onnx_relu,
+        relu_after=sum(after.values()),
         accuracy_before=100 * test_before,
         accuracy_after=100 * test_after,
         val_accuracy_before=100 * val_before,
@@ -340,18 +410,40 @@ def optimize(
                 s.elements,
                 s.kept,
                 "relu" if s.kept == s.elements else s.replacement,
-                errors.get(s.site) if config.replace == "poly" else None,
+                errors.get(s.site) if s.replacement == "poly" else None,
+                s.kind,
             )
             for s in plan_sites
         ),
         onnx=exported.to_dict(),
         finetune=ft.to_dict(),
+        kinds={k: {"before": totals[k], "after": after[k], "budget": caps.get(k)} for k in kinds},
     )
     from relu_opt.report import write_optimize_report
 
     write_optimize_report(result, outdir)
     atomic.write_json(report_path, {"config_key": run_key, "config": asdict(config), "result": result.to_dict()})
     return result
+
+
+def _select_by_kind(
+    crit: Criticality, sites: dict[str, SiteInfo], budget: int, caps: dict[str, int]
+) -> dict[str, torch.Tensor]:
+    """Return keep-masks: kinds with their own budget in `caps` are selected within it, the other kinds
+    share `budget`."""
+    groups: dict[str | None, list[str]] = {}
+    for s, info in sites.items():
+        groups.setdefault(info.kind if info.kind in caps else None, []).append(s)
+    keep = {}
+    for kind, names in groups.items():
+        sub = Criticality(
+            crit.strategy,
+            crit.granularity,
+            {s: crit.scores[s] for s in names},
+            {s: crit.unit_elements[s] for s in names},
+        )
+        keep.update(select(sub, caps[kind] if kind is not None else budget))
+    return keep
 
 
 def _max_train(cfg: OptimizeConfig, n: int) -> int | None:

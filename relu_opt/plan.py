@@ -1,4 +1,4 @@
-"""A rewrite plan: which ReLU sites keep how many elements and what replaces the rest.
+"""A rewrite plan: which non-linear sites keep how many elements and what replaces the rest.
 
 A plan plus the rewritten state dict rebuilds the optimized model from the base model exactly: sites are
 named by their node names in the traced base model, and passes keep module names stable.
@@ -15,13 +15,19 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from relu_opt.activations import MaskedReLU, Poly, Square
+from relu_opt.activations import MaskedSite
 from relu_opt.checked_io import load_torch, read_json
 from relu_opt.errors import CorruptFileError, ReluOptError
 from relu_opt.graph import propagate_shapes, trace
-from relu_opt.passes.replace import maxpool_to_avgpool, module_name_for, replace_sites
+from relu_opt.passes.replace import maxpool_to_avgpool, module_name_for, replace_sites, site_op
+from relu_opt.replacements import REPLACEMENTS, SiteContext, replacement_for
 
-REPLACEMENTS = ("identity", "poly", "square")
+
+def get_replacement(name: str):
+    """Return the registered replacement `name` (ValueError naming the choices if unknown)."""
+    if name not in REPLACEMENTS:
+        raise ValueError(f"unknown replacement '{name}'; choose {', '.join(REPLACEMENTS)}")
+    return REPLACEMENTS[name]
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,7 @@ class SitePlan:
     degree: int = 2
     poly_per: str = "channel"  # "channel": coefficients per channel; "layer": one set for the site
     module: str = ""  # the submodule name the rewrite uses; its mask/coefficients are in model.pt
+    kind: str = "relu"  # the site's op-table kind
 
     @property
     def action(self) -> str:
@@ -93,14 +100,8 @@ def mask_shape(shape: tuple[int, ...], granularity: str) -> tuple[int, ...]:
 
 
 def replacement_module(kind: str, channels: int, degree: int = 2) -> nn.Module | None:
-    """Return a fresh replacement module (None for identity); coefficients are set later."""
-    if kind == "identity":
-        return None
-    if kind == "square":
-        return Square()
-    if kind == "poly":
-        return Poly(torch.zeros(degree + 1, channels))
-    raise ValueError(f"unknown replacement '{kind}'; choose {', '.join(REPLACEMENTS)}")
+    """Return a fresh ReLU-site replacement module (None for identity); coefficients are set later."""
+    return get_replacement(kind)(SiteContext("", "relu", (channels,), degree=degree))
 
 
 def site_modules(gm: fx.GraphModule, sites: Iterable[SitePlan]) -> dict[str, nn.Module]:
@@ -112,12 +113,14 @@ def site_modules(gm: fx.GraphModule, sites: Iterable[SitePlan]) -> dict[str, nn.
             continue
         if sp.site not in nodes:
             raise ReluOptError(f"plan names site '{sp.site}', which the base model does not have")
-        shape = tuple(nodes[sp.site].meta["tensor_meta"].shape[1:])
-        channels = shape[0] if sp.poly_per == "channel" and len(shape) > 0 else 1
-        rep = replacement_module(sp.replacement, channels, sp.degree)
+        node = nodes[sp.site]
+        shape = tuple(node.meta["tensor_meta"].shape[1:])
+        original = site_op(gm, node)
+        ctx = SiteContext(sp.site, sp.kind, shape, original, degree=sp.degree, poly_per=sp.poly_per)
+        rep = replacement_for(sp.kind, sp.replacement)(ctx)
         # Fully replaced sites keep the masked (training) form too, with an all-zero mask, so every
         # rewritten site has the same state-dict layout; export materialises each into its cheap form.
-        out[sp.site] = MaskedReLU(torch.ones(mask_shape(shape, sp.granularity)), rep)
+        out[sp.site] = MaskedSite(torch.ones(mask_shape(shape, sp.granularity)), rep, original, sp.kind)
     return out
 
 

@@ -20,11 +20,12 @@ import torch.nn.functional as F
 from rich.progress import Progress
 from torch import Tensor, nn
 
-from relu_opt.activations import MaskedReLU
+from relu_opt.activations import MaskedSite
 from relu_opt.data import Dataset, batches
 from relu_opt.graph import eval_mode, register_leaf
-from relu_opt.passes.replace import relu_nodes, replace_sites
+from relu_opt.passes.replace import replace_sites, site_op
 from relu_opt.plan import mask_shape
+from relu_opt.sites import SiteInfo, find_sites
 from relu_opt.train import evaluate, predict
 
 
@@ -70,9 +71,27 @@ class RankContext:
     seed: int = 0
     progress: bool = True
     finetune_steps: int = 0
+    sites: dict[str, SiteInfo] | None = None  # default: the ReLU sites
+
+    def site_info(self) -> dict[str, SiteInfo]:
+        """Return the sites being ranked (the ReLU sites unless `sites` was given)."""
+        if self.sites is None:
+            self.sites = find_sites(self.gm, ("relu",), self.granularity)
+        return self.sites
 
     def site_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {n.name: tuple(n.meta["tensor_meta"].shape[1:]) for n in relu_nodes(self.gm)}
+        return {s: info.shape for s, info in self.site_info().items()}
+
+    def mask_shape(self, site: str) -> tuple[int, ...]:
+        """Return the mask shape of `site` at its granularity."""
+        info = self.site_info()[site]
+        return mask_shape(info.shape, info.granularity)
+
+    def make_site(self, cls, site: str, mask: Tensor, **kwargs) -> nn.Module:
+        """Return `cls(mask, replacement, original=..., kind=...)` for `site` (a MaskedSite subclass)."""
+        node = next(n for n in self.gm.graph.nodes if n.name == site)
+        info = self.site_info()[site]
+        return cls(mask, self.replacement(site), original=site_op(self.gm, node), kind=info.kind, **kwargs)
 
 
 STRATEGIES: dict[str, Callable[[RankContext], Criticality]] = {}
@@ -101,14 +120,14 @@ def _unit_elements(shape: tuple[int, ...], granularity: str) -> int:
 
 def _units(ctx: RankContext) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
     shapes = ctx.site_shapes()
-    return shapes, {s: _unit_elements(sh, ctx.granularity) for s, sh in shapes.items()}
+    return shapes, {s: _unit_elements(info.shape, info.granularity) for s, info in ctx.site_info().items()}
 
 
 @register_strategy("random")
 def random_strategy(ctx: RankContext) -> Criticality:
     shapes, unit = _units(ctx)
     gen = torch.Generator().manual_seed(ctx.seed)
-    scores = {s: torch.rand(mask_shape(sh, ctx.granularity), generator=gen) for s, sh in shapes.items()}
+    scores = {s: torch.rand(ctx.mask_shape(s), generator=gen) for s in shapes}
     return Criticality("random", ctx.granularity, scores, unit)
 
 
@@ -129,7 +148,7 @@ def drop_one(ctx: RankContext) -> Criticality:
             drop = base_acc - acc
             site_scores[site] = drop
             # Priority per ReLU removed, so cheap sites with the same drop are kept first.
-            scores[site] = torch.full(mask_shape(shape, ctx.granularity), drop / math.prod(shape))
+            scores[site] = torch.full(ctx.mask_shape(site), drop / math.prod(shape))
             bar.advance(task)
     return Criticality("drop-one", ctx.granularity, scores, unit, site_scores)
 
@@ -150,7 +169,7 @@ def _short_finetune(model: nn.Module, ctx: RankContext) -> None:
 
 
 def _masked(ctx: RankContext, shapes, module_cls) -> tuple[fx.GraphModule, dict[str, nn.Module]]:
-    mods = {s: module_cls(torch.ones(mask_shape(sh, ctx.granularity)), ctx.replacement(s)) for s, sh in shapes.items()}
+    mods = {s: ctx.make_site(module_cls, s, torch.ones(ctx.mask_shape(s))) for s in shapes}
     return replace_sites(ctx.gm, mods), mods
 
 
@@ -178,14 +197,21 @@ def model_sites(model: fx.GraphModule, mods: dict[str, nn.Module]):
 
 
 @register_leaf
-class LearnableMask(MaskedReLU):
-    """A MaskedReLU whose mask is a trainable alpha; binarised with hysteresis when `hysteresis` > 0.
+class LearnableMask(MaskedSite):
+    """A MaskedSite whose mask is a trainable alpha; binarised with hysteresis when `hysteresis` > 0.
 
     AutoReP-style: the forward uses a 0/1 mask that flips only when alpha crosses 0.5 +- hysteresis,
     with a straight-through gradient to alpha, so masks do not oscillate around the threshold."""
 
-    def __init__(self, mask: Tensor, replacement: nn.Module | None = None, hysteresis: float = 0.0) -> None:
-        super().__init__(mask, replacement)
+    def __init__(
+        self,
+        mask: Tensor,
+        replacement: nn.Module | None = None,
+        hysteresis: float = 0.0,
+        original: nn.Module | None = None,
+        kind: str = "relu",
+    ) -> None:
+        super().__init__(mask, replacement, original, kind)
         del self.mask
         self.alpha = nn.Parameter(mask.float().clone())
         self.register_buffer("state", mask.float().clone())
@@ -203,13 +229,13 @@ class LearnableMask(MaskedReLU):
 
     def forward(self, x: Tensor) -> Tensor:
         m = self.mask
-        return m * torch.relu(x) + (1 - m) * self.replacement(x)
+        return m * self.original(x) + (1 - m) * self.replacement(x)
 
 
 @register_strategy("snl")
 def snl(ctx: RankContext) -> Criticality:
     shapes, unit = _units(ctx)
-    model, mods = _masked(ctx, shapes, lambda m, r: LearnableMask(m, r, hysteresis=0.05))
+    model, mods = _masked(ctx, shapes, lambda m, r, **kw: LearnableMask(m, r, hysteresis=0.05, **kw))
     sites = dict(model_sites(model, mods))
     total = sum(math.prod(sh) for sh in shapes.values())
     budget = ctx.budget if ctx.budget is not None else total // 10

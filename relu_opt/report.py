@@ -35,6 +35,19 @@ def optimize_markdown(r) -> str:
         )
         + f"\nReLUs after are counted on the exported ONNX graph (`model.onnx`); wall time {r.wall_s:.0f} s.\n\n"
     )
+    kinds = getattr(r, "kinds", None) or {}
+    if set(kinds) - {"relu"}:  # beyond ReLU: the kept elements of each optimized kind
+        head += (
+            "## Kinds\n\n"
+            + _md_table(
+                ["kind", "elements before", "after (ONNX)", "own budget"],
+                [
+                    [k, f"{v['before']:,}", f"{v['after']:,}", "-" if v.get("budget") is None else f"{v['budget']:,}"]
+                    for k, v in kinds.items()
+                ],
+            )
+            + "\nThe ReLU columns above and below count the kept elements of these kinds.\n\n"
+        )
     rows = [
         [
             s.site,

@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from relu_opt.crypto_backend.convert import crypten_onnx, linear_floor, prepare_for_pi
+from relu_opt.crypto_backend.convert import crypten_onnx, linear_floor, prepare_for_crypten
 from relu_opt.crypto_backend.cost_model import LAN, WAN, CostFeatures, CostModel, Network, features
 from relu_opt.crypto_backend.launch import launch_local
 from relu_opt.crypto_backend.party import PartyJob, start_watchdog
@@ -38,6 +38,7 @@ class Measurement:
     sent_per_party: list[int] = field(default_factory=list)  # bytes each party sends per forward
     received_per_party: list[int] = field(default_factory=list)  # bytes each party receives per forward
     compute_s: float = 0.0  # median over runs of the slowest party's time outside communication
+    comparisons: int = 0  # secure comparisons per sample (ReLU, ReLU6, max-pool, ...), on the ONNX graph
 
     @property
     def wall_s_median(self) -> float:
@@ -45,7 +46,11 @@ class Measurement:
 
 
 def _measurements(
-    results: list[dict], names: Sequence[str], relus: Sequence[int], feats: Sequence[CostFeatures | None]
+    results: list[dict],
+    names: Sequence[str],
+    relus: Sequence[int],
+    feats: Sequence[CostFeatures | None],
+    comparisons: Sequence[int] | None = None,
 ) -> list[Measurement]:
     """Return one Measurement per model from every party's result (ordered by rank)."""
     out = []
@@ -74,6 +79,7 @@ def _measurements(
                 sent_per_party=[int(statistics.median(p.get("sent", [0]))) for p in per_party],
                 received_per_party=[int(statistics.median(p.get("received", [0]))) for p in per_party],
                 compute_s=statistics.median(compute),
+                comparisons=comparisons[i] if comparisons else 0,
             )
         )
     return out
@@ -95,15 +101,17 @@ def measure(
     with private_dir("bench") as tmp:
         work = Path(workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        specs, feats, relus = [], [], []
+        specs, feats, relus, comparisons = [], [], [], []
         for name, model in models:
-            prepared = prepare_for_pi(model, x[:1])
+            prepared = prepare_for_crypten(model, x[:1])
             data = crypten_onnx(prepared, x[:1])
             path = work / f"{name}.onnx"
             path.write_bytes(data)
             specs.append({"name": name, "onnx": str(path)})
             feats.append(features(prepared, batch=len(x)))
-            relus.append(onnx_census(onnx.load_from_string(data), tuple(x[:1].shape)).total_relu)
+            counted = onnx_census(onnx.load_from_string(data), tuple(x[:1].shape))
+            relus.append(counted.total_relu)
+            comparisons.append(counted.total_comparisons)
         torch.save(x.clone(), work / "inputs.pt")
         job = PartyJob(
             rank=0,
@@ -119,7 +127,7 @@ def measure(
             timeout=timeout,
         )
         results = launch_local(job, work, timeout)
-    return _measurements(results, [name for name, _ in models], relus, feats)
+    return _measurements(results, [name for name, _ in models], relus, feats, comparisons)
 
 
 def fixed_point_warnings(gm: fx.GraphModule, x: torch.Tensor, precision_bits: int = 16) -> list[str]:
@@ -152,10 +160,10 @@ def pi_variants(
     model: nn.Module, example: torch.Tensor, optimized: nn.Module | None = None
 ) -> list[tuple[str, fx.GraphModule]]:
     """Return the prepared models one bench compares: original, optimized (if given), linear floor."""
-    original = prepare_for_pi(model, example)
+    original = prepare_for_crypten(model, example)
     variants = [("original", original)]
     if optimized is not None:
-        variants.append(("optimized", prepare_for_pi(optimized, example)))
+        variants.append(("optimized", prepare_for_crypten(optimized, example)))
     return variants + [("floor", linear_floor(original, example))]
 
 
@@ -186,13 +194,15 @@ def run_one_party(
 
     variants = pi_variants(model, x[:1], optimized)
     with private_dir("party") as tmp:
-        specs, relus, hashes = [], [], {}
+        specs, relus, comparisons, hashes = [], [], [], {}
         for name, gm in variants:
             data = crypten_onnx(gm, x[:1])
             path = Path(tmp) / f"{name}.onnx"
             path.write_bytes(data)
             specs.append({"name": name, "onnx": str(path)})
-            relus.append(onnx_census(onnx.load_from_string(data), tuple(x[:1].shape)).total_relu)
+            counted = onnx_census(onnx.load_from_string(data), tuple(x[:1].shape))
+            relus.append(counted.total_relu)
+            comparisons.append(counted.total_comparisons)
             hashes[name] = rdv.structure_hash(data)
         torch.save(x.clone(), Path(tmp) / "inputs.pt")
         fp = rdv.fingerprint(
@@ -217,7 +227,7 @@ def run_one_party(
         start_watchdog(job)
         result = run_party(job)
     names = [name for name, _ in variants]
-    measured = _measurements(result["parties"], names, relus, [None] * len(names))
+    measured = _measurements(result["parties"], names, relus, [None] * len(names), comparisons)
     reports = [_report(m, None, y, networks, None, link) for m in measured]
     return _result(world_size, len(x), reports, (), networks, link, interface=result["interface"], rank=rank)
 
@@ -246,6 +256,7 @@ class ModelReport:
     received_per_party: list[int] = field(default_factory=list)
     compute_s: float = 0.0
     predicted_s: float | None = None  # latency on the --link network, next to wall_s_median
+    comparisons: int = 0  # secure comparisons per sample on the ONNX graph (ReLU6 counts two)
 
     @property
     def wall_s_spread(self) -> float:
@@ -331,6 +342,7 @@ def _report(
         received_per_party=m.received_per_party,
         compute_s=m.compute_s,
         predicted_s=None if link is None else latency(link),
+        comparisons=m.comparisons,
     )
 
 

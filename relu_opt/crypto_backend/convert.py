@@ -2,35 +2,31 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
+import numpy as np
 import onnx
 import torch
 import torch.fx as fx
+from onnx import numpy_helper
 from torch import nn
 
+from relu_opt import ops
 from relu_opt.crypto_backend.compat import import_crypten, repair_for_crypten
 from relu_opt.errors import CryptenError
 from relu_opt.export import to_onnx_bytes
-from relu_opt.graph import eval_mode, propagate_shapes, trace
-from relu_opt.passes.fold_bn import fold_batchnorm
-from relu_opt.passes.replace import linearize, materialize_partial, maxpool_to_avgpool
+from relu_opt.passes.lower import check_lowered
+from relu_opt.passes.pi import linear_floor, prepare_for_crypten, prepare_for_pi
+
+__all__ = [
+    "CRYPTEN_OPSET",
+    "check_supported",
+    "crypten_onnx",
+    "linear_floor",
+    "prepare_for_crypten",
+    "prepare_for_pi",
+    "supported_ops",
+]
 
 CRYPTEN_OPSET = 17  # the opset crypten 0.4.1's converter targets
-
-
-def prepare_for_pi(model: nn.Module, example: torch.Tensor, leaf: Iterable[str | type] = ()) -> fx.GraphModule:
-    """Return the eval-mode GraphModule that private inference runs: BatchNorm folded and masked
-    ReLUs in their gathered (PartialReLU) form, with shapes propagated."""
-    with eval_mode(model):
-        gm = fold_batchnorm(trace(model, leaf))
-    gm = materialize_partial(propagate_shapes(gm, example))
-    return propagate_shapes(gm, example).eval()
-
-
-def linear_floor(prepared: fx.GraphModule, example: torch.Tensor) -> fx.GraphModule:
-    """Return `prepared` with every ReLU an identity and max-pools averaged: the cost of the linear part."""
-    return propagate_shapes(maxpool_to_avgpool(linearize(prepared)), example).eval()
 
 
 def supported_ops() -> set[str]:
@@ -43,19 +39,80 @@ def supported_ops() -> set[str]:
     return {n for n in dir(module) if isinstance(getattr(module, n), type)} | set(ONNX_TO_CRYPTEN)
 
 
+_DIVIDE_FIX = (
+    "write 1 / sqrt(v) as torch.rsqrt(v), which relu-opt lowers to CrypTen's inverse square root, "
+    "or divide an encrypted value instead (x / y)"
+)
+
+
+def _fix_for(op_type: str) -> str:
+    if op_type == "Reciprocal":
+        return f"1 / x of an encrypted x: {_DIVIDE_FIX}"
+    kind = ops.onnx_kind(op_type)
+    if kind is None:
+        return "replace the module that produces it, or mark it for rewriting before bench"
+    entry = ops.get_kind(kind)
+    return entry.crypten_fix or f"replace it: relu-opt optimize --kinds {kind}"
+
+
+def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {out: n for n in graph.node for out in n.output}
+
+
+def _is_public(name: str, producers: dict[str, onnx.NodeProto], memo: dict[str, bool]) -> bool:
+    """True when a value depends on Constant nodes only (CrypTen keeps those public, unencrypted)."""
+    if name not in memo:
+        node = producers.get(name)
+        memo[name] = node is not None and (
+            node.op_type == "Constant" or all(_is_public(i, producers, memo) for i in node.input if i)
+        )
+    return memo[name]
+
+
 def check_supported(mp: onnx.ModelProto) -> None:
-    """Raise CryptenError naming the first ONNX node whose op CrypTen cannot run."""
+    """Raise CryptenError naming the first ONNX node CrypTen cannot run, with the replacement to use:
+    an op its converter lacks, a division of a public value by an encrypted one, or a non-integer power."""
     ok = supported_ops()
+    producers, memo = _producers(mp.graph), {}
+    consts = {t.name: t for t in mp.graph.initializer}
     for node in mp.graph.node:
         if node.op_type not in ok:
             raise CryptenError(
-                f"CrypTen cannot run ONNX op '{node.op_type}' (node '{node.name}'); replace the module "
-                "that produces it, or mark it for rewriting before bench"
+                f"CrypTen cannot run ONNX op '{node.op_type}' (node '{node.name}'); {_fix_for(node.op_type)}"
             )
+        public = [_is_public(i, producers, memo) for i in node.input[:2]] if node.op_type in ("Sub", "Div") else []
+        if node.op_type == "Sub" and public == [True, False]:
+            raise CryptenError(
+                f"CrypTen cannot subtract an encrypted value from a public one (ONNX node '{node.name}', "
+                "Sub); write c - x as x * -1 + c"
+            )
+        if node.op_type == "Div" and public == [True, False]:
+            raise CryptenError(
+                f"CrypTen cannot divide a public value by an encrypted one (ONNX node '{node.name}', Div); "
+                + _DIVIDE_FIX
+            )
+        if node.op_type == "Pow" and len(node.input) > 1:
+            exponent = _constant_value(node.input[1], producers, consts)
+            if exponent is not None and (exponent.size != 1 or float(exponent.reshape(-1)[0]) % 1):
+                raise CryptenError(
+                    f"CrypTen raises only to integer powers (ONNX node '{node.name}', Pow "
+                    f"{exponent.reshape(-1)[:1].tolist()}); use torch.rsqrt / torch.sqrt or an integer exponent"
+                )
+
+
+def _constant_value(name: str, producers: dict[str, onnx.NodeProto], consts: dict) -> np.ndarray | None:
+    node = producers.get(name)
+    if node is not None and node.op_type == "Constant":
+        for a in node.attribute:
+            if a.name == "value":
+                return numpy_helper.to_array(a.t)
+    return numpy_helper.to_array(consts[name]) if name in consts else None
 
 
 def crypten_onnx(prepared: nn.Module, example: torch.Tensor) -> bytes:
     """Return ONNX bytes of a prepared model, repaired for CrypTen and checked op by op."""
+    if isinstance(prepared, fx.GraphModule):
+        check_lowered(prepared)
     mp = repair_for_crypten(onnx.load_from_string(to_onnx_bytes(prepared, example, CRYPTEN_OPSET)))
     check_supported(mp)
     return mp.SerializeToString()

@@ -8,6 +8,7 @@ CrypTen and fits the per-op costs by non-negative least squares; nothing is type
 from __future__ import annotations
 
 import math
+import operator
 import os
 from collections import Counter
 from collections.abc import Sequence
@@ -19,13 +20,34 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from relu_opt import atomic
+from relu_opt import atomic, ops
 from relu_opt.activations import ChannelAffine, MaskedReLU, Poly, Square
 from relu_opt.cache import cache_dir
 from relu_opt.checked_io import load_cache, read_json
-from relu_opt.passes.census import _classify, _meta_shape
+from relu_opt.passes.census import _meta_shape, node_ops
 
-CATEGORIES = ("linear", "affine", "relu", "poly", "square", "maxpool", "avgpool")
+# Features the calibration suite measures: linear parts, and every non-linear kind CrypTen runs (as
+# lowered by relu_opt/passes/lower.py). A kind outside this list counts under its op-table cost category.
+CATEGORIES = (
+    "linear",
+    "affine",
+    "relu",
+    "poly",
+    "square",
+    "maxpool",
+    "avgpool",
+    "relu6",
+    "sigmoid",
+    "silu",
+    "gelu",
+    "tanh",
+    "softmax",
+    "layernorm",
+    "rsqrt",
+    "matmul",
+    "2quad",
+)
+_MATMULS = (torch.matmul, torch.bmm, operator.matmul)
 BYTE_TERMS = CATEGORIES + ("poly_coeffs",)
 _AVG = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
 
@@ -61,6 +83,15 @@ def parse_network(name: str, text: str) -> Network:
     return Network(name, rtt / 1e3, bw * 1e6)
 
 
+def cost_category(kind: str) -> str:
+    """Return the cost-model feature a kind is counted under: itself when the calibration suite
+    measures it, else its op-table cost category (e.g. "transcendental")."""
+    if kind in CATEGORIES:
+        return kind
+    entry = ops.find_kind(kind)
+    return entry.cost if entry else kind
+
+
 @dataclass(frozen=True)
 class CostFeatures:
     """Ops and opened elements per category for one forward at `batch`."""
@@ -71,7 +102,7 @@ class CostFeatures:
 
 def features(gm: fx.GraphModule, batch: int = 1) -> CostFeatures:
     """Return the cost features of a shape-propagated, PI-prepared GraphModule."""
-    ops, elements = Counter(), Counter()
+    counts, elements = Counter(), Counter()
     for node in gm.graph.nodes:
         out = _meta_shape(node)
         if out is None:
@@ -81,25 +112,31 @@ def features(gm: fx.GraphModule, batch: int = 1) -> CostFeatures:
         if isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)):
             # Beaver multiplication opens both the input and the (encrypted) weights.
             in_shape = _meta_shape(node.args[0]) or out
-            ops["linear"] += 1
+            counts["linear"] += 1
             elements["linear"] += batch * math.prod(in_shape[1:]) + mod.weight.numel()
             continue
+        if node.op == "call_function" and node.target in _MATMULS:
+            # encrypted x encrypted (attention): Beaver triples open both operands
+            counts["matmul"] += 1
+            elements["matmul"] += batch * sum(math.prod((_meta_shape(a) or (1,))[1:]) for a in node.args[:2])
+            continue
         if isinstance(mod, ChannelAffine):
-            ops["affine"] += 1
+            counts["affine"] += 1
             elements["affine"] += batch * per_sample + mod.scale.numel()
             continue
         if isinstance(mod, _AVG):
-            ops["avgpool"] += 1
+            counts["avgpool"] += 1
             elements["avgpool"] += batch * per_sample
             continue
-        for kind, n in _classify(gm, node):
-            if kind in CATEGORIES and n:
-                ops[kind] += 1
-                elements[kind] += batch * n
+        for kind, n in node_ops(gm, node):
+            category = cost_category(kind)
+            if n:
+                counts[category] += 1
+                elements[category] += batch * n
         poly = mod if isinstance(mod, Poly) else getattr(mod, "replacement", None)
         if isinstance(poly, Poly):  # its (encrypted) coefficients are opened once per multiplication
             elements["poly_coeffs"] += poly.degree * poly.coeffs.shape[1]
-    return CostFeatures(dict(ops), dict(elements))
+    return CostFeatures(dict(counts), dict(elements))
 
 
 @dataclass(frozen=True)
@@ -154,6 +191,8 @@ def fit(samples: list[tuple[CostFeatures, float, float]], parties: int) -> CostM
 
 def calibration_suite() -> list[tuple[str, nn.Module]]:
     """Return tiny models whose op counts vary independently, to fit the per-op costs."""
+    from relu_opt.replacements import TwoQuad
+
     torch.manual_seed(0)
 
     def conv(cin=3, cout=8):
@@ -175,7 +214,43 @@ def calibration_suite() -> list[tuple[str, nn.Module]]:
         ("maxpool", nn.Sequential(conv(), nn.MaxPool2d(2))),
         ("avgpool", nn.Sequential(conv(), nn.AvgPool2d(2))),
         ("affine", nn.Sequential(conv(), ChannelAffine(torch.rand(8) + 0.5, torch.randn(8)))),
+        ("relu6", nn.Sequential(conv(), nn.ReLU6())),
+        ("hardswish", nn.Sequential(conv(3, 16), nn.Hardswish())),
+        ("sigmoid", nn.Sequential(conv(), nn.Sigmoid())),
+        ("silu", nn.Sequential(conv(), nn.SiLU())),
+        ("gelu", nn.Sequential(conv(), nn.GELU())),
+        ("tanh", nn.Sequential(conv(), nn.Tanh())),
+        ("softmax", nn.Sequential(conv(), nn.Softmax(-1))),
+        ("softmax_wide", nn.Sequential(conv(3, 16), nn.Softmax(-1))),
+        ("layernorm", nn.Sequential(conv(), nn.LayerNorm(8))),
+        ("layernorm_wide", nn.Sequential(conv(3, 16), nn.LayerNorm(8))),
+        ("rsqrt", nn.Sequential(conv(), _Rsqrt())),
+        ("matmul", nn.Sequential(conv(), _SelfProduct())),
+        ("2quad", nn.Sequential(conv(), TwoQuad(8))),
+        ("2quad_wide", nn.Sequential(conv(3, 16), TwoQuad(8))),
     ]
+
+
+class _SelfProduct(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ (x * 0.5).transpose(-1, -2)
+
+
+class _Rsqrt(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.rsqrt(x * x + 1)
+
+
+# Bump when a suite model or a lowering it goes through changes (GELU by sigmoid: 2).
+SUITE_VERSION = 2
+
+
+def suite_key() -> str:
+    """Return a short hash of the calibration suite, so a changed suite is measured anew."""
+    import hashlib
+
+    names = ",".join(n for n, _ in calibration_suite())
+    return hashlib.sha1(f"{SUITE_VERSION}:{names}".encode()).hexdigest()[:8]
 
 
 CALIBRATION_INPUT = (1, 3, 8, 8)
@@ -187,7 +262,7 @@ def calibrate(
     """Return the CostModel for `parties`, measured once under CrypTen and cached as JSON in `cache`."""
     from relu_opt.crypto_backend.bench import measure
 
-    path = Path(cache or cache_dir()) / f"cost_model_{parties}p_crypten{_crypten_version()}.json"
+    path = Path(cache or cache_dir()) / f"cost_model_{parties}p_crypten{_crypten_version()}_{suite_key()}.json"
     cached = None if refresh else load_cache(path, lambda p: CostModel.from_dict(read_json(p, what="cost model")))
     if cached is not None:
         return cached

@@ -1,6 +1,6 @@
 """Built-in architectures, registered by name."""
 
-from relu_opt.models import resnet_cifar, small_cnn, vgg, wide_resnet  # noqa: F401  (registers)
+from relu_opt.models import mobilenet, resnet_cifar, small_cnn, vgg, vit, wide_resnet  # noqa: F401  (registers)
 from relu_opt.models.registry import (
     ModelEntry,
     create_model,

@@ -12,86 +12,11 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-# Kinds whose evaluation needs secure comparisons; "relu" is the one budgets count.
-COMPARISON_KINDS = ("relu", "hardtanh", "leaky_relu", "prelu", "maxpool", "hardswish", "clamp")
+from relu_opt import ops
+from relu_opt.ops import KIND_META, node_kind
 
-_MODULE_KINDS: tuple[tuple[type, str], ...] = (
-    (nn.ReLU, "relu"),
-    (nn.Hardtanh, "hardtanh"),  # ReLU6 is a Hardtanh
-    (nn.LeakyReLU, "leaky_relu"),
-    (nn.PReLU, "prelu"),
-    (nn.MaxPool1d, "maxpool"),
-    (nn.MaxPool2d, "maxpool"),
-    (nn.MaxPool3d, "maxpool"),
-    (nn.AdaptiveMaxPool1d, "maxpool"),
-    (nn.AdaptiveMaxPool2d, "maxpool"),
-    (nn.AdaptiveMaxPool3d, "maxpool"),
-    (nn.Hardswish, "hardswish"),
-    (nn.Hardsigmoid, "hardsigmoid"),
-    (nn.GELU, "gelu"),
-    (nn.SiLU, "silu"),
-    (nn.Mish, "mish"),
-    (nn.ELU, "elu"),
-    (nn.SELU, "elu"),
-    (nn.Softplus, "softplus"),
-    (nn.Sigmoid, "sigmoid"),
-    (nn.Tanh, "tanh"),
-    (nn.Softmax, "softmax"),
-    (nn.LogSoftmax, "softmax"),
-    (nn.LayerNorm, "layernorm"),
-    (nn.GroupNorm, "layernorm"),
-)
-
-_FUNCTION_KINDS: dict = {
-    torch.relu: "relu",
-    torch.relu_: "relu",
-    F.relu: "relu",
-    F.relu_: "relu",
-    F.relu6: "hardtanh",
-    F.hardtanh: "hardtanh",
-    F.hardtanh_: "hardtanh",
-    F.leaky_relu: "leaky_relu",
-    F.leaky_relu_: "leaky_relu",
-    F.prelu: "prelu",
-    torch.prelu: "prelu",
-    F.max_pool1d: "maxpool",
-    F.max_pool2d: "maxpool",
-    F.max_pool3d: "maxpool",
-    F.adaptive_max_pool1d: "maxpool",
-    F.adaptive_max_pool2d: "maxpool",
-    F.hardswish: "hardswish",
-    F.hardsigmoid: "hardsigmoid",
-    F.gelu: "gelu",
-    F.silu: "silu",
-    F.mish: "mish",
-    F.elu: "elu",
-    F.selu: "elu",
-    F.softplus: "softplus",
-    torch.sigmoid: "sigmoid",
-    F.sigmoid: "sigmoid",
-    torch.tanh: "tanh",
-    F.tanh: "tanh",
-    torch.softmax: "softmax",
-    torch.log_softmax: "softmax",
-    F.softmax: "softmax",
-    F.log_softmax: "softmax",
-    F.layer_norm: "layernorm",
-    F.group_norm: "layernorm",
-    torch.rsqrt: "rsqrt",
-}
-
-_METHOD_KINDS = {
-    "relu": "relu",
-    "relu_": "relu",
-    "sigmoid": "sigmoid",
-    "tanh": "tanh",
-    "softmax": "softmax",
-    "log_softmax": "softmax",
-    "rsqrt": "rsqrt",
-}
-
-_CLAMPS = {torch.clamp, torch.clip, torch.clamp_, torch.clamp_min, torch.clamp_min_}
-_CLAMP_METHODS = {"clamp", "clamp_", "clip", "clip_", "clamp_min", "clamp_min_"}
+# Kinds whose evaluation needs secure comparisons (read from the op table when imported).
+COMPARISON_KINDS = tuple(k.name for k in ops.all_kinds() if k.comparisons)
 
 
 @dataclass(frozen=True)
@@ -106,6 +31,11 @@ class Site:
     share: float
     macs: int
     position: int
+
+    @property
+    def comparisons(self) -> int:
+        """Return the secure comparisons per sample this site costs (0 for comparison-free kinds)."""
+        return self.elements * ops.comparisons_per_element(self.kind)
 
 
 @dataclass(frozen=True)
@@ -123,6 +53,11 @@ class Census:
     def total_relu(self) -> int:
         return self.totals_by_kind.get("relu", 0)
 
+    @property
+    def total_comparisons(self) -> int:
+        """Return the secure comparisons per sample of every site (ReLU, ReLU6, max-pool, ...)."""
+        return sum(s.comparisons for s in self.sites)
+
     def of_kind(self, kind: str) -> list[Site]:
         """Return the sites of one kind, in graph order."""
         return [s for s in self.sites if s.kind == kind]
@@ -133,9 +68,10 @@ class Census:
             "model": self.model,
             "input_shape": list(self.input_shape),
             "total_relu": self.total_relu,
+            "total_comparisons": self.total_comparisons,
             "total_macs": self.total_macs,
             "params": self.params,
-            "sites": [{**asdict(s), "shape": list(s.shape)} for s in self.sites],
+            "sites": [{**asdict(s), "shape": list(s.shape), "comparisons": s.comparisons} for s in self.sites],
             "totals_by_kind": dict(self.totals_by_kind),
         }
 
@@ -159,18 +95,7 @@ def _per_sample(shape: tuple[int, ...]) -> int:
 
 
 def _arg(node: fx.Node, index: int, name: str, default=None):
-    if name in node.kwargs:
-        return node.kwargs[name]
-    return node.args[index] if len(node.args) > index else default
-
-
-def _clamp_kind(node: fx.Node, is_method: bool) -> str | None:
-    name = node.target if is_method else node.target.__name__
-    lo = _arg(node, 1, "min")
-    hi = None if "clamp_min" in name else _arg(node, 2, "max")
-    if isinstance(lo, (int, float)) and lo == 0 and hi is None:
-        return "relu"
-    return "hardtanh" if lo is not None and hi is not None else "clamp"
+    return ops.node_arg(node, index, name, default)
 
 
 def _maxpool_comparisons(node: fx.Node, mod: nn.Module | None, out: tuple[int, ...]) -> int:
@@ -189,48 +114,40 @@ def _maxpool_comparisons(node: fx.Node, mod: nn.Module | None, out: tuple[int, .
     return _per_sample(out) * (math.prod(k) - 1)
 
 
-def node_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
-    """Return the census kind of a standard non-linear op node (None for anything else)."""
-    if node.op == "call_module":
-        mod = gm.get_submodule(node.target)
-        return next((kind for cls, kind in _MODULE_KINDS if isinstance(mod, cls)), None)
-    if node.op == "call_function":
-        if node.target in _CLAMPS:
-            return _clamp_kind(node, False)
-        if node.target is F.threshold:
-            return "relu" if _arg(node, 1, "threshold") == 0 and _arg(node, 2, "value") == 0 else "clamp"
-        return _FUNCTION_KINDS.get(node.target)
-    if node.op == "call_method":
-        if node.target in _CLAMP_METHODS:
-            return _clamp_kind(node, True)
-        return _METHOD_KINDS.get(node.target)
-    return None
+def node_ops(gm: fx.GraphModule, node: fx.Node) -> tuple[tuple[str, int], ...]:
+    """Return the (kind, elements per sample) pairs a node computes; empty for linear nodes.
+
+    Read from `node.meta` when `annotate` has recorded them, else derived from the op table."""
+    if KIND_META in node.meta:
+        return node.meta[KIND_META]
+    return _classify(gm, node)
 
 
-def _classify(gm: fx.GraphModule, node: fx.Node) -> list[tuple[str, int]]:
-    """Return (kind, elements per sample) pairs for a node; empty for linear nodes."""
+def _classify(gm: fx.GraphModule, node: fx.Node) -> tuple[tuple[str, int], ...]:
     out = _meta_shape(node)
     if out is None:
-        return []
+        return ()
     mod = gm.get_submodule(node.target) if node.op == "call_module" else None
     custom = getattr(mod, "census_items", None)
     if callable(custom):  # relu-opt's own activations report what they compute
-        return list(custom(out[1:]))
+        return tuple((k, int(n)) for k, n in custom(out[1:]))
     kind = node_kind(gm, node)
     if kind is None:
-        return []
-    numel = _per_sample(out)
+        return ()
     if kind == "maxpool":
-        return [(kind, _maxpool_comparisons(node, mod, out))]
-    if kind == "layernorm":
-        if isinstance(mod, nn.LayerNorm):
-            return [(kind, numel // math.prod(mod.normalized_shape))]
-        if isinstance(mod, nn.GroupNorm):
-            return [(kind, mod.num_groups)]
-        if node.target is F.layer_norm:
-            return [(kind, numel // math.prod(_arg(node, 1, "normalized_shape")))]
-        return [(kind, _arg(node, 1, "num_groups"))]
-    return [(kind, numel)]
+        return ((kind, _maxpool_comparisons(node, mod, out)),)
+    return ((kind, _per_sample(out)),)
+
+
+def annotate(gm: fx.GraphModule) -> fx.GraphModule:
+    """Record each node's (kind, elements per sample) pairs in `node.meta` (in place); returns `gm`.
+
+    Needs shapes (relu_opt.graph.propagate_shapes); nodes without a shape are left unannotated."""
+    for node in gm.graph.nodes:
+        node.meta.pop(KIND_META, None)
+        if _meta_shape(node) is not None:
+            node.meta[KIND_META] = _classify(gm, node)
+    return gm
 
 
 def node_macs(gm: fx.GraphModule, node: fx.Node) -> int:
@@ -287,8 +204,9 @@ def _target_name(node: fx.Node) -> str:
 def census(gm: fx.GraphModule, model_name: str = "", input_shape: tuple[int, ...] = ()) -> Census:
     """Return the Census of a shape-propagated GraphModule (see relu_opt.graph.propagate_shapes)."""
     items: list[_Item] = []
+    annotate(gm)
     for node in gm.graph.nodes:
-        for kind, elements in _classify(gm, node):
+        for kind, elements in node_ops(gm, node):
             items.append(_Item(node, _target_name(node), kind, int(elements), _meta_shape(node)[1:]))
     totals = Counter()
     for it in items:

@@ -1,0 +1,44 @@
+"""The pass lists that make a model ready for private inference, and its linear floor."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from relu_opt.graph import eval_mode, trace
+from relu_opt.passes.base import GraphPass, run_passes
+from relu_opt.passes.fold_bn import fold_batchnorm
+from relu_opt.passes.lower import lower_for_crypten
+from relu_opt.passes.replace import linearize, materialize_partial, maxpool_to_avgpool
+
+# BatchNorm folded, masked sites in their gathered (partial) form.
+PI_PASSES: tuple[GraphPass, ...] = (
+    GraphPass(fold_batchnorm),
+    GraphPass(materialize_partial, needs_shapes=True),
+)
+# ... and every kind CrypTen's converter lacks lowered to ops it runs (relu_opt/passes/lower.py).
+CRYPTEN_PASSES: tuple[GraphPass, ...] = PI_PASSES + (GraphPass(lower_for_crypten),)
+# Every non-linear op an identity, max-pools averaged: the cost of the linear part alone.
+FLOOR_PASSES: tuple[GraphPass, ...] = (GraphPass(linearize), GraphPass(maxpool_to_avgpool))
+
+
+def prepare_for_pi(model: nn.Module, example: torch.Tensor, leaf: Iterable[str | type] = ()) -> fx.GraphModule:
+    """Return the eval-mode GraphModule private inference runs (PI_PASSES applied, shapes propagated)."""
+    with eval_mode(model):
+        gm = trace(model, leaf)
+    return run_passes(gm.eval(), PI_PASSES, example).eval()
+
+
+def prepare_for_crypten(model: nn.Module, example: torch.Tensor, leaf: Iterable[str | type] = ()) -> fx.GraphModule:
+    """Return the eval-mode GraphModule CrypTen runs (CRYPTEN_PASSES applied, shapes propagated)."""
+    with eval_mode(model):
+        gm = trace(model, leaf)
+    return run_passes(gm.eval(), CRYPTEN_PASSES, example).eval()
+
+
+def linear_floor(prepared: fx.GraphModule, example: torch.Tensor) -> fx.GraphModule:
+    """Return `prepared` with FLOOR_PASSES applied: what the model costs with no non-linearity."""
+    return run_passes(prepared, FLOOR_PASSES, example).eval()
