@@ -543,6 +543,7 @@ def _parse_kind_budgets(items: list[str]) -> tuple[tuple[str, int], ...]:
             out.append((_parse_kinds(kind)[0], int(value.replace("_", ""))))
         except (ValueError, IndexError):
             raise ConfigError(f"--kind-budget '{item}' must be KIND=N, e.g. --kind-budget relu6=20000") from None
+        validation.check_int(f"--kind-budget {out[-1][0]}", out[-1][1], 0)
     return tuple(out)
 
 

@@ -655,6 +655,12 @@ NUMBERS = [
     (["optimize", "small_cnn", *D, "--budget", "10", "--poly-per", "pixel", "-o", "{tmp}/o"], r"--poly-per 'pixel'"),
     (["optimize", "small_cnn", *D, "--budget", "10**9", "-o", "{tmp}/o"], None),
     (["optimize", "small_cnn", *D, "--budget", "1000000", "-o", "{tmp}/o"], r"is not below the model's"),
+    (
+        ["optimize", "small_cnn", *D, "--budget", "10", "--kinds", "relu,nope", "-o", "{tmp}/o"],
+        r"unknown kind\(s\) nope",
+    ),
+    (["optimize", "small_cnn", *D, "--budget", "9", "--kind-budget", "relu=-1", "-o", "{tmp}/o"], r"relu -1 is out of"),
+    (["optimize", "small_cnn", *D, "--budget", "9", "--kind-budget", "relu", "-o", "{tmp}/o"], r"must be KIND=N"),
     (["count", "small_cnn", "--num-classes", "0"], r"--num-classes 0 is out of range"),
     (["count", "small_cnn", "--leaf", "NoSuchClass"], r"--leaf 'NoSuchClass' names no module class"),
     (["export", "small_cnn", "--leaf", "Nope", "-o", "{tmp}/m.onnx"], r"--leaf 'Nope'"),
