@@ -298,9 +298,12 @@ def _parse_link(text: str | None):
     if text is None:
         return None
     try:
-        return load_link(text)
+        net = load_link(text)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    validation.check_float("--link round-trip time", net.rtt_s, above=None, minimum=0.0)
+    validation.check_float("--link bandwidth", net.bandwidth_Bps)
+    return net
 
 
 @command("bench")
@@ -346,7 +349,7 @@ def bench_cmd(
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     for n in networks:
-        validation.check_float(f"--{n.name} round-trip time", n.rtt_s, above=None)
+        validation.check_float(f"--{n.name} round-trip time", n.rtt_s, above=None, minimum=0.0)
         validation.check_float(f"--{n.name} bandwidth", n.bandwidth_Bps)
     validation.check_float("--timeout", timeout)
     validation.check_output_file(json_path, "--json")
@@ -427,6 +430,11 @@ def link_cmd(
 ) -> None:
     """Measure RTT and bandwidth per direction between the parties, over the group CrypTen would use."""
     from relu_opt.crypto_backend.link import measure_link
+
+    validation.check_int("--rank", rank, 0, world_size - 1)
+    validation.check_int("--master-port", master_port, 1, 65535)
+    validation.check_float("--timeout", timeout)
+    validation.check_output_file(json_path, "--json")
 
     with out.status(f"party {rank}: measuring the link to party 0 at {master_addr}"):
         m = measure_link(rank, world_size, master_addr, master_port, timeout=timeout, ifname=ifname)
@@ -541,6 +549,7 @@ def _parse_kind_budgets(items: list[str]) -> tuple[tuple[str, int], ...]:
             out.append((_parse_kinds(kind)[0], int(value.replace("_", ""))))
         except (ValueError, IndexError):
             raise ConfigError(f"--kind-budget '{item}' must be KIND=N, e.g. --kind-budget relu6=20000") from None
+        validation.check_int(f"--kind-budget {out[-1][0]}", out[-1][1], 0)
     return tuple(out)
 
 

@@ -27,7 +27,7 @@ from relu_opt.checked_io import load_cache, load_torch
 from relu_opt.data import Dataset, load_dataset
 from relu_opt.loading import load_weights, resolve_model
 from relu_opt.models.pretrained import list_pretrained, load_pretrained
-from relu_opt.optimizer import OptimizeConfig, OptimizeResult, optimize
+from relu_opt.optimizer import OptimizeConfig, OptimizeResult, check_budget, optimize
 from relu_opt.plan import load
 from relu_opt.train import TrainConfig, evaluate, fit
 from relu_opt.validation import check_model_input
@@ -101,6 +101,10 @@ def _baseline(cfg: RunConfig, data: Dataset, cache: Path, log: Callable[[str], N
     loaded = resolve_model(cfg.model, num_classes=data.num_classes, in_channels=data.input_shape[1])
     model = loaded.model
     check_model_input(model, data.input_shape, f"'{cfg.model}'", num_classes=data.num_classes)
+    if cfg.budgets:  # refuse a budget the model cannot meet before training the baseline
+        total = count(model, data.train.x[:1], name=cfg.model).total_relu
+        for b in cfg.budgets:
+            check_budget(b, total)
     if cfg.weights:
         load_weights(model, cfg.weights)
         return model.eval(), {"source": cfg.weights, "cached": False}

@@ -231,13 +231,14 @@ def fit(
                     "partial": list(stats),
                     "schedule": schedule,
                     "rng": torch.get_rng_state(),
+                    "recent_losses": list(recent),
                     "history": [asdict(e) for e in history],
                 },
                 ckpt,
             )
 
     gen = torch.Generator().manual_seed(config.seed)
-    recent: deque[float] = deque(maxlen=_LOSS_WINDOW)
+    recent: deque[float] = deque(state.get("recent_losses", []) if state else [], maxlen=_LOSS_WINDOW)
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),

@@ -1,6 +1,7 @@
 """Bad inputs and faults across every command: each ends in one clear line, exit code 2 (130 for Ctrl-C),
 no traceback, and nothing half-written; damaged caches are rebuilt and interrupted work resumes."""
 
+import functools
 import gzip
 import json
 import os
@@ -92,6 +93,26 @@ def models(tmp_path):
     path = tmp_path / "user_models.py"
     path.write_text(MODELS)
     return path
+
+
+def _small():
+    torch.manual_seed(0)
+    return create_model("small_cnn", num_classes=4, in_channels=1)
+
+
+@functools.cache
+def _trained_state(seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    model = create_model("small_cnn", num_classes=4, in_channels=1)
+    fit(model, load_dataset("synthetic"), TrainConfig(epochs=2, lr=0.05, seed=seed), progress=False)
+    return model.state_dict()
+
+
+def _trained(seed: int = 0):
+    """A small_cnn trained on the synthetic data, well above chance (fine-tuning refuses a collapse)."""
+    model = create_model("small_cnn", num_classes=4, in_channels=1)
+    model.load_state_dict(_trained_state(seed))
+    return model
 
 
 def invoke(*args):
@@ -289,8 +310,7 @@ def _optimize_small(out: Path):
     """Optimize a seeded small_cnn on synthetic data to 100 ReLUs into `out` (a few seconds)."""
     from relu_opt.optimizer import OptimizeConfig, optimize
 
-    torch.manual_seed(0)
-    model = create_model("small_cnn", num_classes=4, in_channels=1)
+    model = _trained()
     cfg = OptimizeConfig(budget=100, epochs=0.5, rank_samples=64, calib_samples=64, batch_size=64)
     return optimize(model, load_dataset("synthetic"), cfg, out, base_spec="small_cnn", progress=False)
 
@@ -361,7 +381,7 @@ def test_damaged_cost_model_cache_is_measured_again(tmp_path, monkeypatch):
         out = []
         for _, m in models:
             f = cost_model.features(prepare_for_pi(m, x))
-            rounds = sum(f.ops.values()) + 8 * f.ops.get("relu", 0)
+            rounds = sum(f.ops.get(c, 0) for c in cost_model.CATEGORIES) + 8 * f.ops.get("relu", 0)
             out.append(SimpleNamespace(features=f, rounds=rounds, bytes_per_party=[464 * f.elements.get("relu", 0)]))
         return out
 
@@ -493,11 +513,6 @@ def test_checkpoint_of_other_settings_is_refused(tmp_path):
 # --- 5. resume ---------------------------------------------------------------------------------
 
 
-def _small():
-    torch.manual_seed(0)
-    return create_model("small_cnn", num_classes=4, in_channels=1)
-
-
 @pytest.mark.parametrize("stop_at", [1, 7, 13])
 def test_interrupted_training_resumes_to_the_same_weights(tmp_path, stop_at):
     data, cfg = load_dataset("synthetic"), TrainConfig(epochs=2, batch_size=64)
@@ -528,17 +543,17 @@ def test_interrupted_frontier_resumes_to_the_same_result(tmp_path, monkeypatch):
     data = load_dataset("synthetic")
     cfg = optimizer.OptimizeConfig(budget=0, epochs=1, rank_samples=64, calib_samples=64, batch_size=64)
     budgets = [300, 100]
-    straight = optimizer.optimize_frontier(_small(), data, budgets, cfg, tmp_path / "a", progress=False)
+    straight = optimizer.optimize_frontier(_trained(), data, budgets, cfg, tmp_path / "a", progress=False)
 
     real = optimizer._anneal
-    calls = {"n": 0}
 
     def anneal_then_stop(model, anneal):
-        step = real(model, anneal)
+        step, calls = real(model, anneal), []
+        budget_100 = (tmp_path / "b" / "budget_300" / "report.json").is_file()  # budget 300 is done
 
         def on_step(frac):
-            calls["n"] += 1
-            if calls["n"] == 20:  # budget 300 made 14 calls (13 steps, then the final blend); mid budget 100
+            calls.append(frac)
+            if budget_100 and len(calls) == 7:  # Ctrl-C at step 7 of budget 100's fine-tuning
                 raise KeyboardInterrupt
             step(frac)
 
@@ -546,11 +561,11 @@ def test_interrupted_frontier_resumes_to_the_same_result(tmp_path, monkeypatch):
 
     monkeypatch.setattr(optimizer, "_anneal", anneal_then_stop)
     with pytest.raises(TrainingInterrupted, match="rerun the same command"):
-        optimizer.optimize_frontier(_small(), data, budgets, cfg, tmp_path / "b", progress=False)
+        optimizer.optimize_frontier(_trained(), data, budgets, cfg, tmp_path / "b", progress=False)
     assert (tmp_path / "b" / "budget_300" / "report.json").is_file()
     assert not (tmp_path / "b" / "budget_100").exists()
     monkeypatch.setattr(optimizer, "_anneal", real)
-    resumed = optimizer.optimize_frontier(_small(), data, budgets, cfg, tmp_path / "b", progress=False)
+    resumed = optimizer.optimize_frontier(_trained(), data, budgets, cfg, tmp_path / "b", progress=False)
     for a, b in zip(straight, resumed):
         assert (a.relu_after, a.accuracy_after, a.val_accuracy_after) == (
             b.relu_after,
@@ -591,7 +606,8 @@ def test_ctrl_c_in_train_then_resume_writes_the_weights(tmp_path):
 
 def test_killed_optimize_resumes(tmp_path):
     out, weights = tmp_path / "o", tmp_path / "w.pt"
-    torch.save(create_model("small_cnn", in_channels=1).state_dict(), weights)  # the same model in both runs
+    trained = invoke("train", "small_cnn", "--data", "digits", "--epochs", "3", "-o", weights)  # for both runs
+    assert trained.exit_code == 0, trained.output
     args = ["optimize", "small_cnn", "--data", "digits", "--weights", weights, "--budget", "500", "--epochs", "30"]
     args += ["-o", out]
     args += ["--rank-samples", "64", "--max-train", "256"]
@@ -638,6 +654,12 @@ NUMBERS = [
     (["optimize", "small_cnn", *D, "--budget", "10", "--poly-per", "pixel", "-o", "{tmp}/o"], r"--poly-per 'pixel'"),
     (["optimize", "small_cnn", *D, "--budget", "10**9", "-o", "{tmp}/o"], None),
     (["optimize", "small_cnn", *D, "--budget", "1000000", "-o", "{tmp}/o"], r"is not below the model's"),
+    (
+        ["optimize", "small_cnn", *D, "--budget", "10", "--kinds", "relu,nope", "-o", "{tmp}/o"],
+        r"unknown kind\(s\) nope",
+    ),
+    (["optimize", "small_cnn", *D, "--budget", "9", "--kind-budget", "relu=-1", "-o", "{tmp}/o"], r"relu -1 is out of"),
+    (["optimize", "small_cnn", *D, "--budget", "9", "--kind-budget", "relu", "-o", "{tmp}/o"], r"must be KIND=N"),
     (["count", "small_cnn", "--num-classes", "0"], r"--num-classes 0 is out of range"),
     (["count", "small_cnn", "--leaf", "NoSuchClass"], r"--leaf 'NoSuchClass' names no module class"),
     (["export", "small_cnn", "--leaf", "Nope", "-o", "{tmp}/m.onnx"], r"--leaf 'Nope'"),
@@ -646,6 +668,11 @@ NUMBERS = [
     (["bench", "small_cnn", "--wan", "40,0"], r"--wan bandwidth 0 must be above 0"),
     (["bench", "small_cnn", "--rank", "5", "--world-size", "2"], r"--rank 5 is out of range"),
     (["bench", "small_cnn", "--master-port", "70000"], r"--master-port 70000 is out of range"),
+    (["bench", "small_cnn", "--link", "1,-5"], r"--link bandwidth -5e\+06 must be above 0"),
+    (["bench", "small_cnn", "--lan", "-1,100"], r"--lan round-trip time -0.001 must be at least 0"),
+    (["bench", "small_cnn", "--link", "{tmp}/none.json"], r"--link .*none.json is not a JSON file"),
+    (["link", "--rank", "2", "--master-addr", "127.0.0.1"], r"--rank 2 is out of range; .* at most 1"),
+    (["link", "--rank", "0", "--master-addr", "127.0.0.1", "--timeout", "-1"], r"--timeout -1 must be above 0"),
     (["run", "--baseline-epochs", "0"], r"--baseline-epochs 0 is out of range"),
     (["run", "--epochs", "-1"], r"--epochs -1 must be above 0"),
     (["run", "--budgets", "1,,2"], r"has an empty entry"),
@@ -784,8 +811,7 @@ def test_other_weights_in_the_same_folder_are_optimized_again(optimized_dir, tmp
 
     shutil.copytree(optimized_dir, tmp_path / "o")
     old = (tmp_path / "o" / "model.pt").read_bytes()
-    torch.manual_seed(1)
-    other = create_model("small_cnn", num_classes=4, in_channels=1)
+    other = _trained(seed=1)
     cfg = OptimizeConfig(budget=100, epochs=0.5, rank_samples=64, calib_samples=64, batch_size=64)
     optimize(other, load_dataset("synthetic"), cfg, tmp_path / "o", base_spec="small_cnn", progress=False)
     assert (tmp_path / "o" / "model.pt").read_bytes() != old
@@ -854,3 +880,12 @@ def test_a_head_too_big_for_memory_is_one_line():
 )
 def test_optimized_folder_of_another_model(optimized_dir, args, pattern):
     fails(["bench", *args, "--optimized", optimized_dir], pattern)
+
+
+def test_run_refuses_a_budget_the_model_cannot_meet_before_training(tmp_path):
+    runs, cache = tmp_path / "runs", tmp_path / "cache"
+    fails(
+        ["run", "small_cnn", "--data", "digits", "--budget", 10**9, "--runs-dir", runs, "--cache-dir", cache],
+        r"budget 1,000,000,000 is not below the model's [\d,]+ ReLU elements",
+    )
+    assert not runs.exists() and not (cache / "baselines").exists()
