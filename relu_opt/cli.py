@@ -763,7 +763,7 @@ def run_cmd(
     baseline_epochs: Annotated[int, typer.Option("--baseline-epochs", help="Epochs to train a baseline.")] = 3,
     epochs: Annotated[
         float, typer.Option("--epochs", help="Fine-tuning epochs per budget (fractions: a subset).")
-    ] = 0.3,
+    ] = 1.0,
     max_train: Annotated[int | None, typer.Option("--max-train", help="Use the first N train examples.")] = None,
     samples: Annotated[int, typer.Option("--samples", min=1, help="Test samples run under CrypTen.")] = 8,
     parties: Annotated[int, typer.Option("--parties", min=2, help="CrypTen parties.")] = 2,
