@@ -84,11 +84,13 @@ def collect_stats(
 
     class Recorder(fx.Interpreter):
         def run_node(self, n):
+            if n.name not in sites:
+                return super().run_node(n)
+            x = self.env[n.args[0]] if isinstance(n.args[0], fx.Node) else n.args[0]
+            x = x.clone() if isinstance(x, Tensor) else x  # an in-place op (ReLU(inplace=True)) overwrites it
             out = super().run_node(n)
-            if n.name in sites:
-                x = self.env[n.args[0]] if isinstance(n.args[0], fx.Node) else n.args[0]
-                if isinstance(out, Tensor) and out.shape == x.shape:
-                    stats[n.name] = _accumulate(stats.get(n.name), x, degree, out)
+            if isinstance(out, Tensor) and isinstance(x, Tensor) and out.shape == x.shape:
+                stats[n.name] = _accumulate(stats.get(n.name), x, degree, out)
             return out
 
     with eval_mode(gm), torch.no_grad():

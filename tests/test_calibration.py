@@ -40,3 +40,29 @@ def test_stats_are_measured_on_the_model():
     assert (err < 0.05).all()
     layer = s.merged()
     assert float(fit_error(layer, fit_poly(layer))[0]) >= float(err.min()) - 1e-6
+
+
+def test_in_place_relu_sites_are_fitted_on_their_inputs():
+    """ReLU(inplace=True) overwrites its input; the stats must still see the pre-activation values."""
+
+    class Net(torch.nn.Module):
+        def __init__(self, inplace: bool):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 4, 3)
+            self.relu = torch.nn.ReLU(inplace=inplace)
+
+        def forward(self, x):
+            return self.relu(self.conv(x)) * 2
+
+    torch.manual_seed(0)
+    plain = Net(inplace=False)
+    inplace = Net(inplace=True)
+    inplace.load_state_dict(plain.state_dict())
+    xs = [torch.randn(16, 1, 8, 8) for _ in range(3)]
+    stats = {}
+    for name, net in (("plain", plain), ("inplace", inplace)):
+        gm = propagate_shapes(trace(net), xs[0][:1])
+        (stats[name],) = collect_stats(gm, iter(xs)).values()
+    assert torch.allclose(stats["plain"].x_pow, stats["inplace"].x_pow)  # the inputs, not relu(inputs)
+    assert torch.allclose(fit_poly(stats["plain"]), fit_poly(stats["inplace"]))
+    assert float(fit_poly(stats["inplace"])[2].min()) > 0  # a ReLU fit curves up (it was ~0 when fitted to x)
