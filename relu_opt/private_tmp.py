@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from relu_opt.atomic import pid_alive
 from relu_opt.errors import ReluOptError
 
 _NAME = re.compile(r"^(?P<prefix>[a-z-]+)-(?P<pid>\d+)-")
@@ -34,23 +35,13 @@ def private_root() -> Path:
     return root
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clear_stale(root: Path | None = None) -> list[Path]:
     """Remove private folders whose process no longer runs; returns the folders removed."""
     root = root or private_root()
     removed = []
     for d in root.iterdir():
         m = _NAME.match(d.name)
-        if m and not _alive(int(m["pid"])):
+        if m and not pid_alive(int(m["pid"])):
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d)
     return removed
