@@ -33,14 +33,22 @@ def check_int(option: str, value: int | None, minimum: int = 1, maximum: int | N
         raise ConfigError(f"{option} {value} is out of range; give an integer of at least {minimum}{upper}")
 
 
-def check_float(option: str, value: float | None, above: float | None = 0.0, maximum: float | None = None) -> None:
-    """Raise ConfigError unless `value` (None passes) is finite, > `above` and <= `maximum`."""
+def check_float(
+    option: str,
+    value: float | None,
+    above: float | None = 0.0,
+    maximum: float | None = None,
+    minimum: float | None = None,
+) -> None:
+    """Raise ConfigError unless `value` (None passes) is finite, > `above`, >= `minimum` and <= `maximum`."""
     if value is None:
         return
     if not math.isfinite(value):
         raise ConfigError(f"{option} {value} is not a finite number; give a number like 0.01")
     if above is not None and value <= above:
         raise ConfigError(f"{option} {value:g} must be above {above:g}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{option} {value:g} must be at least {minimum:g}")
     if maximum is not None and value > maximum:
         raise ConfigError(f"{option} {value:g} must be at most {maximum:g}")
 
