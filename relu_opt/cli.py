@@ -458,14 +458,31 @@ def _check_device(device: str) -> str:
     return validation.check_device(device)
 
 
-def _data_and_model(model, data, data_dir, weights, pretrained: bool = False):
-    ds = load_dataset(data, data_dir, download=False)
+def _data_and_model(model, data, data_dir, weights, pretrained: bool = False, input_shape: str | None = None):
+    ds = _dataset(data, data_dir, input_shape)
     shape = ",".join(map(str, ds.input_shape))
     fix = f"give a model that takes the {data} inputs ({shape})"
     net, name, input_shape = _load(
         model, shape, weights, ds.num_classes, fix=fix, classes=ds.num_classes, pretrained=data if pretrained else False
     )
     return ds, net, name, input_shape
+
+
+def _dataset(data: str, data_dir: Path | None, input_shape: str | None):
+    """Return the dataset; --input-shape sets the shape of `synthetic` (10 classes, like the papers' CIFAR-10
+    head) and must match any other dataset's."""
+    if input_shape is None:
+        return load_dataset(data, data_dir, download=False)
+    shape = parse_input_shape(input_shape)
+    if data == "synthetic":
+        return load_dataset(data, data_dir, shape=shape[1:], num_classes=10)
+    ds = load_dataset(data, data_dir, download=False)
+    if tuple(ds.input_shape[1:]) != tuple(shape[1:]):
+        raise InputShapeError(
+            f"--input-shape {input_shape} does not match {data}'s inputs {ds.input_shape}; leave it out, "
+            "or use --data synthetic for random inputs of any shape"
+        )
+    return ds
 
 
 @command("train")
@@ -626,8 +643,18 @@ def optimize_cmd(
     granularity: GranularityOpt = "channel",
     degree: Annotated[int, typer.Option("--degree", min=1, max=4, help="Polynomial degree.")] = 2,
     poly_per: Annotated[str, typer.Option("--poly-per", help="Coefficients per 'channel' or per 'layer'.")] = "channel",
-    epochs: Annotated[float, typer.Option("--epochs", help="Fine-tuning epochs (fractions train on a subset).")] = 1.0,
+    epochs: Annotated[
+        float, typer.Option("--epochs", help="Fine-tuning epochs (fractions train on a subset; 0: no fine-tuning).")
+    ] = 1.0,
     lr: Annotated[float, typer.Option("--lr", help="Fine-tuning peak learning rate.")] = 0.01,
+    input_shape: Annotated[
+        str | None,
+        typer.Option(
+            "--input-shape",
+            help="Input shape N,C,H,W of --data synthetic (random images, 10 classes: cost studies need no "
+            "dataset); other datasets fix their own.",
+        ),
+    ] = None,
     rank_samples: Annotated[int, typer.Option("--rank-samples", help="Examples the ranking looks at.")] = 5000,
     max_train: Annotated[int | None, typer.Option("--max-train", help="Fine-tune on the first N examples.")] = None,
     max_drop: MaxDropOpt = None,
@@ -650,13 +677,13 @@ def optimize_cmd(
 
     levels = _parse_budgets(budget, budgets)
     _check_method(strategy, replace, granularity, poly_per)
-    validation.check_float("--epochs", epochs)
+    validation.check_float("--epochs", epochs, above=None, minimum=0.0)
     validation.check_float("--lr", lr)
     validation.check_int("--rank-samples", rank_samples)
     validation.check_int("--max-train", max_train)
     validation.check_output_dir(output)
     _check_device(device)
-    ds, net, name, _ = _data_and_model(model, data, data_dir, weights, pretrained)
+    ds, net, name, _ = _data_and_model(model, data, data_dir, weights, pretrained, input_shape)
     if weights is None and not pretrained:
         err.print(
             "warning: no --weights or --pretrained given, so the model being optimized is untrained", soft_wrap=True

@@ -647,7 +647,7 @@ NUMBERS = [
     (["optimize", "small_cnn", *D, "--budget", "-5", "-o", "{tmp}/o"], r"budget -5 is negative"),
     (["optimize", "small_cnn", *D, "-o", "{tmp}/o"], r"give --budget N"),
     (["optimize", "small_cnn", *D, "--budget", "1", "--budgets", "2,3", "-o", "{tmp}/o"], r"not both"),
-    (["optimize", "small_cnn", *D, "--budget", "10", "--epochs", "0", "-o", "{tmp}/o"], r"--epochs 0 must be above"),
+    (["optimize", "small_cnn", *D, "--budget", "10", "--epochs", "-1", "-o", "{tmp}/o"], r"--epochs -1 must be at"),
     (["optimize", "small_cnn", *D, "--budget", "10", "--epochs", "inf", "-o", "{tmp}/o"], r"--epochs inf is not"),
     (["optimize", "small_cnn", *D, "--budget", "10", "--rank-samples", "0", "-o", "{tmp}/o"], r"--rank-samples 0"),
     (["optimize", "small_cnn", *D, "--budget", "10", "--strategy", "nope", "-o", "{tmp}/o"], r"--strategy 'nope'"),

@@ -232,7 +232,8 @@ def calibration_suite() -> list[tuple[str, nn.Module]]:
         ("partial_poly", nn.Sequential(conv(3, 16), MaskedReLU(half, Poly(torch.randn(3, 16) * 0.1)))),
         ("maxpool", nn.Sequential(conv(), nn.MaxPool2d(2))),
         ("avgpool", nn.Sequential(conv(), nn.AvgPool2d(2))),
-        ("affine", nn.Sequential(conv(), ChannelAffine(torch.rand(8) + 0.5, torch.randn(8)))),
+        # The affine comes before a padded conv: after one, the PI passes fuse it (fuse_linear).
+        ("affine", nn.Sequential(ChannelAffine(torch.rand(3) + 0.5, torch.randn(3)), conv())),
         ("relu6", nn.Sequential(conv(), nn.ReLU6())),
         ("hardswish", nn.Sequential(conv(3, 16), nn.Hardswish())),
         ("sigmoid", nn.Sequential(conv(), nn.Sigmoid())),
