@@ -77,7 +77,7 @@ class TrainConfig:
     freeze_bn: bool = False  # keep BatchNorm running statistics fixed (fine-tuning polynomial nets)
     device: str = "cpu"
     seed: int = 0
-    max_loss_growth: float | None = None  # a loss this many times the recent median (or 1) counts as diverged
+    max_loss_growth: float | None = None  # losses lastingly this many times their earlier median: diverged
     extra: dict = field(default_factory=dict)
 
 
@@ -127,15 +127,18 @@ def kd_loss(teacher: nn.Module, temperature: float = 4.0, alpha: float = 0.9) ->
     return loss
 
 
-_LOSS_WINDOW = 50  # steps in the running median an exploding loss is measured against
-_LOSS_WARMUP = 20  # steps before the first judgement: early losses move fast for good reasons (annealing)
+_LOSS_RECENT = 10  # steps whose median is judged: an explosion lasts, a single spike does not count
+_LOSS_WINDOW = 50 + _LOSS_RECENT  # the steps before the judged ones are the reference
+_LOSS_WARMUP = 20  # reference steps needed first: early losses move fast for good reasons (annealing)
 
 
-def _exploded(loss: float, recent: deque[float], growth: float | None) -> bool:
-    """Return whether `loss` is `growth` times past the recent median (an explosion, not a trend)."""
-    if growth is None or len(recent) < _LOSS_WARMUP:
+def _exploded(recent: deque[float], growth: float | None) -> bool:
+    """Return whether the median of the last steps' losses is `growth` times the median before them."""
+    if growth is None or len(recent) < _LOSS_WARMUP + _LOSS_RECENT:
         return False
-    return loss > growth * max(statistics.median(recent), 1.0)
+    losses = list(recent)
+    now, before = statistics.median(losses[-_LOSS_RECENT:]), statistics.median(losses[:-_LOSS_RECENT])
+    return now > growth * max(before, 1.0)
 
 
 def _ce(logits: Tensor, x: Tensor, y: Tensor) -> Tensor:
@@ -275,8 +278,8 @@ def fit(
                     x, y = _prepare_input(x, device), y.to(device)
                     logits = model(x)
                     loss = loss_fn(logits, x, y)
-                    exploded = _exploded(loss.item(), recent, config.max_loss_growth)
                     recent.append(loss.item())
+                    exploded = _exploded(recent, config.max_loss_growth)
                     if not torch.isfinite(loss) or exploded:
                         where = f"'{ckpt}' (epoch {len(history)})" if ckpt and ckpt.is_file() else "none"
                         raise TrainingDiverged(

@@ -18,14 +18,16 @@ def test_exploding_loss_counts_as_divergence(synthetic):
     model = create_model("small_cnn", num_classes=4, in_channels=1)
     steps = []
 
-    def explodes_at_step_25(logits, x, y):
+    def explodes_at_step_45(logits, x, y):
         steps.append(1)
         ce = torch.nn.functional.cross_entropy(logits, y)
-        return ce * (1 + len(steps) / 10) if len(steps) < 25 else ce * 1e4  # a trend, then an explosion
+        if len(steps) == 35:
+            return ce * 1e4  # one spike, after judging has begun (step 30): survived
+        return ce * (1 + len(steps) / 20) if len(steps) < 45 else ce * 1e4  # a trend, then a lasting explosion
 
-    with pytest.raises(TrainingDiverged, match=r"\(exploding\) at epoch 7, step 1"):
-        fit(model, synthetic, TrainConfig(epochs=8, max_loss_growth=50), loss_fn=explodes_at_step_25, progress=False)
-    assert len(steps) == 25  # the steady 3.4x rise before it was not judged an explosion
+    with pytest.raises(TrainingDiverged, match=r"\(exploding\) at epoch 13, step 1"):
+        fit(model, synthetic, TrainConfig(epochs=14, max_loss_growth=50), loss_fn=explodes_at_step_45, progress=False)
+    assert len(steps) == 49  # judged once half of the last 10 steps exploded; the spike and the rise were not
 
 
 def test_rollback_then_retry_at_a_lower_lr_succeeds(synthetic, tmp_path):
