@@ -3,7 +3,7 @@
 Rewritten networks (many ReLUs replaced by polynomials) can diverge when fine-tuned: compositions of
 polynomials grow without bound once an input leaves the range its polynomial was fitted on, and the loss
 explodes or the network falls to chance. `guarded_fit` runs `train.fit` and treats three outcomes as a
-failed attempt: a non-finite loss, a loss that grows `max_loss_growth` times past where it started, and a
+failed attempt: a non-finite loss, losses lastingly `max_loss_growth` times their earlier median, and a
 validation accuracy that ends near chance. After a failure it restores the weights it started from and
 tries again with the learning rate scaled down, up to `retries` times; if every attempt fails it raises
 FinetuneFailed, so a collapsed model is never saved as a result.
