@@ -134,10 +134,7 @@ def _load(
     shape = parse_input_shape(input_shape) if input_shape else None
     if pretrained and weights is not None:
         raise WeightsError("give --pretrained or --weights, not both")
-    if pretrained:
-        loaded = resolve_model(spec, num_classes, shape[1] if shape else None, pretrained=pretrained)
-    else:
-        loaded = resolve_model(spec, num_classes=num_classes or 10, in_channels=shape[1] if shape else 3)
+    loaded = resolve_model(spec, num_classes, shape[1] if shape else None, pretrained=pretrained)
     shape = shape or loaded.default_input_shape
     if shape is None:
         raise InputShapeError(f"'{spec}' has no default input shape; pass --input-shape, e.g. --input-shape 1,3,32,32")

@@ -52,9 +52,9 @@ def _records() -> dict[tuple[str, str], PretrainedWeights]:
     names = {f.name for f in fields(PretrainedWeights)}
     out = {}
     for path in sorted(WEIGHTS_DIR.glob("*.json")):
-        d = json.loads(path.read_text())
-        rec = PretrainedWeights(**{k: v for k, v in d.items() if k in names})
-        out[(rec.model, rec.dataset)] = PretrainedWeights(**{**rec.__dict__, "input_shape": tuple(rec.input_shape)})
+        d = {k: v for k, v in json.loads(path.read_text()).items() if k in names}
+        rec = PretrainedWeights(**{**d, "input_shape": tuple(d["input_shape"])})
+        out[(rec.model, rec.dataset)] = rec
     return out
 
 
