@@ -250,17 +250,23 @@ def fit(
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, disable=not progress, transient=False) as bar:
-        for epoch in range(start_epoch, config.epochs):
-            gen.manual_seed(config.seed + epoch)
-            task = bar.add_task(f"{description} {epoch + 1}/{config.epochs}", total=steps_per_epoch, info="")
-            t0, (total_loss, correct, seen) = time.perf_counter(), (0.0, 0, 0)
-            skip = start_step if epoch == start_epoch else 0
-            if skip:
-                total_loss, correct, seen = float(partial[0]), int(partial[1]), int(partial[2])
-                bar.update(task, advance=skip)
-            done = skip
-            try:  # Ctrl-C anywhere in the epoch (steps, evaluation, saving) saves where it stopped
+    # Ctrl-C anywhere (steps, evaluation, saving, between epochs) saves where it stopped. `open_epoch` is
+    # the epoch whose progress is not yet on disk; None between epochs, where the last save is complete.
+    open_epoch: int | None = None
+    epoch, done, total_loss, correct, seen = start_epoch, 0, 0.0, 0, 0
+    try:
+        with Progress(*columns, disable=not progress, transient=False) as bar:
+            for epoch in range(start_epoch, config.epochs):
+                gen.manual_seed(config.seed + epoch)
+                skip = start_step if epoch == start_epoch else 0
+                total_loss, correct, seen = (
+                    (float(partial[0]), int(partial[1]), int(partial[2])) if skip else (0.0, 0, 0)
+                )
+                done, open_epoch = skip, epoch
+                task = bar.add_task(f"{description} {epoch + 1}/{config.epochs}", total=steps_per_epoch, info="")
+                t0 = time.perf_counter()
+                if skip:
+                    bar.update(task, advance=skip)
                 if on_epoch_start:
                     on_epoch_start(epoch, epoch / config.epochs)
                 model.train()
@@ -311,15 +317,19 @@ def fit(
                 )
                 bar.update(task, info=f"loss {total_loss / max(seen, 1):.3f} val acc {val_acc:.2%}")
                 save(epoch + 1)
-            except KeyboardInterrupt:
-                if sched is not None:  # the steps the schedule took are the steps done, wherever Ctrl-C hit
-                    done = sched.last_epoch - epoch * steps_per_epoch
-                del history[epoch:]  # this epoch's stats are recomputed when it finishes
-                save(epoch, done, (total_loss, correct, seen))
-                raise TrainingInterrupted(
-                    f"interrupted in epoch {epoch + 1} after step {done}; state saved to '{ckpt}', {resume_hint}"
-                    if ckpt
-                    else f"interrupted in epoch {epoch + 1}"
-                ) from None
+                open_epoch = None
+    except KeyboardInterrupt:
+        if open_epoch is not None:
+            if sched is not None:  # the steps the schedule took are the steps done, wherever Ctrl-C hit
+                done = sched.last_epoch - open_epoch * steps_per_epoch
+            del history[open_epoch:]  # this epoch's stats are recomputed when it finishes
+            save(open_epoch, done, (total_loss, correct, seen))
+        else:
+            epoch, done = len(history), 0
+        raise TrainingInterrupted(
+            f"interrupted in epoch {epoch + 1} after step {done}; state saved to '{ckpt}', {resume_hint}"
+            if ckpt
+            else f"interrupted in epoch {epoch + 1}"
+        ) from None
     model.to(memory_format=torch.contiguous_format)
     return TrainResult(tuple(history), str(ckpt) if ckpt else None, resumed_from)

@@ -535,6 +535,34 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, stop_at):
         assert torch.equal(v, resumed.state_dict()[k]), k
 
 
+def test_ctrl_c_between_epochs_says_how_to_resume(tmp_path, monkeypatch):
+    """Ctrl-C after epoch 1 was saved and before epoch 2 starts: the same message, and resume ends equal."""
+    from rich.progress import Progress
+
+    data, cfg = load_dataset("synthetic"), TrainConfig(epochs=2, batch_size=64)
+    reference = _small()
+    fit(reference, data, cfg, progress=False)
+    real, calls = Progress.add_task, {"n": 0}
+
+    def add_task(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Progress, "add_task", add_task)
+    ckpt = tmp_path / "ck"
+    with pytest.raises(TrainingInterrupted, match="in epoch 2 after step 0.*rerun with --resume"):
+        fit(_small(), data, cfg, checkpoint=ckpt, progress=False)
+    monkeypatch.setattr(Progress, "add_task", real)
+    assert load_torch(ckpt)["epoch"] == 1
+    resumed = _small()
+    r = fit(resumed, data, cfg, checkpoint=ckpt, resume=True, progress=False)
+    assert r.resumed_from == 1 and len(r.history) == 2
+    for k, v in reference.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+
+
 def test_interrupted_frontier_resumes_to_the_same_result(tmp_path, monkeypatch):
     """Ctrl-C in the second budget's fine-tuning, then the same call: no 'Tried to step' crash, the first
     budget is reused, and the result equals an uninterrupted run's."""
