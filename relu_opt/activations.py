@@ -34,9 +34,11 @@ class Poly(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         shape = (-1,) + (1,) * (x.dim() - 2) if self.coeffs.shape[1] > 1 else ()
         c = [self.coeffs[k].reshape(shape) if shape else self.coeffs[k] for k in range(self.degree + 1)]
-        y = c[0] + c[1] * x
-        for k in range(2, self.degree + 1):
-            y = y + c[k] * x**k  # x**k exports as Pow: CrypTen cannot run Mul(x, x)
+        # Horner's form: under MPC each product of secrets is a round, so degree d costs d rounds
+        # (c2 * x, then (c2 * x + c1) * x), where summing c_k * x**k costs 2d - 1.
+        y = c[self.degree]
+        for k in range(self.degree - 1, -1, -1):
+            y = y * x + c[k]
         return y
 
     def census_items(self, shape: tuple[int, ...]) -> list[tuple[str, int]]:
