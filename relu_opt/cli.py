@@ -117,6 +117,25 @@ PretrainedOpt = Annotated[
         help="Start from the weights shipped for this zoo model (`relu-opt models` lists them); sha256-checked.",
     ),
 ]
+SelectorOpt = Annotated[
+    str,
+    typer.Option(
+        "--selector",
+        help="How kept elements are placed: 'latency' (priced by the CrypTen cost model: few sites, fewest "
+        "rounds) or 'count' (highest criticality anywhere: the ReLU-count objective).",
+    ),
+]
+RoundsBudgetOpt = Annotated[
+    float | None,
+    typer.Option("--rounds-budget", help="Modeled communication rounds of one forward (latency selector)."),
+]
+LatencyBudgetOpt = Annotated[
+    float | None,
+    typer.Option("--latency-budget", help="Modeled seconds of one forward on --network (latency selector)."),
+]
+NetworkOpt = Annotated[
+    str, typer.Option("--network", help="Network the latency selector prices: lan, wan or RTT_MS,MB_PER_S.")
+]
 
 
 def _load(
@@ -529,8 +548,30 @@ ReplaceOpt = Annotated[
 GranularityOpt = Annotated[str, typer.Option("--granularity", help="Unit of keeping a ReLU: site, channel, pixel.")]
 
 
-def _parse_budgets(budget: int | None, budgets: str | None) -> list[int]:
-    return validation.parse_budgets(budget, budgets)
+def _parse_budgets(budget: int | None, budgets: str | None, required: bool = True) -> list[int]:
+    return validation.parse_budgets(budget, budgets, required)
+
+
+def _print_choices(sel: dict) -> None:
+    """Print what the selector chose per site, what it costs and why."""
+    if not sel or not sel.get("choices"):
+        return
+    priced = sel.get("rounds") is not None
+    title = f"selector {sel['selector']} under {sel['constraints']}"
+    if priced:
+        lat = ", ".join(f"{k.upper()} {v:.3g} s" for k, v in sel.get("latency_s", {}).items())
+        title += f": {sel['rounds']:.0f} rounds, {sel['bytes'] / 1e6:.1f} MB/party, {lat} (modeled, batch 1)"
+    t = Table("site", "choice", "kept", "rounds", "MB", "why", title=title)
+    for c in sel["choices"]:
+        t.add_row(
+            c["site"],
+            c["action"],
+            f"{c['kept']:,}/{c['elements']:,}",
+            "-" if c.get("rounds") is None else f"{c['rounds']:g}",
+            "-" if c.get("bytes") is None else f"{c['bytes'] / 1e6:.2f}",
+            c.get("why", ""),
+        )
+    out.print(t)
 
 
 def _check_method(strategy: str, replace: str, granularity: str, poly_per: str = "channel") -> None:
@@ -668,11 +709,19 @@ def optimize_cmd(
         list[str] | None,
         typer.Option("--kind-budget", help="KIND=N: a budget of its own for one kind; repeatable."),
     ] = None,
+    selector: SelectorOpt = "latency",
+    rounds_budget: RoundsBudgetOpt = None,
+    latency_budget: LatencyBudgetOpt = None,
+    network: NetworkOpt = "wan",
 ) -> None:
-    """Keep the most critical non-linear elements that fit the budget, replace the rest, fine-tune with KD."""
+    """Keep the most critical non-linear elements that fit the budgets, replace the rest, fine-tune with KD.
+
+    Budgets: --budget (ReLU elements per sample, exact on the ONNX graph), --rounds-budget and
+    --latency-budget (modeled by the CrypTen cost model on --network); give any of them. The latency selector
+    (default) places kept ReLUs in few sites, since a site that keeps any ReLU pays all of its rounds."""
     from relu_opt.optimizer import OptimizeConfig, optimize_frontier
 
-    levels = _parse_budgets(budget, budgets)
+    levels = _parse_budgets(budget, budgets, required=rounds_budget is None and latency_budget is None) or [None]
     _check_method(strategy, replace, granularity, poly_per)
     validation.check_float("--epochs", epochs, above=None, minimum=0.0)
     validation.check_float("--lr", lr)
@@ -700,6 +749,10 @@ def optimize_cmd(
         device=_check_device(device),
         kinds=_parse_kinds(kinds),
         kind_budgets=_parse_kind_budgets(kind_budget or []),
+        selector=selector,
+        rounds_budget=rounds_budget,
+        latency_budget=latency_budget,
+        network=network,
     )
     results = optimize_frontier(net, ds, levels, cfg, output, base_spec=name)
     t = Table(
@@ -713,7 +766,7 @@ def optimize_cmd(
     )
     for r in results:
         t.add_row(
-            f"{r.budget:,}",
+            "-" if r.budget is None else f"{r.budget:,}",
             f"{r.relu_after:,}",
             f"{r.relu_before / max(r.relu_after, 1):.1f}x",
             f"{r.accuracy_before:.2f}%",
@@ -724,7 +777,9 @@ def optimize_cmd(
     for r in results:
         if set(r.kinds) != {"relu"}:
             per = ", ".join(f"{k} {v['before']:,} -> {v['after']:,}" for k, v in r.kinds.items())
-            out.print(f"budget {r.budget:,}: elements per sample by kind (ONNX after): {per}")
+            out.print(f"{r.outdir}: elements per sample by kind (ONNX after): {per}")
+    for r in results:
+        _print_choices(r.selection)
     out.print(f"wrote {output}/pareto.md and pareto.png")
 
 

@@ -22,10 +22,10 @@ from torch import nn
 from relu_opt import atomic, ops
 from relu_opt.activations import MaskedSite, Poly, Square
 from relu_opt.cache import state_digest
-from relu_opt.calibration import collect_stats, collect_variances, fit_error, fit_poly
+from relu_opt.calibration import collect_stats, collect_variances, fit_error, fit_poly, refit_in_order
 from relu_opt.checked_io import load_cache, load_torch, read_json
 from relu_opt.data import Dataset, batches
-from relu_opt.errors import BudgetError, ExportError
+from relu_opt.errors import BudgetError, ConfigError, ExportError
 from relu_opt.export import export
 from relu_opt.finetune import check_drop, guarded_fit
 from relu_opt.graph import propagate_shapes, trace
@@ -34,7 +34,7 @@ from relu_opt.passes.census import census
 from relu_opt.passes.pi import prepare_for_pi
 from relu_opt.passes.replace import maxpool_to_avgpool, replace_sites, site_op
 from relu_opt.plan import Plan, SitePlan, with_module_names
-from relu_opt.ranking import STRATEGIES, Criticality, RankContext, rank, select
+from relu_opt.ranking import STRATEGIES, Criticality, RankContext, rank
 from relu_opt.replacements import REPLACEMENTS, SiteContext, replacement_for
 from relu_opt.sites import SiteInfo, find_sites
 from relu_opt.train import TrainConfig, _note, evaluate, kd_loss
@@ -44,7 +44,7 @@ from relu_opt.train import TrainConfig, _note, evaluate, kd_loss
 class OptimizeConfig:
     """Options of one optimization; everything but `budget` is shared by a frontier's budgets."""
 
-    budget: int
+    budget: int | None  # ReLU elements per sample to keep; None: only the rounds/latency budgets bind
     strategy: str = "taylor"
     replace: str = "poly"
     granularity: str = "channel"
@@ -67,6 +67,28 @@ class OptimizeConfig:
     seed: int = 0
     kinds: tuple[str, ...] = ()  # kinds to optimize; empty: every non-polynomial kind the model has
     kind_budgets: tuple[tuple[str, int], ...] = ()  # per-kind budgets; `budget` covers the other kinds
+    selector: str = "latency"  # relu_opt/selection.py: "latency" (priced by the cost model) or "count"
+    rounds_budget: float | None = None  # modeled communication rounds of one forward
+    latency_budget: float | None = None  # modeled seconds of one forward on `network`
+    network: str = "wan"  # lan, wan or RTT_MS,MB_PER_S
+
+    @property
+    def label(self) -> str:
+        """Return how this configuration's constraint reads in folder names and messages."""
+        if self.budget is not None:
+            return f"budget {self.budget:,}"
+        if self.latency_budget is not None:
+            return f"latency {self.latency_budget:g} s"
+        return f"rounds {self.rounds_budget:g}"
+
+    @property
+    def dirname(self) -> str:
+        """Return the folder name of this configuration's result in a frontier."""
+        if self.budget is not None:
+            return f"budget_{self.budget}"
+        return (
+            f"latency_{self.latency_budget:g}s" if self.latency_budget is not None else f"rounds_{self.rounds_budget:g}"
+        )
 
     def key(self, *fields: str) -> str:
         """Return a short hash of the named fields (all when none), to key cached work."""
@@ -108,6 +130,7 @@ class OptimizeResult:
     onnx: dict = field(default_factory=dict)
     finetune: dict = field(default_factory=dict)
     kinds: dict = field(default_factory=dict)  # kind -> {"before", "after" (ONNX), "budget"}
+    selection: dict = field(default_factory=dict)  # relu_opt.selection.Selection: choices per site, modeled cost
 
     def to_dict(self) -> dict:
         """Return the JSON written as report.json."""
@@ -148,6 +171,30 @@ def check_config(config: OptimizeConfig) -> None:
     v.check_float("anneal", config.anneal, above=None, maximum=1.0)
     for name in ("batch_size", "rank_samples", "calib_samples", "max_train"):
         v.check_int(name, getattr(config, name))
+    from relu_opt.selection import SELECTORS
+
+    v.check_choice("selector", config.selector, SELECTORS)
+    for name in ("rounds_budget", "latency_budget"):
+        if getattr(config, name) is not None:
+            v.check_float(name, getattr(config, name))
+    if config.budget is None and config.rounds_budget is None and config.latency_budget is None:
+        raise ConfigError("give a budget: --budget (ReLUs), --rounds-budget or --latency-budget")
+    if config.selector == "count" and config.budget is None:
+        raise ConfigError("--selector count needs --budget (ReLUs); rounds and latency budgets need --selector latency")
+    network(config)
+
+
+def network(config: OptimizeConfig):
+    """Return the Network profile `config.network` names (ConfigError if malformed)."""
+    from relu_opt.crypto_backend.cost_model import LAN, WAN, parse_network
+
+    named = {"lan": LAN, "wan": WAN}
+    if config.network in named:
+        return named[config.network]
+    try:
+        return parse_network("network", config.network)
+    except ValueError as exc:
+        raise ConfigError(f"{exc}, or lan / wan") from None
 
 
 def _replacement_factory(kind: str, coeffs: dict[str, torch.Tensor], poly_per: str):
@@ -309,10 +356,12 @@ def optimize(
             f"the model has no sites of the kinds {', '.join(config.kinds) or 'it has'} to optimize; "
             "see `relu-opt count` for its kinds and pass them with --kinds (max-pools: use --avgpool)"
         )
-    check_budget(config.budget, sum(totals[k] for k in shared) if shared else total, what)
+    if config.budget is not None:
+        check_budget(config.budget, sum(totals[k] for k in shared) if shared else total, what)
     make_rep, errors, rep_names = _site_replacements(teacher, data, config, site_info)
     crit = _ranking(work, teacher, data, config, make_rep, progress, content, site_info)
-    keep = _select_by_kind(crit, site_info, config.budget, caps)
+    selection = _select(teacher, example, site_info, crit, make_rep, config, caps)
+    keep = selection.keep
 
     sites, new_modules = [], {}
     for site, info in site_info.items():
@@ -336,6 +385,8 @@ def optimize(
             new_modules[site] = MaskedSite(keep[site].float(), make_rep(site), original, info.kind)
     student = replace_sites(teacher, new_modules)
     student = run_passes(student, [GraphPass(maxpool_to_avgpool)] if config.avgpool else [], example)
+    calib = [x for x, _ in batches(data.train.subset(config.calib_samples), 256)]
+    errors.update(refit_in_order(student, calib))
     plan_sites = with_module_names(student, sites)
 
     _, val_before = evaluate(teacher, data.val, device=config.device)
@@ -365,13 +416,13 @@ def optimize(
         loss_fn=kd_loss(teacher, config.temperature, config.kd_alpha),
         on_step=_anneal(student, config.anneal),
         progress=progress,
-        description=f"fine-tune {config.budget:,}",
+        description=f"fine-tune {config.label}",
         resume_hint="rerun the same command to continue from there",
         epochs=config.epochs,
     )
     student.eval()
     val_after = (ft.val_accuracy if ft else 100 * evaluate(student, data.val, device=config.device)[1]) / 100
-    check_drop(100 * val_before, 100 * val_after, config.max_drop, f"budget {config.budget:,}")
+    check_drop(100 * val_before, 100 * val_after, config.max_drop, config.label)
     _, test_after = evaluate(student, data.test, device=config.device)
 
     plan = Plan(
@@ -394,8 +445,9 @@ def optimize(
         parity_inputs=data.val.x[:64],
     )
     after = {k: exported.onnx_totals.get(k, 0) for k in kinds}
-    if sum(after[k] for k in shared) > config.budget or any(after[k] > caps[k] for k in caps if k in after):
-        raise ExportError(f"exported graph keeps {after} elements per sample, over the budget {config.budget:,}")
+    over_shared = config.budget is not None and sum(after[k] for k in shared) > config.budget
+    if over_shared or any(after[k] > caps[k] for k in caps if k in after):
+        raise ExportError(f"exported graph keeps {after} elements per sample, over the {config.label}")
     result = OptimizeResult(
         outdir=str(outdir),
         budget=config.budget,
@@ -423,6 +475,7 @@ def optimize(
         onnx=exported.to_dict(),
         finetune=ft.to_dict() if ft else {"epochs": 0, "steps": 0},
         kinds={k: {"before": totals[k], "after": after[k], "budget": caps.get(k)} for k in kinds},
+        selection=selection.to_dict(),
     )
     from relu_opt.report import write_optimize_report
 
@@ -440,24 +493,23 @@ def _finetune(student: nn.Module, data: Dataset, cfg: TrainConfig, *, epochs: fl
     return guarded_fit(student, data, cfg, finalize=finalize, **kwargs)
 
 
-def _select_by_kind(
-    crit: Criticality, sites: dict[str, SiteInfo], budget: int, caps: dict[str, int]
-) -> dict[str, torch.Tensor]:
-    """Return keep-masks: kinds with their own budget in `caps` are selected within it, the other kinds
-    share `budget`."""
-    groups: dict[str | None, list[str]] = {}
-    for s, info in sites.items():
-        groups.setdefault(info.kind if info.kind in caps else None, []).append(s)
-    keep = {}
-    for kind, names in groups.items():
-        sub = Criticality(
-            crit.strategy,
-            crit.granularity,
-            {s: crit.scores[s] for s in names},
-            {s: crit.unit_elements[s] for s in names},
-        )
-        keep.update(select(sub, caps[kind] if kind is not None else budget))
-    return keep
+def _select(teacher, example, sites: dict[str, SiteInfo], crit: Criticality, make_rep, config, caps):
+    """Return the Selection of config.selector under the config's budgets, priced by the cost model when
+    the selector prices its choices."""
+    from relu_opt.selection import Constraints, get_selector, price_sites
+
+    net = network(config)
+    selector = get_selector(config.selector)
+    constraints = Constraints(config.budget, tuple(caps.items()), config.rounds_budget, config.latency_budget, net)
+    prices = None
+    if selector.needs_prices:
+        from relu_opt.crypto_backend.cost_model import calibrate
+
+        prices = price_sites(teacher, example, sites, crit, make_rep, calibrate(), net)
+    try:
+        return selector.select(crit, sites, constraints, prices)
+    except ValueError as exc:
+        raise BudgetError(str(exc)) from None
 
 
 def _max_train(cfg: OptimizeConfig, n: int) -> int | None:
@@ -479,10 +531,8 @@ def optimize_frontier(
     """Optimize to each budget (OUTDIR/budget_N/), then write the Pareto table and plot; returns the results."""
     outdir = Path(outdir)
     results = [
-        optimize(
-            model, data, OptimizeConfig(**{**asdict(config), "budget": b}), outdir / f"budget_{b}", base_spec, progress
-        )
-        for b in budgets
+        optimize(model, data, c, outdir / c.dirname, base_spec, progress)
+        for c in (OptimizeConfig(**{**asdict(config), "budget": b}) for b in budgets)
     ]
     from relu_opt.report import write_pareto
 

@@ -19,7 +19,7 @@ def optimize_markdown(r) -> str:
     """Return report.md for one OptimizeResult."""
     fold = r.relu_before / max(r.relu_after, 1)
     head = (
-        f"# relu-opt: budget {r.budget:,}\n\n"
+        f"# relu-opt: {_budget(r)}\n\n"
         f"Strategy `{r.strategy}`, replacement `{r.replace}`, granularity `{r.granularity}`.\n\n"
         + _md_table(
             ["", "ReLUs per sample", "test accuracy", "validation accuracy"],
@@ -60,8 +60,46 @@ def optimize_markdown(r) -> str:
         for s in r.sites
     ]
     return (
-        head + "## Sites\n\n" + _md_table(["site", "elements", "ReLUs kept", "kept", "rest", "poly fit rel. MSE"], rows)
+        head
+        + "## Sites\n\n"
+        + _md_table(["site", "elements", "ReLUs kept", "kept", "rest", "poly fit rel. MSE"], rows)
+        + selection_markdown(getattr(r, "selection", None) or {})
     )
+
+
+def _budget(r) -> str:
+    """Return what the result was optimized to, e.g. "budget 12,900" or "rounds 60"."""
+    if r.budget is not None:
+        return f"budget {r.budget:,}"
+    constraints = (getattr(r, "selection", None) or {}).get("constraints", "")
+    return f"budget {constraints}" if constraints else "no ReLU budget"
+
+
+def selection_markdown(sel: dict) -> str:
+    """Return the per-site choices of a Selection (its to_dict()) as a Markdown section ("" if none)."""
+    if not sel.get("choices"):
+        return ""
+    priced = sel.get("rounds") is not None
+    md = f"\n## Choices\n\nSelector `{sel['selector']}` under {sel['constraints']}"
+    if priced:
+        lat = sel.get("latency_s", {})
+        md += f"; modeled at batch 1: {sel['rounds']:.0f} rounds, {sel['bytes'] / 1e6:.2f} MB per party, " + ", ".join(
+            f"{k.upper()} {v:.3g} s" for k, v in lat.items()
+        )
+    md += ".\n\n"
+    rows = [
+        [
+            c["site"],
+            c["kind"],
+            c["action"],
+            f"{c['kept']:,} / {c['elements']:,}",
+            "-" if c.get("rounds") is None else f"{c['rounds']:g}",
+            "-" if c.get("bytes") is None else f"{c['bytes'] / 1e6:.3f}",
+            c.get("why", ""),
+        ]
+        for c in sel["choices"]
+    ]
+    return md + _md_table(["site", "kind", "choice", "kept", "rounds", "MB/party", "why"], rows)
 
 
 def write_optimize_report(r, outdir: Path) -> None:
@@ -130,7 +168,7 @@ def write_pareto(results, outdir: Path) -> None:
         ["budget", "ReLUs (ONNX)", "fewer", "test accuracy", "change", "wall s"],
         [
             [
-                f"{r.budget:,}",
+                "-" if r.budget is None else f"{r.budget:,}",
                 f"{r.relu_after:,}",
                 f"{r.relu_before / max(r.relu_after, 1):.1f}x",
                 f"{r.accuracy_after:.2f}%",
