@@ -494,18 +494,16 @@ def _finetune(student: nn.Module, data: Dataset, cfg: TrainConfig, *, epochs: fl
 
 
 def _select(teacher, example, sites: dict[str, SiteInfo], crit: Criticality, make_rep, config, caps):
-    """Return the Selection of config.selector under the config's budgets, priced by the cost model when
-    the selector prices its choices."""
+    """Return the Selection of config.selector under the config's budgets, priced by the cost model."""
     from relu_opt.selection import Constraints, get_selector, price_sites
 
     net = network(config)
     selector = get_selector(config.selector)
     constraints = Constraints(config.budget, tuple(caps.items()), config.rounds_budget, config.latency_budget, net)
-    prices = None
-    if selector.needs_prices:
-        from relu_opt.crypto_backend.cost_model import calibrate
+    from relu_opt.crypto_backend.cost_model import calibrate
 
-        prices = price_sites(teacher, example, sites, crit, make_rep, calibrate(), net)
+    # Every selector is priced, so each report says what its choice costs; the count selector ignores it.
+    prices = price_sites(teacher, example, sites, crit, make_rep, calibrate(), net)
     try:
         return selector.select(crit, sites, constraints, prices)
     except ValueError as exc:

@@ -1,0 +1,111 @@
+"""Selectors: the ReLU-count objective against the latency-priced one, constraints, and prices that add up."""
+
+import pytest
+import torch
+
+from relu_opt.activations import MaskedSite, Poly
+from relu_opt.calibration import refit_in_order
+from relu_opt.crypto_backend.cost_model import WAN, calibrate, features
+from relu_opt.data import load_dataset
+from relu_opt.graph import propagate_shapes, trace
+from relu_opt.models import create_model
+from relu_opt.optimizer import OptimizeConfig, optimize
+from relu_opt.passes.pi import prepare_for_pi
+from relu_opt.passes.replace import replace_sites, site_op
+from relu_opt.ranking import Criticality
+from relu_opt.selection import Constraints, Prices, SitePrice, get_selector
+from relu_opt.sites import SiteInfo
+
+
+def _toy(n_sites: int = 4, channels: int = 8, per_channel: int = 10):
+    """Sites of equal shape with random channel scores; a ReLU site costs 9 rounds, a replaced one 1."""
+    gen = torch.Generator().manual_seed(0)
+    sites = {f"s{i}": SiteInfo(f"s{i}", "relu", (channels, per_channel), "channel") for i in range(n_sites)}
+    crit = Criticality(
+        "random",
+        "channel",
+        {s: torch.rand(channels, 1, generator=gen) for s in sites},
+        {s: per_channel for s in sites},
+    )
+    e = channels * per_channel
+    price = SitePrice("relu", e, 9, e * 464, 1, e * 16, 11, 464, 48)
+    prices = Prices({s: price for s in sites}, other_rounds=5, other_bytes=1e5, network=WAN)
+    return sites, crit, prices
+
+
+def _open_sites(sel) -> int:
+    return sum(c.action != "replace" for c in sel.choices)
+
+
+def test_latency_selector_packs_the_budget_into_few_sites():
+    sites, crit, prices = _toy()
+    c = Constraints(relu=100)
+    count = get_selector("count").select(crit, sites, c, prices)
+    latency = get_selector("latency").select(crit, sites, c, prices)
+    for sel in (count, latency):
+        assert sum(ch.kept for ch in sel.choices) <= 100
+    # The count selector spreads the best channels over every site; the latency one fills few sites,
+    # so it pays fewer 9-round comparisons.
+    assert _open_sites(count) >= 3
+    assert _open_sites(latency) <= 2
+    assert latency.rounds < count.rounds
+    assert latency.rounds == prices.total({ch.site: ch.kept for ch in latency.choices})[0]
+
+
+def test_rounds_and_latency_budgets_bind():
+    sites, crit, prices = _toy()
+    none = prices.total({})[0]  # 5 + 4 x 1
+    sel = get_selector("latency").select(crit, sites, Constraints(rounds=none + 10), prices)
+    assert sel.rounds <= none + 10 and _open_sites(sel) == 1  # one site fits, kept whole (9 rounds, not 11)
+    assert [ch.action for ch in sel.choices].count("keep") == 1
+    wan = prices.latency(*prices.total({}))
+    sel = get_selector("latency").select(crit, sites, Constraints(latency_s=wan + 0.5), prices)
+    assert sel.latency_s["wan"] <= wan + 0.5
+    with pytest.raises(ValueError, match="even with every site replaced"):
+        get_selector("latency").select(crit, sites, Constraints(rounds=none - 1), prices)
+
+
+def test_refit_in_order_keeps_a_deep_polynomial_stack_bounded():
+    """Fitted on the original model's inputs only, 19 stacked polynomials grow; refitted in order, each
+    sees its real input and the output stays near the ReLU network's."""
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10, in_channels=1).eval()
+    x = torch.randn(64, 1, 28, 28)
+    gm = propagate_shapes(trace(model), x[:1])
+    from relu_opt.calibration import collect_stats, fit_poly
+
+    stats = collect_stats(gm, [x])
+    nodes = {n.name: n for n in gm.graph.nodes}
+    new = {s: MaskedSite(torch.zeros(1), Poly(fit_poly(st)), site_op(gm, nodes[s]), "relu") for s, st in stats.items()}
+    student = replace_sites(gm, new)
+    with torch.no_grad():
+        ref = model(x).abs().mean()
+        before = student(x).abs().mean()
+        errors = refit_in_order(student, [x])
+        after = student(x).abs().mean()
+    assert len(errors) == 19
+    assert not torch.isfinite(before) or before > 10 * ref  # the stack fitted on the ReLU net's inputs blows up
+    assert abs(after / ref - 1) < 0.5
+
+
+def test_optimize_reports_modeled_costs_that_match_the_exported_model(tmp_path):
+    """The selection's modeled rounds are those of the cost model on the model optimize saved."""
+    from relu_opt.plan import load
+    from relu_opt.train import TrainConfig, fit
+
+    torch.manual_seed(0)
+    data = load_dataset("synthetic")
+    model = create_model("small_cnn", num_classes=4, in_channels=1)
+    fit(model, data, TrainConfig(epochs=2, lr=0.05), progress=False)
+    results = {}
+    for selector in ("count", "latency"):
+        cfg = OptimizeConfig(budget=300, epochs=0, strategy="random", rank_samples=64, selector=selector)
+        results[selector] = optimize(model, data, cfg, tmp_path / selector, base_spec="small_cnn", progress=False)
+    lat, count = results["latency"], results["count"]
+    assert lat.relu_after <= 300 and count.relu_after <= 300
+    cost = calibrate()
+    for name, r in results.items():
+        prepared = prepare_for_pi(load(tmp_path / name), data.val.x[:1])
+        assert r.selection["rounds"] == pytest.approx(cost.rounds(features(prepared)), abs=0.5), name
+        assert r.selection["bytes"] == pytest.approx(cost.bytes(features(prepared)), rel=0.02), name
+    assert lat.selection["rounds"] < count.selection["rounds"]
