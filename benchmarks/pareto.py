@@ -67,6 +67,9 @@ def main() -> None:
     ap.add_argument("--max-drop", type=float, default=None, help="validation points a row may lose")
     ap.add_argument("--replace", default="poly")
     ap.add_argument("--granularity", default="channel")
+    ap.add_argument(
+        "--selector", default="count", help="count: accuracy vs ReLUs as the papers count them; latency: priced"
+    )
     ap.add_argument("--epochs", type=float, default=1.0, help="fine-tuning epochs, the same for every run")
     ap.add_argument("--baseline-epochs", type=int, default=5)
     ap.add_argument("--work", type=Path, default=CACHE / "bench" / "pareto_fashion_resnet20")
@@ -132,10 +135,11 @@ def run_row(model, data, args, strategy: str, budget: int, seed: int) -> dict:
         epochs=args.epochs,
         seed=seed,
         max_drop=args.max_drop,
+        selector=args.selector,
     )
     row = {"strategy": strategy, "replace": args.replace, "granularity": args.granularity, "budget": budget}
-    row.update(seed=seed, epochs=args.epochs)
-    suffix = f"_seed{seed}" if seed else ""
+    row.update(seed=seed, epochs=args.epochs, selector=args.selector)
+    suffix = (f"_seed{seed}" if seed else "") + ("" if args.selector == "count" else f"_{args.selector}")
     try:
         r = optimize(
             model,

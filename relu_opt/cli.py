@@ -717,11 +717,14 @@ def optimize_cmd(
     """Keep the most critical non-linear elements that fit the budgets, replace the rest, fine-tune with KD.
 
     Budgets: --budget (ReLU elements per sample, exact on the ONNX graph), --rounds-budget and
-    --latency-budget (modeled by the CrypTen cost model on --network); give any of them. The latency selector
-    (default) places kept ReLUs in few sites, since a site that keeps any ReLU pays all of its rounds."""
+    --latency-budget (modeled by the CrypTen cost model on --network); give any of them. With none, it
+    looks for the lowest modeled latency (0.25, 0.35, 0.5, 0.7 of the original's) whose validation accuracy
+    stays within --max-drop (default 1 point). The latency selector (default) places kept ReLUs in few
+    sites, since a site that keeps any ReLU pays all of its rounds."""
     from relu_opt.optimizer import OptimizeConfig, optimize_frontier
 
-    levels = _parse_budgets(budget, budgets, required=rounds_budget is None and latency_budget is None) or [None]
+    levels = _parse_budgets(budget, budgets, required=False) or [None]
+    auto = levels == [None] and rounds_budget is None and latency_budget is None
     _check_method(strategy, replace, granularity, poly_per)
     validation.check_float("--epochs", epochs, above=None, minimum=0.0)
     validation.check_float("--lr", lr)
@@ -754,7 +757,12 @@ def optimize_cmd(
         latency_budget=latency_budget,
         network=network,
     )
-    results = optimize_frontier(net, ds, levels, cfg, output, base_spec=name)
+    if auto:  # no budget: the lowest modeled latency within --max-drop (1 point by default)
+        from relu_opt.optimizer import optimize_lowest_latency
+
+        results = [optimize_lowest_latency(net, ds, cfg, output, base_spec=name)]
+    else:
+        results = optimize_frontier(net, ds, levels, cfg, output, base_spec=name)
     t = Table(
         "budget",
         "kept (ONNX)",
@@ -780,7 +788,8 @@ def optimize_cmd(
             out.print(f"{r.outdir}: elements per sample by kind (ONNX after): {per}")
     for r in results:
         _print_choices(r.selection)
-    out.print(f"wrote {output}/pareto.md and pareto.png")
+    if not auto:
+        out.print(f"wrote {output}/pareto.md and pareto.png")
 
 
 def _summary(r) -> None:

@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -27,7 +27,7 @@ from relu_opt.checked_io import load_cache, load_torch, read_json
 from relu_opt.data import Dataset, batches
 from relu_opt.errors import BudgetError, ConfigError, ExportError
 from relu_opt.export import export
-from relu_opt.finetune import check_drop, guarded_fit
+from relu_opt.finetune import FinetuneFailed, check_drop, guarded_fit
 from relu_opt.graph import propagate_shapes, trace
 from relu_opt.passes.base import GraphPass, run_passes
 from relu_opt.passes.census import census
@@ -515,6 +515,60 @@ def _max_train(cfg: OptimizeConfig, n: int) -> int | None:
     if cfg.epochs >= 1 or cfg.epochs <= 0:
         return cfg.max_train
     return max(cfg.batch_size, int(min(n, cfg.max_train or n) * cfg.epochs))
+
+
+AUTO_LATENCY_FRACTIONS = (0.25, 0.35, 0.5, 0.7)  # of the original's modeled latency, tried cheapest first
+
+
+def modeled_latency(model: nn.Module, example: torch.Tensor, config: OptimizeConfig) -> float:
+    """Return the cost model's seconds for one forward of `model` at batch 1 on config.network."""
+    from relu_opt.crypto_backend.cost_model import calibrate, features
+
+    cost, net = calibrate(), network(config)
+    f = features(prepare_for_pi(model, example[:1]))
+    nbytes = cost.bytes(f)
+    return net.latency(0.0, cost.rounds(f), [nbytes / 2], [nbytes / 2])
+
+
+def optimize_lowest_latency(
+    model: nn.Module,
+    data: Dataset,
+    config: OptimizeConfig,
+    outdir: str | Path,
+    base_spec: str = "",
+    progress: bool = True,
+    fractions: tuple[float, ...] = AUTO_LATENCY_FRACTIONS,
+) -> OptimizeResult:
+    """Return the result with the lowest modeled latency whose validation accuracy stays within
+    config.max_drop (1 point when unset) of the baseline: latency budgets at `fractions` of the original
+    model's, cheapest first, each in OUTDIR/latency_<s>s/. Levels that failed are remembered in
+    OUTDIR/.work/auto.json, so a rerun goes on where it stopped."""
+    outdir = Path(outdir)
+    base = replace(config, budget=None, rounds_budget=None, latency_budget=None)
+    base = replace(base, max_drop=1.0 if config.max_drop is None else config.max_drop)
+    original = modeled_latency(model, data.train.x[:1], config)
+    ledger = outdir / ".work" / "auto.json"
+    failed = load_cache(ledger, lambda p: read_json(p, what="auto-search ledger"), note=_note) or {}
+    reasons = []
+    for f in sorted(fractions):
+        cfg = replace(base, latency_budget=round(f * original, 4))
+        key = f"{cfg.key()}_{state_digest(model)}"
+        if key in failed:
+            reasons.append(f"{f:g}x: {failed[key]}")
+            continue
+        try:
+            return optimize(model, data, cfg, outdir / cfg.dirname, base_spec, progress)
+        except (FinetuneFailed, BudgetError) as exc:
+            failed[key] = str(exc).split(";")[0]
+            reasons.append(f"{f:g}x: {failed[key]}")
+            ledger.parent.mkdir(parents=True, exist_ok=True)
+            atomic.write_json(ledger, failed)
+            _note(f"latency {cfg.latency_budget:g} s ({f:g}x of {original:.3g} s) failed: {failed[key]}")
+    raise FinetuneFailed(
+        f"no latency target met the accuracy limit ({base.max_drop:g} points): "
+        + " | ".join(reasons)
+        + "; give a larger --max-drop or more --epochs"
+    )
 
 
 def optimize_frontier(

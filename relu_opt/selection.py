@@ -122,6 +122,7 @@ class Selection:
         """Return the JSON form (without the masks)."""
         d = asdict(self)
         del d["keep"]
+        d["choices"] = list(d["choices"])  # as JSON reads it back, so a reloaded result compares equal
         return d
 
 

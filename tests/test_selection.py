@@ -1,5 +1,7 @@
 """Selectors: the ReLU-count objective against the latency-priced one, constraints, and prices that add up."""
 
+import json
+
 import pytest
 import torch
 
@@ -109,3 +111,26 @@ def test_optimize_reports_modeled_costs_that_match_the_exported_model(tmp_path):
         assert r.selection["rounds"] == pytest.approx(cost.rounds(features(prepared)), abs=0.5), name
         assert r.selection["bytes"] == pytest.approx(cost.bytes(features(prepared)), rel=0.02), name
     assert lat.selection["rounds"] < count.selection["rounds"]
+
+
+def test_no_budget_finds_the_lowest_latency_within_the_accuracy_limit(tmp_path):
+    """Latency targets cheapest first: one no model fits is skipped (and remembered), one whose accuracy
+    falls too far fails, the first that holds is the result; a rerun reads the ledger instead of redoing."""
+    from relu_opt.optimizer import modeled_latency, optimize_lowest_latency
+    from relu_opt.train import TrainConfig, fit
+
+    torch.manual_seed(0)
+    data = load_dataset("synthetic")
+    model = create_model("small_cnn", num_classes=4, in_channels=1)
+    fit(model, data, TrainConfig(epochs=2, lr=0.05), progress=False)
+    cfg = OptimizeConfig(budget=None, epochs=0, strategy="random", rank_samples=64, max_drop=100.0)
+    original = modeled_latency(model, data.train.x[:1], cfg)
+    fractions = (0.01, 0.5, 0.9)
+    r = optimize_lowest_latency(model, data, cfg, tmp_path, base_spec="small_cnn", progress=False, fractions=fractions)
+    assert r.selection["latency_s"]["wan"] <= 0.5 * original + 1e-6
+    assert r.outdir.endswith(f"latency_{round(0.5 * original, 4):g}s")
+    ledger = json.loads((tmp_path / ".work" / "auto.json").read_text())
+    assert len(ledger) == 1 and "even with every site replaced" in next(iter(ledger.values()))
+    strict = OptimizeConfig(**{**cfg.__dict__, "max_drop": -1.0})  # nothing can hold: every level fails
+    with pytest.raises(Exception, match="no latency target met the accuracy limit"):
+        optimize_lowest_latency(model, data, strict, tmp_path / "s", progress=False, fractions=fractions)
