@@ -9,7 +9,6 @@ and output.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -145,31 +144,14 @@ def fit_error(stats: SiteStats, coeffs: Tensor) -> Tensor:
     return ((ref - 2 * cross + quad) / ref.clamp_min(1e-12)).float()
 
 
-class _Stop(Exception):
-    pass
-
-
-class _UpTo(fx.Interpreter):
-    """Runs the graph up to `node`, hands its input to `record`, and stops (raises _Stop)."""
-
-    def __init__(self, gm: fx.GraphModule, node: fx.Node, record) -> None:
-        super().__init__(gm)
-        self.node, self.record = node, record
-
-    def run_node(self, n: fx.Node):
-        if n is self.node:
-            self.record(self.env[n.args[0]].detach())
-            raise _Stop
-        return super().run_node(n)
-
-
-def refit_in_order(gm: fx.GraphModule, batches: list[Tensor]) -> dict[str, float]:
+def refit_in_order(gm: fx.GraphModule, batches: list[Tensor], max_samples: int = 512) -> dict[str, float]:
     """Refit each masked site's polynomial, in graph order, to its own function on the inputs it gets
     with every earlier site already replaced; returns each refitted site's relative fit error.
 
     Fitted on the original model's inputs alone, polynomials drift from the ranges they were fitted on as
     the sites before them change, and a deep stack of them grows without bound (a random-weight ResNet-18
-    with 15 of 17 sites replaced reached outputs of 1e15). Fitted in order, each sees what it will get."""
+    with 15 of 17 sites replaced reached outputs of 1e15). Fitted in order, each sees what it will get.
+    One forward pass over up to `max_samples` inputs: each site is refitted when the pass reaches it."""
     from relu_opt.activations import MaskedSite, Poly
 
     def poly_site(n: fx.Node) -> MaskedSite | None:
@@ -177,31 +159,30 @@ def refit_in_order(gm: fx.GraphModule, batches: list[Tensor]) -> dict[str, float
         return mod if isinstance(mod, MaskedSite) and isinstance(mod.replacement, Poly) else None
 
     sites = [n for n in gm.graph.nodes if poly_site(n) is not None]
-    blends = {n.name: poly_site(n).blend for n in sites}
+    if not sites or not batches:
+        return {}
     errors: dict[str, float] = {}
+
+    class InOrder(fx.Interpreter):
+        def run_node(self, n: fx.Node):
+            site = poly_site(n)
+            if site is not None:
+                x = self.env[n.args[0]].detach()
+                poly = site.replacement
+                stats = _accumulate(None, x, poly.degree, site.original(x.clone()))
+                if stats.count.shape[0] in (1, poly.coeffs.shape[1]):
+                    stats = stats.merged() if poly.coeffs.shape[1] == 1 else stats
+                    coeffs = fit_poly(stats)
+                    poly.coeffs.copy_(coeffs)
+                    errors[n.name] = float(fit_error(stats, coeffs).mean())
+            return super().run_node(n)
+
+    blends = {n.name: poly_site(n).blend for n in sites}
     for n in sites:
         poly_site(n).blend = 0.0  # earlier sites as the final model computes them
     try:
-        for node in sites:
-            site = poly_site(node)
-            stats: SiteStats | None = None
-
-            def record(x: Tensor, site: MaskedSite = site) -> None:
-                nonlocal stats
-                stats = _accumulate(stats, x, site.replacement.degree, site.original(x.clone()))
-
-            with eval_mode(gm), torch.no_grad():
-                for x in batches:
-                    with contextlib.suppress(_Stop):
-                        _UpTo(gm, node, record).run(x)
-            if stats is None or stats.count.shape[0] not in (1, site.replacement.coeffs.shape[1]):
-                continue
-            if site.replacement.coeffs.shape[1] == 1:
-                stats = stats.merged()
-            coeffs = fit_poly(stats)
-            with torch.no_grad():
-                site.replacement.coeffs.copy_(coeffs)
-            errors[node.name] = float(fit_error(stats, coeffs).mean())
+        with eval_mode(gm), torch.no_grad():
+            InOrder(gm).run(torch.cat(list(batches))[:max_samples])
     finally:
         for n in sites:
             poly_site(n).blend = blends[n.name]
