@@ -110,6 +110,15 @@ MaxDropOpt = Annotated[
         help="Validation accuracy points the optimized model may lose; a larger drop fails and saves nothing.",
     ),
 ]
+PublicCoeffsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--public-coeffs",
+        help="Polynomials that cannot be folded into their neighbouring linear layers get public coefficients "
+        "under private inference: a degree-2 site costs one square instead of three secret products, and "
+        "reveals its coefficients (part of the weights) to the parties. Recorded in plan.json.",
+    ),
+]
 PretrainedOpt = Annotated[
     bool,
     typer.Option(
@@ -219,11 +228,12 @@ def export_cmd(
     num_classes: NumClassesOpt = None,
     pretrained: PretrainedOpt = False,
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset (11-20).", min=7, max=21)] = DEFAULT_OPSET,
+    public_coeffs: PublicCoeffsOpt = False,
 ) -> None:
     """Write a verified ONNX graph: checker, onnxruntime parity and ReLU count against the census."""
     validation.check_output_file(output)
     net, _, shape = _load(model, input_shape, weights, num_classes, leaf, pretrained=pretrained)
-    r = api.export(net, torch.randn(shape), output, opset=opset, leaf=leaf or ())
+    r = api.export(net, torch.randn(shape), output, opset=opset, leaf=leaf or (), public_coeffs=public_coeffs)
     out.print(f"wrote {r.path} (opset {r.opset})")
     out.print(
         f"parity vs PyTorch: max abs error {r.max_abs_err:.3g} (output scale {r.output_scale:.3g}, "
@@ -336,6 +346,14 @@ def bench_cmd(
         str | None,
         typer.Option("--link", help="Predict latency on this link: RTT_MS,MB_PER_S or a `relu-opt link --json` file."),
     ] = None,
+    public_coeffs: Annotated[
+        bool,
+        typer.Option(
+            "--public-coeffs",
+            help="Unfoldable polynomials run with public coefficients (revealing them); on by itself when the "
+            "--optimized folder's plan.json says so.",
+        ),
+    ] = False,
 ) -> None:
     """Run the original, optimized and linear-floor models under CrypTen; report rounds, bytes, latency."""
     from relu_opt.crypto_backend import bench as cb
@@ -359,6 +377,7 @@ def bench_cmd(
     opt = api.load(optimized) if optimized else None
     if opt is not None:
         validation.check_optimized_fits(opt, net, shape, str(optimized))
+        public_coeffs = public_coeffs or _plan_public_coeffs(optimized)
     link_net = _parse_link(link)
     x, y = _samples(data, data_dir, samples, shape)
     if rank is not None:
@@ -378,6 +397,7 @@ def bench_cmd(
                 ifname=ifname,
                 networks=networks,
                 link=link_net,
+                public_coeffs=public_coeffs,
             )
         _print_bench(r, json_path)
         return
@@ -397,8 +417,16 @@ def bench_cmd(
             cost_model=cost,
             log=lambda m: err.print(escape(m), soft_wrap=True),
             link=link_net,
+            public_coeffs=public_coeffs,
         )
     _print_bench(r, json_path)
+
+
+def _plan_public_coeffs(optimized: Path) -> bool:
+    """Return whether the optimized folder's plan chose public polynomial coefficients."""
+    from relu_opt.plan import read_plan
+
+    return read_plan(optimized).public_coeffs
 
 
 def _print_bench(r, json_path: Path | None) -> None:
@@ -668,6 +696,7 @@ def optimize_cmd(
         list[str] | None,
         typer.Option("--kind-budget", help="KIND=N: a budget of its own for one kind; repeatable."),
     ] = None,
+    public_coeffs: PublicCoeffsOpt = False,
 ) -> None:
     """Keep the most critical non-linear elements that fit the budget, replace the rest, fine-tune with KD."""
     from relu_opt.optimizer import OptimizeConfig, optimize_frontier
@@ -700,6 +729,7 @@ def optimize_cmd(
         device=_check_device(device),
         kinds=_parse_kinds(kinds),
         kind_budgets=_parse_kind_budgets(kind_budget or []),
+        public_coeffs=public_coeffs,
     )
     results = optimize_frontier(net, ds, levels, cfg, output, base_spec=name)
     t = Table(
@@ -797,6 +827,7 @@ def run_cmd(
         Path | None, typer.Option("--cache-dir", help="Cache (default $RELU_OPT_CACHE, else ~/.cache/relu-opt).")
     ] = None,
     device: DeviceOpt = "cpu",
+    public_coeffs: PublicCoeffsOpt = False,
 ) -> None:
     """The main job: baseline, optimize, verified ONNX, 2-party CrypTen bench, and a report folder."""
     import sys
@@ -830,6 +861,7 @@ def run_cmd(
         parties=parties,
         timeout=timeout,
         device=_check_device(device),
+        public_coeffs=public_coeffs,
     )
     command_line = "relu-opt " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("relu-opt") else "relu-opt run"
     r = run(

@@ -67,11 +67,12 @@ class OptimizeConfig:
     seed: int = 0
     kinds: tuple[str, ...] = ()  # kinds to optimize; empty: every non-polynomial kind the model has
     kind_budgets: tuple[tuple[str, int], ...] = ()  # per-kind budgets; `budget` covers the other kinds
+    public_coeffs: bool = False  # unfoldable polynomials keep public coefficients under PI (plan.json)
 
     def key(self, *fields: str) -> str:
         """Return a short hash of the named fields (all when none), to key cached work."""
         d = asdict(self)
-        for k in ("kinds", "kind_budgets"):  # unset, they leave the keys of ReLU-only runs as they were
+        for k in ("kinds", "kind_budgets", "public_coeffs"):  # unset, they leave older keys as they were
             if not d[k]:
                 del d[k]
         blob = json.dumps({k: d[k] for k in (fields or d) if k in d}, sort_keys=True)
@@ -381,11 +382,12 @@ def optimize(
         plan_sites,
         meta={"strategy": config.strategy, "budget": config.budget, "kinds": list(kinds)},
         avgpool=config.avgpool,
+        public_coeffs=config.public_coeffs,
     )
     outdir.mkdir(parents=True, exist_ok=True)
     atomic.save_torch(student.state_dict(), outdir / "model.pt")
     atomic.write_json(outdir / "plan.json", plan.to_dict())
-    prepared = prepare_for_pi(student, example)
+    prepared = prepare_for_pi(student, example, public_coeffs=config.public_coeffs)
     exported = export(
         prepared,
         example,

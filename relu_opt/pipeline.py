@@ -57,6 +57,7 @@ class RunConfig:
     device: str = "cpu"
     seed: int = 0
     max_drop: float | None = None
+    public_coeffs: bool = False  # unfoldable polynomials keep public coefficients under PI (opt-in)
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,7 @@ def run(
             max_drop=cfg.max_drop,
             device=cfg.device,
             seed=cfg.seed,
+            public_coeffs=cfg.public_coeffs,
         )
         results.append(
             optimize(
@@ -211,6 +213,7 @@ def run(
         timeout=cfg.timeout,
         cost_model=cost,
         log=log,
+        public_coeffs=cfg.public_coeffs,
     )
     seconds["bench"] = time.perf_counter() - t
 

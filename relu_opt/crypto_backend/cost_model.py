@@ -147,7 +147,9 @@ def features(gm: fx.GraphModule, batch: int = 1) -> CostFeatures:
             counts["avgpool"] += 1
             elements["avgpool"] += batch * per_sample
             continue
-        for kind, n in node_ops(gm, node):
+        # A module may cost less than its census kind says (PublicPoly: its powers only, as squares).
+        custom = getattr(mod, "cost_items", None)
+        for kind, n in custom(out[1:]) if callable(custom) else node_ops(gm, node):
             category = cost_category(kind)
             if n:
                 counts[category] += 1
