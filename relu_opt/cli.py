@@ -357,7 +357,8 @@ def bench_cmd(
 ) -> None:
     """Run the original, optimized and linear-floor models under CrypTen; report rounds, bytes, latency."""
     from relu_opt.crypto_backend import bench as cb
-    from relu_opt.crypto_backend.cost_model import calibrate, parse_network
+    from relu_opt.crypto_backend.cost_calibration import calibrate
+    from relu_opt.crypto_backend.cost_model import parse_network
 
     try:
         networks = (parse_network("lan", lan), parse_network("wan", wan))

@@ -152,7 +152,7 @@ def run(
 ) -> RunResult:
     """Run the main job and write runs/<timestamp>/; returns the RunResult (also in report.json)."""
     from relu_opt.crypto_backend.bench import bench
-    from relu_opt.crypto_backend.cost_model import calibrate
+    from relu_opt.crypto_backend.cost_calibration import calibrate
 
     cache = Path(cache) if cache else cache_dir()
     seconds: dict[str, float] = {}

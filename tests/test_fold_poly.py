@@ -214,6 +214,6 @@ def test_public_coeffs_is_recorded_in_the_plan_and_bench_follows_it(tmp_path, mo
         raise ReluOptError("stop")
 
     monkeypatch.setattr(bench, "bench", fake_bench)
-    monkeypatch.setattr("relu_opt.crypto_backend.cost_model.calibrate", lambda *a, **k: None)
+    monkeypatch.setattr("relu_opt.crypto_backend.cost_calibration.calibrate", lambda *a, **k: None)
     r = runner.invoke(app, ["bench", "small_cnn", "--input-shape", "1,3,16,16", "--optimized", str(folder)])
     assert r.exit_code == 2 and seen["public_coeffs"] is True  # from plan.json, without the flag
