@@ -616,7 +616,7 @@ def rank_cmd(
 ) -> None:
     """Rank each ReLU site (and channel or pixel) by how much the model needs it."""
     from relu_opt.optimizer import OptimizeConfig, _calibrate, _replacement_factory
-    from relu_opt.ranking import RankContext, rank
+    from relu_opt.ranking import RankContext, make_strategy
 
     _check_method(strategy, replace, granularity)
     validation.check_int("--samples", samples)
@@ -629,16 +629,9 @@ def rank_cmd(
     gm = propagate_shapes(trace(net.eval()), ds.train.x[:1])
     coeffs, _ = _calibrate(gm, ds, cfg)
     ctx = RankContext(
-        gm,
-        ds,
-        granularity,
-        _replacement_factory(replace, coeffs, cfg.poly_per),
-        budget=budget,
-        samples=samples,
-        device=_check_device(device),
-        finetune_steps=finetune_steps,
+        gm, ds, granularity, _replacement_factory(replace, coeffs, cfg.poly_per), samples, _check_device(device)
     )
-    crit = rank(ctx, strategy)
+    crit = make_strategy(strategy, budget=budget, finetune_steps=finetune_steps).rank(ctx)
     t = Table("site", "units", "ReLUs/unit", "score", "mean unit score", title=f"{strategy} criticality")
     for row in crit.to_dict()["sites"]:
         t.add_row(

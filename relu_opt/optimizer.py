@@ -34,7 +34,7 @@ from relu_opt.passes.census import census
 from relu_opt.passes.pi import prepare_for_pi
 from relu_opt.passes.replace import maxpool_to_avgpool, replace_sites, site_op
 from relu_opt.plan import Plan, SitePlan, with_module_names
-from relu_opt.ranking import STRATEGIES, Criticality, RankContext, rank, select
+from relu_opt.ranking import STRATEGIES, Criticality, RankContext, make_strategy, select
 from relu_opt.replacements import REPLACEMENTS, SiteContext, replacement_for
 from relu_opt.sites import SiteInfo, find_sites
 from relu_opt.train import TrainConfig, _note, evaluate, kd_loss
@@ -213,19 +213,12 @@ def _site_replacements(gm: fx.GraphModule, data: Dataset, cfg: OptimizeConfig, s
 def _ranking(
     work: Path, gm, data, cfg: OptimizeConfig, make_rep, progress: bool, content: str, sites=None
 ) -> Criticality:
-    fields = [
-        "strategy",
-        "replace",
-        "granularity",
-        "degree",
-        "poly_per",
-        "rank_samples",
-        "rank_epochs",
-        "calib_samples",
-        "seed",
-        "kinds",
-    ] + (["budget"] if cfg.strategy == "snl" else [])
-    path = work / f"rank_{cfg.strategy}_{cfg.key(*fields)}_{content}.pt"
+    # Each strategy takes the options it declares (snl: the budget and epochs) and keys on its settings;
+    # the context's part of the key is what every strategy ranks: sites, replacements, samples, seed.
+    strategy = make_strategy(cfg.strategy, budget=cfg.budget, epochs=cfg.rank_epochs)
+    shared = cfg.key("replace", "granularity", "degree", "poly_per", "rank_samples", "calib_samples", "seed", "kinds")
+    key = hashlib.sha1(f"{shared}:{strategy.cache_key()}".encode()).hexdigest()[:10]
+    path = work / f"rank_{cfg.strategy}_{key}_{content}.pt"
     keys = ("strategy", "granularity", "scores", "unit_elements", "site_scores")
     d = load_cache(path, lambda p: load_torch(p, "cached ranking", keys=keys), note=_note)
     if d is not None:
@@ -235,15 +228,13 @@ def _ranking(
         data,
         cfg.granularity,
         make_rep,
-        budget=cfg.budget,
         samples=cfg.rank_samples,
-        epochs=cfg.rank_epochs,
         device=cfg.device,
         seed=cfg.seed,
         progress=progress,
         sites=sites,
     )
-    crit = rank(ctx, cfg.strategy)
+    crit = strategy.rank(ctx)
     atomic.save_torch(
         {
             "strategy": crit.strategy,
