@@ -357,7 +357,7 @@ def bench_cmd(
 ) -> None:
     """Run the original, optimized and linear-floor models under CrypTen; report rounds, bytes, latency."""
     from relu_opt.crypto_backend import bench as cb
-    from relu_opt.crypto_backend.cost_calibration import calibrate
+    from relu_opt.crypto_backend.cost_calibration import calibrate, load_cached
     from relu_opt.crypto_backend.cost_model import parse_network
 
     try:
@@ -399,6 +399,7 @@ def bench_cmd(
                 networks=networks,
                 link=link_net,
                 public_coeffs=public_coeffs,
+                cost_model=load_cached(world_size or parties),  # never measured here: it would start parties
             )
         _print_bench(r, json_path)
         return
@@ -430,8 +431,25 @@ def _plan_public_coeffs(optimized: Path) -> bool:
     return read_plan(optimized).public_coeffs
 
 
+def _prediction_table(r) -> Table | None:
+    """Return the cost model's rounds and MB next to the measured ones, or None without predictions."""
+    models = [m for m in r.models if m.predicted_rounds is not None]
+    if not models:
+        return None
+    t = _compact_table("cost model vs measured", ("model", "rounds", "predicted", "MB/party", "predicted"))
+    for m in models:
+        measured_mb = max(m.bytes_per_party) / 1e6
+        t.add_row(
+            m.name, str(m.rounds), f"{m.predicted_rounds:.0f}", f"{measured_mb:.2f}", f"{m.predicted_bytes / 1e6:.2f}"
+        )
+    return t
+
+
 def _print_bench(r, json_path: Path | None) -> None:
     out.print(_bench_table(r))
+    predictions = _prediction_table(r)
+    if predictions is not None:
+        out.print(predictions)
     for name, ratio in r.ratios.items():
         out.print(
             f"{name} / original: rounds x{ratio['rounds']:.2f}, bytes x{ratio['bytes_per_party']:.2f}, "

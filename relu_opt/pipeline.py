@@ -72,6 +72,7 @@ class RunResult:
     command: str
     versions: dict
     seconds: dict = field(default_factory=dict)
+    modeled: dict = field(default_factory=dict)  # budget -> the cost model's original/optimized/floor costs
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -153,6 +154,8 @@ def run(
     """Run the main job and write runs/<timestamp>/; returns the RunResult (also in report.json)."""
     from relu_opt.crypto_backend.bench import bench
     from relu_opt.crypto_backend.cost_calibration import calibrate
+    from relu_opt.crypto_backend.modeled_cost import read_folder_costs
+    from relu_opt.report import write_optimize_report
 
     cache = Path(cache) if cache else cache_dir()
     seconds: dict[str, float] = {}
@@ -202,6 +205,10 @@ def run(
     test = data.test.subset(cfg.samples)
     log(f"bench: {cfg.parties} CrypTen parties, {len(test)} test samples")
     cost = calibrate(cfg.parties, timeout=cfg.timeout, cache=cache)
+    modeled = {}
+    for r in results:  # each budget's report.md and modeled_cost.json, priced by this run's cost model
+        write_optimize_report(r, Path(r.outdir), cost)
+        modeled[str(r.budget)] = read_folder_costs(r.outdir)
     bench_result = bench(
         model,
         test.x,
@@ -236,6 +243,7 @@ def run(
             command=command,
             versions=versions(),
             seconds=seconds,
+            modeled=modeled,
         )
         atomic.write_json(partial / "report.json", result.to_dict())
         from relu_opt.report import render_run

@@ -185,6 +185,7 @@ def run_one_party(
     networks: tuple[Network, Network] = (LAN, WAN),
     link: Network | None = None,
     public_coeffs: bool = False,
+    cost_model: CostModel | None = None,
 ) -> BenchResult:
     """Run this process as party `rank` of a bench whose parties are on separate hosts; return the
     BenchResult every party ends with (all parties' traffic and times, shared at the end).
@@ -192,7 +193,8 @@ def run_one_party(
     Every party runs the same models (party 0's weights reach the others only as secret shares), and
     the data owner's samples are the input; the others pass zeros of the same shape. The parties check
     at rendezvous that they run the same models, shapes and versions. Agreement with plaintext needs the
-    weights and the samples in one place, so it is not reported; accuracy is, where `y` is given."""
+    weights and the samples in one place, so it is not reported; accuracy is, where `y` is given. With
+    `cost_model`, each model also gets the rounds and bytes it predicts."""
     from relu_opt.crypto_backend import rendezvous as rdv
 
     variants = pi_variants(model, x[:1], optimized, public_coeffs)
@@ -230,8 +232,9 @@ def run_one_party(
         start_watchdog(replace(job, timeout=timeout + 10))  # the rendezvous' own errors come first
         result = run_party(job)
     names = [name for name, _ in variants]
-    measured = _measurements(result["parties"], names, relus, [None] * len(names), comparisons)
-    reports = [_report(m, None, y, networks, None, link) for m in measured]
+    feats = [features(gm, batch=len(x)) for _, gm in variants]
+    measured = _measurements(result["parties"], names, relus, feats, comparisons)
+    reports = [_report(m, None, y, networks, cost_model, link) for m in measured]
     return _result(world_size, len(x), reports, (), networks, link, interface=result["interface"], rank=rank)
 
 

@@ -98,12 +98,21 @@ def suite_key() -> str:
 CALIBRATION_INPUT = (1, 3, 8, 8)
 
 
+def _cache_path(parties: int, cache: str | os.PathLike | None) -> Path:
+    return Path(cache or cache_dir()) / f"cost_model_{parties}p_crypten{_crypten_version()}_{suite_key()}.json"
+
+
+def load_cached(parties: int = 2, cache: str | os.PathLike | None = None) -> CostModel | None:
+    """Return the CostModel `calibrate` cached for `parties`, or None when none is (nothing is measured)."""
+    return load_cache(_cache_path(parties, cache), lambda p: CostModel.from_dict(read_json(p, what="cost model")))
+
+
 def calibrate(
     parties: int = 2, timeout: float = 300, refresh: bool = False, cache: str | os.PathLike | None = None
 ) -> CostModel:
     """Return the CostModel for `parties`, measured once under CrypTen and cached as JSON in `cache`."""
-    path = Path(cache or cache_dir()) / f"cost_model_{parties}p_crypten{_crypten_version()}_{suite_key()}.json"
-    cached = None if refresh else load_cache(path, lambda p: CostModel.from_dict(read_json(p, what="cost model")))
+    path = _cache_path(parties, cache)
+    cached = None if refresh else load_cached(parties, cache)
     if cached is not None:
         return cached
     x = torch.randn(CALIBRATION_INPUT)
