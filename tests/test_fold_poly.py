@@ -153,11 +153,24 @@ def test_public_poly_in_a_partial_site_counts_its_rest_as_squares():
     x = torch.randn(1, 3, 4, 4)
     mask = (torch.arange(8) < 3).float().view(8, 1, 1)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), MaskedSite(mask, _poly(8)), nn.Conv2d(8, 8, 3)).eval()
-    prepared = prepare_for_pi(model, x, public_coeffs=True)
-    f = features(prepared)
-    assert f.elements.get("relu") == 3 * 16 and f.elements.get("square") == 5 * 16 and "poly" not in f.ops
-    with torch.no_grad():
-        assert (prepared(x) - model(x)).abs().max().item() < 1e-4
+    # made public after the site is split (the PI passes) or before (a model publicized by hand)
+    for prepared in (prepare_for_pi(model, x, public_coeffs=True), prepare_for_pi(publicize_polys(trace(model)), x)):
+        f = features(prepared)
+        assert f.elements.get("relu") == 3 * 16 and f.elements.get("square") == 5 * 16 and "poly" not in f.ops
+        with torch.no_grad():
+            assert (prepared(x) - model(x)).abs().max().item() < 1e-4
+
+
+def test_export_with_public_coeffs_writes_them_as_constants(tmp_path):
+    from relu_opt import api
+
+    model = _ReadTwice(_poly(8)).eval()
+    x = torch.randn(1, 3, 6, 6)
+    secret = api.export(model, x, tmp_path / "secret.onnx")
+    public = api.export(model, x, tmp_path / "public.onnx", public_coeffs=True)
+    assert public.rel_err < 1e-4 and public.onnx_totals == secret.onnx_totals
+    n_secret, n_public = (len(onnx.load(str(tmp_path / f)).graph.initializer) for f in ("secret.onnx", "public.onnx"))
+    assert n_public == 4 < n_secret  # two convolutions' weights and biases; no coefficient among them
 
 
 def test_public_poly_costs_the_square_under_crypten():
