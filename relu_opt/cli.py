@@ -115,8 +115,8 @@ PublicCoeffsOpt = Annotated[
     typer.Option(
         "--public-coeffs",
         help="Polynomials that cannot be folded into their neighbouring linear layers get public coefficients "
-        "under private inference: a degree-2 site costs one square instead of three secret products, and "
-        "reveals its coefficients (part of the weights) to the parties. Recorded in plan.json.",
+        "under private inference: a degree-2 site costs one square (one round) instead of products with secret "
+        "coefficients, and reveals those coefficients (part of the weights) to the parties. Recorded in plan.json.",
     ),
 ]
 PretrainedOpt = Annotated[
