@@ -22,7 +22,7 @@ from rich.console import Console
 from relu_opt import atomic, load
 from relu_opt.cache import cache_dir
 from relu_opt.crypto_backend.bench import bench
-from relu_opt.crypto_backend.cost_model import calibrate
+from relu_opt.crypto_backend.cost_calibration import calibrate
 from relu_opt.data import load_dataset
 from relu_opt.models import create_model
 from relu_opt.pipeline import versions

@@ -162,7 +162,8 @@ def plot(result: dict, path: Path) -> None:
 
 def baseline_cost(model, example) -> dict:
     """Return the cost model's rounds, MB and LAN/WAN seconds of the unoptimized model at batch 1."""
-    from relu_opt.crypto_backend.cost_model import LAN, WAN, calibrate, features
+    from relu_opt.crypto_backend.cost_calibration import calibrate
+    from relu_opt.crypto_backend.cost_model import LAN, WAN, features
     from relu_opt.passes.pi import prepare_for_pi
 
     cost = calibrate()

@@ -56,11 +56,13 @@ class Square(nn.Module):
         return [("square", math.prod(shape))]
 
 
-def replacement_items(rep: nn.Module | None, shape: tuple[int, ...]) -> list[tuple[str, int]]:
-    """Return what a replacement module computes on `shape`, as (kind, elements) census items."""
+def replacement_items(rep: nn.Module | None, shape: tuple[int, ...], cost: bool = False) -> list[tuple[str, int]]:
+    """Return what a replacement module computes on `shape`, as (kind, elements) census items; with
+    `cost`, its MPC cost items where it has its own (`cost_items`, e.g. a polynomial with public
+    coefficients costs its powers only)."""
     if rep is None or isinstance(rep, nn.Identity):
         return []
-    items = getattr(rep, "census_items", None)
+    items = (getattr(rep, "cost_items", None) if cost else None) or getattr(rep, "census_items", None)
     return list(items(shape)) if callable(items) else [("poly", math.prod(shape))]
 
 
@@ -170,6 +172,11 @@ class PartialSite(nn.Module):
     def census_items(self, shape: tuple[int, ...]) -> list[tuple[str, int]]:
         rest = int(self.rest_idx.numel())
         return [(self.kind, int(self.keep_idx.numel()))] + replacement_items(self.replacement, (rest,))
+
+    def cost_items(self, shape: tuple[int, ...]) -> list[tuple[str, int]]:
+        """Return what the site costs under MPC: the kept elements' op, then the replacement's cost items."""
+        rest = int(self.rest_idx.numel())
+        return [(self.kind, int(self.keep_idx.numel()))] + replacement_items(self.replacement, (rest,), cost=True)
 
 
 PartialReLU = PartialSite

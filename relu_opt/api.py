@@ -29,8 +29,14 @@ def export(
     path: str | os.PathLike,
     opset: int = DEFAULT_OPSET,
     leaf: Iterable[str | type] = (),
+    public_coeffs: bool = False,
 ) -> ExportResult:
-    """Return the ExportResult of writing `model` to ONNX at `path`, verified against PyTorch and census."""
+    """Return the ExportResult of writing `model` to ONNX at `path`, verified against PyTorch and census;
+    with `public_coeffs`, every polynomial's coefficients are ONNX Constants (CrypTen keeps them public)."""
+    if public_coeffs:
+        from relu_opt.passes.public_poly import publicize_polys
+
+        model, leaf = publicize_polys(trace(model, leaf)), ()
     totals = count(model, example, leaf).totals_by_kind
     return _export(model, example, path, opset=opset, census_totals=totals)
 

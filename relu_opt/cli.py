@@ -110,6 +110,15 @@ MaxDropOpt = Annotated[
         help="Validation accuracy points the optimized model may lose; a larger drop fails and saves nothing.",
     ),
 ]
+PublicCoeffsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--public-coeffs",
+        help="Polynomials that cannot be folded into their neighbouring linear layers get public coefficients "
+        "under private inference: a degree-2 site costs one square (one round) instead of products with secret "
+        "coefficients, and reveals those coefficients (part of the weights) to the parties. Recorded in plan.json.",
+    ),
+]
 PretrainedOpt = Annotated[
     bool,
     typer.Option(
@@ -238,11 +247,12 @@ def export_cmd(
     num_classes: NumClassesOpt = None,
     pretrained: PretrainedOpt = False,
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset (11-20).", min=7, max=21)] = DEFAULT_OPSET,
+    public_coeffs: PublicCoeffsOpt = False,
 ) -> None:
     """Write a verified ONNX graph: checker, onnxruntime parity and ReLU count against the census."""
     validation.check_output_file(output)
     net, _, shape = _load(model, input_shape, weights, num_classes, leaf, pretrained=pretrained)
-    r = api.export(net, torch.randn(shape), output, opset=opset, leaf=leaf or ())
+    r = api.export(net, torch.randn(shape), output, opset=opset, leaf=leaf or (), public_coeffs=public_coeffs)
     out.print(f"wrote {r.path} (opset {r.opset})")
     out.print(
         f"parity vs PyTorch: max abs error {r.max_abs_err:.3g} (output scale {r.output_scale:.3g}, "
@@ -355,10 +365,19 @@ def bench_cmd(
         str | None,
         typer.Option("--link", help="Predict latency on this link: RTT_MS,MB_PER_S or a `relu-opt link --json` file."),
     ] = None,
+    public_coeffs: Annotated[
+        bool,
+        typer.Option(
+            "--public-coeffs",
+            help="Unfoldable polynomials run with public coefficients (revealing them); on by itself when the "
+            "--optimized folder's plan.json says so.",
+        ),
+    ] = False,
 ) -> None:
     """Run the original, optimized and linear-floor models under CrypTen; report rounds, bytes, latency."""
     from relu_opt.crypto_backend import bench as cb
-    from relu_opt.crypto_backend.cost_model import calibrate, parse_network
+    from relu_opt.crypto_backend.cost_calibration import calibrate, load_cached
+    from relu_opt.crypto_backend.cost_model import parse_network
 
     try:
         networks = (parse_network("lan", lan), parse_network("wan", wan))
@@ -378,6 +397,7 @@ def bench_cmd(
     opt = api.load(optimized) if optimized else None
     if opt is not None:
         validation.check_optimized_fits(opt, net, shape, str(optimized))
+        public_coeffs = public_coeffs or _plan_public_coeffs(optimized)
     link_net = _parse_link(link)
     x, y = _samples(data, data_dir, samples, shape)
     if rank is not None:
@@ -397,6 +417,8 @@ def bench_cmd(
                 ifname=ifname,
                 networks=networks,
                 link=link_net,
+                public_coeffs=public_coeffs,
+                cost_model=load_cached(world_size or parties),  # never measured here: it would start parties
             )
         _print_bench(r, json_path)
         return
@@ -416,12 +438,37 @@ def bench_cmd(
             cost_model=cost,
             log=lambda m: err.print(escape(m), soft_wrap=True),
             link=link_net,
+            public_coeffs=public_coeffs,
         )
     _print_bench(r, json_path)
 
 
+def _plan_public_coeffs(optimized: Path) -> bool:
+    """Return whether the optimized folder's plan chose public polynomial coefficients."""
+    from relu_opt.plan import read_plan
+
+    return read_plan(optimized).public_coeffs
+
+
+def _prediction_table(r) -> Table | None:
+    """Return the cost model's rounds and MB next to the measured ones, or None without predictions."""
+    models = [m for m in r.models if m.predicted_rounds is not None]
+    if not models:
+        return None
+    t = _compact_table("cost model vs measured", ("model", "rounds", "predicted", "MB/party", "predicted"))
+    for m in models:
+        measured_mb = max(m.bytes_per_party) / 1e6
+        t.add_row(
+            m.name, str(m.rounds), f"{m.predicted_rounds:.0f}", f"{measured_mb:.2f}", f"{m.predicted_bytes / 1e6:.2f}"
+        )
+    return t
+
+
 def _print_bench(r, json_path: Path | None) -> None:
     out.print(_bench_table(r))
+    predictions = _prediction_table(r)
+    if predictions is not None:
+        out.print(predictions)
     for name, ratio in r.ratios.items():
         out.print(
             f"{name} / original: rounds x{ratio['rounds']:.2f}, bytes x{ratio['bytes_per_party']:.2f}, "
@@ -628,7 +675,7 @@ def rank_cmd(
 ) -> None:
     """Rank each ReLU site (and channel or pixel) by how much the model needs it."""
     from relu_opt.optimizer import OptimizeConfig, _calibrate, _replacement_factory
-    from relu_opt.ranking import RankContext, rank
+    from relu_opt.ranking import RankContext, make_strategy
 
     _check_method(strategy, replace, granularity)
     validation.check_int("--samples", samples)
@@ -641,16 +688,9 @@ def rank_cmd(
     gm = propagate_shapes(trace(net.eval()), ds.train.x[:1])
     coeffs, _ = _calibrate(gm, ds, cfg)
     ctx = RankContext(
-        gm,
-        ds,
-        granularity,
-        _replacement_factory(replace, coeffs, cfg.poly_per),
-        budget=budget,
-        samples=samples,
-        device=_check_device(device),
-        finetune_steps=finetune_steps,
+        gm, ds, granularity, _replacement_factory(replace, coeffs, cfg.poly_per), samples, _check_device(device)
     )
-    crit = rank(ctx, strategy)
+    crit = make_strategy(strategy, budget=budget, finetune_steps=finetune_steps).rank(ctx)
     t = Table("site", "units", "ReLUs/unit", "score", "mean unit score", title=f"{strategy} criticality")
     for row in crit.to_dict()["sites"]:
         t.add_row(
@@ -713,6 +753,7 @@ def optimize_cmd(
     rounds_budget: RoundsBudgetOpt = None,
     latency_budget: LatencyBudgetOpt = None,
     network: NetworkOpt = "wan",
+    public_coeffs: PublicCoeffsOpt = False,
 ) -> None:
     """Keep the most critical non-linear elements that fit the budgets, replace the rest, fine-tune with KD.
 
@@ -756,6 +797,7 @@ def optimize_cmd(
         rounds_budget=rounds_budget,
         latency_budget=latency_budget,
         network=network,
+        public_coeffs=public_coeffs,
     )
     if auto:  # no budget: the lowest modeled latency within --max-drop (1 point by default)
         from relu_opt.optimizer import optimize_lowest_latency
@@ -861,6 +903,7 @@ def run_cmd(
         Path | None, typer.Option("--cache-dir", help="Cache (default $RELU_OPT_CACHE, else ~/.cache/relu-opt).")
     ] = None,
     device: DeviceOpt = "cpu",
+    public_coeffs: PublicCoeffsOpt = False,
 ) -> None:
     """The main job: baseline, optimize, verified ONNX, 2-party CrypTen bench, and a report folder."""
     import sys
@@ -894,6 +937,7 @@ def run_cmd(
         parties=parties,
         timeout=timeout,
         device=_check_device(device),
+        public_coeffs=public_coeffs,
     )
     command_line = "relu-opt " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("relu-opt") else "relu-opt run"
     r = run(

@@ -34,7 +34,7 @@ from relu_opt.passes.census import census
 from relu_opt.passes.pi import prepare_for_pi
 from relu_opt.passes.replace import maxpool_to_avgpool, replace_sites, site_op
 from relu_opt.plan import Plan, SitePlan, with_module_names
-from relu_opt.ranking import STRATEGIES, Criticality, RankContext, rank
+from relu_opt.ranking import STRATEGIES, Criticality, RankContext, make_strategy
 from relu_opt.replacements import REPLACEMENTS, SiteContext, replacement_for
 from relu_opt.sites import SiteInfo, find_sites
 from relu_opt.train import TrainConfig, _note, evaluate, kd_loss
@@ -90,10 +90,12 @@ class OptimizeConfig:
             f"latency_{self.latency_budget:g}s" if self.latency_budget is not None else f"rounds_{self.rounds_budget:g}"
         )
 
+    public_coeffs: bool = False  # unfoldable polynomials keep public coefficients under PI (plan.json)
+
     def key(self, *fields: str) -> str:
         """Return a short hash of the named fields (all when none), to key cached work."""
         d = asdict(self)
-        for k in ("kinds", "kind_budgets"):  # unset, they leave the keys of ReLU-only runs as they were
+        for k in ("kinds", "kind_budgets", "public_coeffs"):  # unset, they leave older keys as they were
             if not d[k]:
                 del d[k]
         blob = json.dumps({k: d[k] for k in (fields or d) if k in d}, sort_keys=True)
@@ -259,19 +261,12 @@ def _site_replacements(gm: fx.GraphModule, data: Dataset, cfg: OptimizeConfig, s
 def _ranking(
     work: Path, gm, data, cfg: OptimizeConfig, make_rep, progress: bool, content: str, sites=None
 ) -> Criticality:
-    fields = [
-        "strategy",
-        "replace",
-        "granularity",
-        "degree",
-        "poly_per",
-        "rank_samples",
-        "rank_epochs",
-        "calib_samples",
-        "seed",
-        "kinds",
-    ] + (["budget"] if cfg.strategy == "snl" else [])
-    path = work / f"rank_{cfg.strategy}_{cfg.key(*fields)}_{content}.pt"
+    # Each strategy takes the options it declares (snl: the budget and epochs) and keys on its settings;
+    # the context's part of the key is what every strategy ranks: sites, replacements, samples, seed.
+    strategy = make_strategy(cfg.strategy, budget=cfg.budget, epochs=cfg.rank_epochs)
+    shared = cfg.key("replace", "granularity", "degree", "poly_per", "rank_samples", "calib_samples", "seed", "kinds")
+    key = hashlib.sha1(f"{shared}:{strategy.cache_key()}".encode()).hexdigest()[:10]
+    path = work / f"rank_{cfg.strategy}_{key}_{content}.pt"
     keys = ("strategy", "granularity", "scores", "unit_elements", "site_scores")
     d = load_cache(path, lambda p: load_torch(p, "cached ranking", keys=keys), note=_note)
     if d is not None:
@@ -281,15 +276,13 @@ def _ranking(
         data,
         cfg.granularity,
         make_rep,
-        budget=cfg.budget,
         samples=cfg.rank_samples,
-        epochs=cfg.rank_epochs,
         device=cfg.device,
         seed=cfg.seed,
         progress=progress,
         sites=sites,
     )
-    crit = rank(ctx, cfg.strategy)
+    crit = strategy.rank(ctx)
     atomic.save_torch(
         {
             "strategy": crit.strategy,
@@ -432,11 +425,12 @@ def optimize(
         plan_sites,
         meta={"strategy": config.strategy, "budget": config.budget, "kinds": list(kinds)},
         avgpool=config.avgpool,
+        public_coeffs=config.public_coeffs,
     )
     outdir.mkdir(parents=True, exist_ok=True)
     atomic.save_torch(student.state_dict(), outdir / "model.pt")
     atomic.write_json(outdir / "plan.json", plan.to_dict())
-    prepared = prepare_for_pi(student, example)
+    prepared = prepare_for_pi(student, example, public_coeffs=config.public_coeffs)
     exported = export(
         prepared,
         example,
@@ -500,7 +494,7 @@ def _select(teacher, example, sites: dict[str, SiteInfo], crit: Criticality, mak
     net = network(config)
     selector = get_selector(config.selector)
     constraints = Constraints(config.budget, tuple(caps.items()), config.rounds_budget, config.latency_budget, net)
-    from relu_opt.crypto_backend.cost_model import calibrate
+    from relu_opt.crypto_backend.cost_calibration import calibrate
 
     # Every selector is priced, so each report says what its choice costs; the count selector ignores it.
     prices = price_sites(teacher, example, sites, crit, make_rep, calibrate(), net)
@@ -522,7 +516,8 @@ AUTO_LATENCY_FRACTIONS = (0.25, 0.35, 0.5, 0.7)  # of the original's modeled lat
 
 def modeled_latency(model: nn.Module, example: torch.Tensor, config: OptimizeConfig) -> float:
     """Return the cost model's seconds for one forward of `model` at batch 1 on config.network."""
-    from relu_opt.crypto_backend.cost_model import calibrate, features
+    from relu_opt.crypto_backend.cost_calibration import calibrate
+    from relu_opt.crypto_backend.cost_model import features
 
     cost, net = calibrate(), network(config)
     f = features(prepare_for_pi(model, example[:1]))

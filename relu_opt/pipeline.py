@@ -57,6 +57,7 @@ class RunConfig:
     device: str = "cpu"
     seed: int = 0
     max_drop: float | None = None
+    public_coeffs: bool = False  # unfoldable polynomials keep public coefficients under PI (opt-in)
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class RunResult:
     command: str
     versions: dict
     seconds: dict = field(default_factory=dict)
+    modeled: dict = field(default_factory=dict)  # budget -> the cost model's original/optimized/floor costs
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -151,7 +153,9 @@ def run(
 ) -> RunResult:
     """Run the main job and write runs/<timestamp>/; returns the RunResult (also in report.json)."""
     from relu_opt.crypto_backend.bench import bench
-    from relu_opt.crypto_backend.cost_model import calibrate
+    from relu_opt.crypto_backend.cost_calibration import calibrate
+    from relu_opt.crypto_backend.modeled_cost import read_folder_costs
+    from relu_opt.report import write_optimize_report
 
     cache = Path(cache) if cache else cache_dir()
     seconds: dict[str, float] = {}
@@ -181,6 +185,7 @@ def run(
             max_drop=cfg.max_drop,
             device=cfg.device,
             seed=cfg.seed,
+            public_coeffs=cfg.public_coeffs,
         )
         results.append(
             optimize(
@@ -200,6 +205,10 @@ def run(
     test = data.test.subset(cfg.samples)
     log(f"bench: {cfg.parties} CrypTen parties, {len(test)} test samples")
     cost = calibrate(cfg.parties, timeout=cfg.timeout, cache=cache)
+    modeled = {}
+    for r in results:  # each budget's report.md and modeled_cost.json, priced by this run's cost model
+        write_optimize_report(r, Path(r.outdir), cost)
+        modeled[str(r.budget)] = read_folder_costs(r.outdir)
     bench_result = bench(
         model,
         test.x,
@@ -211,6 +220,7 @@ def run(
         timeout=cfg.timeout,
         cost_model=cost,
         log=log,
+        public_coeffs=cfg.public_coeffs,
     )
     seconds["bench"] = time.perf_counter() - t
 
@@ -233,6 +243,7 @@ def run(
             command=command,
             versions=versions(),
             seconds=seconds,
+            modeled=modeled,
         )
         atomic.write_json(partial / "report.json", result.to_dict())
         from relu_opt.report import render_run

@@ -61,6 +61,7 @@ class Plan:
     avgpool: bool = False  # max-pools became average pools
     state: str = "model.pt"
     meta: dict = field(default_factory=dict)
+    public_coeffs: bool = False  # polynomials fold_poly cannot fold run with public coefficients (opt-in)
 
     @property
     def relu_elements(self) -> int:
@@ -85,6 +86,7 @@ class Plan:
             avgpool=bool(d.get("avgpool", False)),
             state=d.get("state", "model.pt"),
             meta=d.get("meta", {}),
+            public_coeffs=bool(d.get("public_coeffs", False)),
         )
 
 
@@ -141,6 +143,21 @@ def with_module_names(gm: fx.GraphModule, sites: Iterable[SitePlan]) -> tuple[Si
     )
 
 
+_PLAN_FIX = "rerun `relu-opt optimize` to write it again"
+
+
+def read_plan(outdir: str | os.PathLike) -> Plan:
+    """Return the Plan saved in `outdir` (ReluOptError naming the folder when missing or malformed)."""
+    plan_path = Path(outdir) / "plan.json"
+    if not plan_path.is_file():
+        raise ReluOptError(f"'{outdir}' has no plan.json; give the folder `relu-opt optimize -o` wrote")
+    d = read_json(plan_path, ("base_model", "input_shape", "num_classes", "sites"), "plan", _PLAN_FIX)
+    try:
+        return Plan.from_dict(d)
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise CorruptFileError(f"plan '{plan_path}' is malformed ({type(exc).__name__}: {exc}); {_PLAN_FIX}") from None
+
+
 def load(outdir: str | os.PathLike) -> fx.GraphModule:
     """Return the optimized model saved in `outdir`: the base model rebuilt, the plan applied, and the
     saved state dict loaded (outputs match the saved model exactly)."""
@@ -148,14 +165,8 @@ def load(outdir: str | os.PathLike) -> fx.GraphModule:
 
     outdir = Path(outdir)
     plan_path = outdir / "plan.json"
-    if not plan_path.is_file():
-        raise ReluOptError(f"'{outdir}' has no plan.json; give the folder `relu-opt optimize -o` wrote")
-    fix = "rerun `relu-opt optimize` to write it again"
-    d = read_json(plan_path, ("base_model", "input_shape", "num_classes", "sites"), "plan", fix)
-    try:
-        plan = Plan.from_dict(d)
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
-        raise CorruptFileError(f"plan '{plan_path}' is malformed ({type(exc).__name__}: {exc}); {fix}") from None
+    fix = _PLAN_FIX
+    plan = read_plan(outdir)
     base = resolve_model(plan.base_model, num_classes=plan.num_classes, in_channels=plan.input_shape[1]).model
     gm = apply_plan(base, plan)
     state_path = outdir / plan.state

@@ -1,7 +1,10 @@
 """How critical each ReLU is: per-site, per-channel or per-pixel scores from four strategies.
 
 Every strategy returns keep priorities with the granularity's mask shape at each site; a higher score
-means keep the ReLU. `select` then keeps the highest-scoring units that fit a budget. Strategies:
+means keep the ReLU. `select` then keeps the highest-scoring units that fit a budget. A strategy is an
+object (Torch-Pruning's importance criteria are the model): its own settings go to `__init__`, `rank(ctx)`
+scores the sites of a RankContext (what every strategy shares), and `cache_key()` names what its result
+depends on, so no caller needs to know which settings a strategy reads. Strategies:
 - drop-one (DeepReDuce): validation accuracy lost when one site is replaced, per ReLU it removes;
 - taylor: first-order loss change |sum g * (relu(x) - replacement(x))| per unit, per ReLU;
 - snl (SNL + AutoReP): masks learned with a budget-weighted lasso, binarised with hysteresis;
@@ -10,9 +13,13 @@ means keep the ReLU. `select` then keeps the highest-scoring units that fit a bu
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from typing import ClassVar
 
 import torch
 import torch.fx as fx
@@ -60,17 +67,16 @@ class Criticality:
 
 @dataclass
 class RankContext:
+    """What every strategy ranks: the model, its data, the sites and their replacements."""
+
     gm: fx.GraphModule  # the shape-propagated base model
     data: Dataset
     granularity: str
     replacement: Callable[[str], nn.Module | None]  # site -> a fresh fitted replacement (None = identity)
-    budget: int | None = None
     samples: int = 5000
-    epochs: float = 1.0
     device: str = "cpu"
     seed: int = 0
     progress: bool = True
-    finetune_steps: int = 0
     sites: dict[str, SiteInfo] | None = None  # default: the ReLU sites
 
     def site_info(self) -> dict[str, SiteInfo]:
@@ -94,24 +100,56 @@ class RankContext:
         return cls(mask, self.replacement(site), original=site_op(self.gm, node), kind=info.kind, **kwargs)
 
 
-STRATEGIES: dict[str, Callable[[RankContext], Criticality]] = {}
+class Strategy:
+    """A ranking strategy: settings in `__init__` (dataclass fields), `rank(ctx)` returns the Criticality."""
+
+    name: ClassVar[str] = ""
+
+    def rank(self, ctx: RankContext) -> Criticality:
+        """Return the Criticality of every site of `ctx`."""
+        raise NotImplementedError
+
+    def settings(self) -> dict:
+        """Return the settings the result depends on (the dataclass fields; none for a plain class)."""
+        return asdict(self) if is_dataclass(self) else {}
+
+    def cache_key(self) -> str:
+        """Return a short hash of the name and settings, which keys cached rankings."""
+        blob = json.dumps({"strategy": self.name, **self.settings()}, sort_keys=True, default=str)
+        return hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+
+STRATEGIES: dict[str, type[Strategy]] = {}
 
 
 def register_strategy(name: str):
-    """Register a ranking strategy under `name`; returns the decorator."""
+    """Return a decorator registering a Strategy subclass, or a plain `fn(ctx) -> Criticality` (a strategy
+    with no settings), under `name`."""
 
-    def wrap(fn):
-        STRATEGIES[name] = fn
-        return fn
+    def wrap(obj):
+        if inspect.isclass(obj) and issubclass(obj, Strategy):
+            obj.name = name
+            STRATEGIES[name] = obj
+        else:
+            STRATEGIES[name] = type(f"{obj.__name__}_strategy", (Strategy,), {"name": name, "rank": staticmethod(obj)})
+        return obj
 
     return wrap
 
 
-def rank(ctx: RankContext, strategy: str) -> Criticality:
-    """Return the Criticality of every ReLU site of `ctx.gm` under `strategy`."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy '{strategy}'; choose {', '.join(sorted(STRATEGIES))}")
-    return STRATEGIES[strategy](ctx)
+def make_strategy(name: str, **options) -> Strategy:
+    """Return the strategy `name` built with the options it declares (others are ignored, so a caller may
+    pass every option it has: budget, epochs, finetune_steps, ...)."""
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy '{name}'; choose {', '.join(sorted(STRATEGIES))}")
+    cls = STRATEGIES[name]
+    own = {f.name for f in fields(cls)} if is_dataclass(cls) else set()
+    return cls(**{k: v for k, v in options.items() if k in own and v is not None})
+
+
+def rank(ctx: RankContext, strategy: str | Strategy) -> Criticality:
+    """Return the Criticality of every site of `ctx.gm` under `strategy` (a name: default settings)."""
+    return (make_strategy(strategy) if isinstance(strategy, str) else strategy).rank(ctx)
 
 
 def _unit_elements(shape: tuple[int, ...], granularity: str) -> int:
@@ -124,15 +162,30 @@ def _units(ctx: RankContext) -> tuple[dict[str, tuple[int, ...]], dict[str, int]
 
 
 @register_strategy("random")
-def random_strategy(ctx: RankContext) -> Criticality:
-    shapes, unit = _units(ctx)
-    gen = torch.Generator().manual_seed(ctx.seed)
-    scores = {s: torch.rand(ctx.mask_shape(s), generator=gen) for s in shapes}
-    return Criticality("random", ctx.granularity, scores, unit)
+@dataclass(frozen=True)
+class RandomStrategy(Strategy):
+    """The honest baseline: a random order of units (seeded by the context)."""
+
+    def rank(self, ctx: RankContext) -> Criticality:
+        shapes, unit = _units(ctx)
+        gen = torch.Generator().manual_seed(ctx.seed)
+        scores = {s: torch.rand(ctx.mask_shape(s), generator=gen) for s in shapes}
+        return Criticality("random", ctx.granularity, scores, unit)
 
 
 @register_strategy("drop-one")
-def drop_one(ctx: RankContext) -> Criticality:
+@dataclass(frozen=True)
+class DropOne(Strategy):
+    """DeepReDuce: validation accuracy lost when one site is replaced (after `finetune_steps` distillation
+    steps), per ReLU it removes."""
+
+    finetune_steps: int = 0
+
+    def rank(self, ctx: RankContext) -> Criticality:
+        return _drop_one(ctx, self.finetune_steps)
+
+
+def _drop_one(ctx: RankContext, finetune_steps: int) -> Criticality:
     shapes, unit = _units(ctx)
     val = ctx.data.val.subset(ctx.samples)
     _, base_acc = evaluate(ctx.gm, val, device=ctx.device)
@@ -142,8 +195,8 @@ def drop_one(ctx: RankContext) -> Criticality:
         for site, shape in shapes.items():
             rep = ctx.replacement(site)
             trial = replace_sites(ctx.gm, {site: rep if rep is not None else nn.Identity()})
-            if ctx.finetune_steps:
-                _short_finetune(trial, ctx)
+            if finetune_steps:
+                _short_finetune(trial, ctx, finetune_steps)
             _, acc = evaluate(trial, val, device=ctx.device)
             drop = base_acc - acc
             site_scores[site] = drop
@@ -153,12 +206,12 @@ def drop_one(ctx: RankContext) -> Criticality:
     return Criticality("drop-one", ctx.granularity, scores, unit, site_scores)
 
 
-def _short_finetune(model: nn.Module, ctx: RankContext) -> None:
+def _short_finetune(model: nn.Module, ctx: RankContext, steps: int) -> None:
     teacher = ctx.gm
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
     model.train()
     it = batches(ctx.data.train, 128, shuffle=True, generator=torch.Generator().manual_seed(ctx.seed))
-    for _, (x, _y) in zip(range(ctx.finetune_steps), it):
+    for _, (x, _y) in zip(range(steps), it):
         with torch.no_grad():
             t = predict(teacher, x)
         loss = F.kl_div(F.log_softmax(model(x), 1), F.log_softmax(t, 1), reduction="batchmean", log_target=True)
@@ -174,7 +227,15 @@ def _masked(ctx: RankContext, shapes, module_cls) -> tuple[fx.GraphModule, dict[
 
 
 @register_strategy("taylor")
-def taylor(ctx: RankContext) -> Criticality:
+@dataclass(frozen=True)
+class Taylor(Strategy):
+    """First-order loss change |sum g * (relu(x) - replacement(x))| per unit, per ReLU."""
+
+    def rank(self, ctx: RankContext) -> Criticality:
+        return _taylor(ctx)
+
+
+def _taylor(ctx: RankContext) -> Criticality:
     shapes, unit = _units(ctx)
     model, mods = _masked(ctx, shapes, LearnableMask)
     sal = {s: torch.zeros_like(m.alpha) for s, m in mods.items()}
@@ -233,19 +294,31 @@ class LearnableMask(MaskedSite):
 
 
 @register_strategy("snl")
-def snl(ctx: RankContext) -> Criticality:
+@dataclass(frozen=True)
+class Snl(Strategy):
+    """SNL + AutoReP: masks learned for `epochs` with a lasso weighted until they fit `budget` (default:
+    1/10 of the elements), binarised with hysteresis."""
+
+    budget: int | None = None
+    epochs: float = 1.0
+
+    def rank(self, ctx: RankContext) -> Criticality:
+        return _snl(ctx, self.budget, self.epochs)
+
+
+def _snl(ctx: RankContext, budget: int | None, epochs: float) -> Criticality:
     shapes, unit = _units(ctx)
     model, mods = _masked(ctx, shapes, lambda m, r, **kw: LearnableMask(m, r, hysteresis=0.05, **kw))
     sites = dict(model_sites(model, mods))
     total = sum(math.prod(sh) for sh in shapes.values())
-    budget = ctx.budget if ctx.budget is not None else total // 10
+    budget = budget if budget is not None else total // 10
     alphas = [m.alpha for m in sites.values()]
     weights = [p for n, p in model.named_parameters() if not n.endswith("alpha")]
     opt_w = torch.optim.SGD(weights, lr=0.005, momentum=0.9)
     opt_a = torch.optim.Adam(alphas, lr=0.01)
     lam = 0.5
     train = ctx.data.train.subset(ctx.samples)
-    steps = max(1, int(ctx.epochs * math.ceil(len(train) / 128)))
+    steps = max(1, int(epochs * math.ceil(len(train) / 128)))
     gen = torch.Generator().manual_seed(ctx.seed)
 
     def kept() -> int:

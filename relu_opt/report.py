@@ -15,8 +15,36 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def optimize_markdown(r) -> str:
-    """Return report.md for one OptimizeResult."""
+def modeled_markdown(modeled: dict | None) -> str:
+    """Return the report section of modeled costs (`modeled_cost.json`'s dict), or how to get them."""
+    if not modeled:
+        return (
+            "\n## Modeled encrypted cost\n\nNo cost model is cached yet: `relu-opt bench` (or `relu-opt run`) "
+            "measures it once under CrypTen, then every report shows rounds, bytes and latency.\n"
+        )
+    rows = [
+        [name, f"{m['rounds']:.0f}", f"{m['bytes_per_party'] / 1e6:.2f}", f"{m['lan_s']:.3f}", f"{m['wan_s']:.3f}"]
+        for name, m in modeled.items()
+    ]
+    text = (
+        f"\n## Modeled encrypted cost\n\nPredicted by the fitted cost model (2 parties, batch "
+        f"{next(iter(modeled.values())).get('batch', 1)}), before any bench. LAN/WAN seconds are communication "
+        "only: rounds x RTT + the bytes each party sends one way / bandwidth (LAN 0.5 ms, 1000 MB/s; WAN 40 ms, "
+        "100 MB/s); `relu-opt bench` measures compute too.\n\n"
+        + _md_table(["model", "rounds", "MB per party", "LAN s", "WAN s"], rows)
+    )
+    if "original" in modeled and "optimized" in modeled:
+        o, b = modeled["optimized"], modeled["original"]
+        text += (
+            f"\noptimized / original: rounds x{o['rounds'] / max(b['rounds'], 1):.2f}, "
+            f"bytes x{o['bytes_per_party'] / max(b['bytes_per_party'], 1):.2f}, "
+            f"LAN x{o['lan_s'] / b['lan_s']:.2f}, WAN x{o['wan_s'] / b['wan_s']:.2f}.\n"
+        )
+    return text
+
+
+def optimize_markdown(r, modeled: dict | None = None) -> str:
+    """Return report.md for one OptimizeResult (with its modeled costs, when known)."""
     fold = r.relu_before / max(r.relu_after, 1)
     head = (
         f"# relu-opt: {_budget(r)}\n\n"
@@ -63,6 +91,7 @@ def optimize_markdown(r) -> str:
         head
         + "## Sites\n\n"
         + _md_table(["site", "elements", "ReLUs kept", "kept", "rest", "poly fit rel. MSE"], rows)
+        + modeled_markdown(modeled)
         + selection_markdown(getattr(r, "selection", None) or {})
     )
 
@@ -102,9 +131,24 @@ def selection_markdown(sel: dict) -> str:
     return md + _md_table(["site", "kind", "choice", "kept", "rounds", "MB/party", "why"], rows)
 
 
-def write_optimize_report(r, outdir: Path) -> None:
-    """Write report.md for one OptimizeResult into `outdir`."""
-    atomic.write_text(Path(outdir) / "report.md", optimize_markdown(r))
+def _modeled_costs(outdir: Path, cost) -> dict | None:
+    """Write and return an optimize folder's modeled costs, with `cost` or the cached 2-party cost model
+    (None when there is none: nothing is measured here)."""
+    from relu_opt.crypto_backend.cost_calibration import load_cached
+    from relu_opt.crypto_backend.modeled_cost import write_folder_costs
+    from relu_opt.errors import ReluOptError
+
+    try:
+        costs = write_folder_costs(outdir, cost if cost is not None else load_cached(2))
+    except ReluOptError:  # a base model given as an object: its structure is not on file to rebuild
+        return None
+    return None if costs is None else {k: v.to_dict() for k, v in costs.items()}
+
+
+def write_optimize_report(r, outdir: Path, cost=None) -> None:
+    """Write report.md (and modeled_cost.json, when a cost model is known) for one OptimizeResult."""
+    modeled = _modeled_costs(Path(outdir), cost)
+    atomic.write_text(Path(outdir) / "report.md", optimize_markdown(r, modeled))
 
 
 def _savefig(fig, path: Path) -> None:
@@ -114,35 +158,76 @@ def _savefig(fig, path: Path) -> None:
 
 
 def pareto_plot(
-    points: dict[str, list[tuple[int, float]]], baseline: tuple[int, float], path: Path, title: str
+    points: dict[str, list[tuple[int, float]]],
+    baseline: tuple[int, float],
+    path: Path,
+    title: str,
+    latency: dict[str, tuple[dict[str, list[tuple[float, float]]], tuple[float, float]]] | None = None,
 ) -> None:
-    """Plot accuracy against ReLUs (log x) for each series, with the baseline, to a PNG."""
+    """Plot accuracy against ReLUs (log x) for each series, with the baseline, to a PNG; with `latency`
+    ({"WAN": (points, baseline), "LAN": ...}, x in modeled seconds), one more panel per network."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, pts in sorted(points.items()):
-        pts = sorted(pts)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-    ax.scatter([baseline[0]], [baseline[1]], marker="*", s=150, color="black", label="baseline", zorder=5)
-    ax.set_xscale("log")
-    ax.set_xlabel("ReLU elements per sample (ONNX)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    panels = [(title, "ReLU elements per sample (ONNX)", "log", points, baseline)]
+    panels += [
+        (f"accuracy vs modeled {net} latency", f"modeled {net} latency (s, communication only)", "linear", pts, base)
+        for net, (pts, base) in (latency or {}).items()
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (name, xlabel, scale, pts_by_label, base) in zip(axes[0], panels):
+        for label, pts in sorted(pts_by_label.items()):
+            pts = sorted(pts)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax.scatter([base[0]], [base[1]], marker="*", s=150, color="black", label="baseline", zorder=5)
+        ax.set_xscale(scale)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(name)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
     _savefig(fig, path)
     plt.close(fig)
 
 
+def _latency_panels(label: str, modeled: list[dict | None], accuracies: list[float], baseline: tuple) -> dict | None:
+    """Return pareto_plot's `latency` argument from each point's modeled costs, or None if any lacks them."""
+    if not modeled or any(m is None or "optimized" not in m for m in modeled) or baseline[0] is None:
+        return None
+    return {
+        net.upper(): (
+            {label: [(m["optimized"][f"{net}_s"], a) for m, a in zip(modeled, accuracies)]},
+            (baseline[0][f"{net}_s"], baseline[1]),
+        )
+        for net in ("wan", "lan")
+    }
+
+
+def _modeled_fields(m: dict | None) -> dict:
+    """Return the pareto row fields of one modeled cost (empty without one)."""
+    if not m:
+        return {}
+    return {
+        "modeled_rounds": m["rounds"],
+        "modeled_mb_per_party": m["bytes_per_party"] / 1e6,
+        "modeled_lan_s": m["lan_s"],
+        "modeled_wan_s": m["wan_s"],
+    }
+
+
 def write_pareto(results, outdir: Path) -> None:
-    """Write pareto.json, pareto.md and pareto.png for the budgets of one optimize run."""
+    """Write pareto.json, pareto.md and pareto.png for the budgets of one optimize run; with modeled costs
+    in the budget folders (modeled_cost.json), the frontier in modeled LAN/WAN latency too."""
+    from relu_opt.crypto_backend.modeled_cost import read_folder_costs
+
     outdir = Path(outdir)
     if not results:
         return
     base = results[0]
+    modeled = [read_folder_costs(r.outdir) for r in results]
+    original = next((m["original"] for m in modeled if m and "original" in m), None)
     rows = [
         {
             "budget": r.budget,
@@ -150,22 +235,35 @@ def write_pareto(results, outdir: Path) -> None:
             "test_accuracy": r.accuracy_after,
             "wall_s": r.wall_s,
             "outdir": r.outdir,
+            **_modeled_fields((m or {}).get("optimized")),
         }
-        for r in results
+        for r, m in zip(results, modeled)
     ]
     atomic.write_json(
         outdir / "pareto.json",
         {
-            "baseline": {"relu": base.relu_before, "test_accuracy": base.accuracy_before},
+            "baseline": {
+                "relu": base.relu_before,
+                "test_accuracy": base.accuracy_before,
+                **_modeled_fields(original),
+            },
             "strategy": base.strategy,
             "replace": base.replace,
             "granularity": base.granularity,
             "rows": rows,
         },
     )
-    md = f"# Pareto frontier\n\nBaseline: {base.relu_before:,} ReLUs, {base.accuracy_before:.2f}% test accuracy.\n\n"
+    have = all("modeled_wan_s" in row for row in rows) and original is not None
+    md = f"# Pareto frontier\n\nBaseline: {base.relu_before:,} ReLUs, {base.accuracy_before:.2f}% test accuracy"
+    md += (
+        f"; modeled {original['rounds']:.0f} rounds, {original['bytes_per_party'] / 1e6:.1f} MB per party, "
+        f"LAN {original['lan_s']:.3f} s, WAN {original['wan_s']:.3f} s.\n\n"
+        if have
+        else ".\n\n"
+    )
+    extra = ["rounds", "MB/party", "LAN s", "WAN s"] if have else []
     md += _md_table(
-        ["budget", "ReLUs (ONNX)", "fewer", "test accuracy", "change", "wall s"],
+        ["budget", "ReLUs (ONNX)", "fewer", "test accuracy", "change", "wall s", *extra],
         [
             [
                 "-" if r.budget is None else f"{r.budget:,}",
@@ -174,20 +272,34 @@ def write_pareto(results, outdir: Path) -> None:
                 f"{r.accuracy_after:.2f}%",
                 f"{r.accuracy_after - r.accuracy_before:+.2f}",
                 f"{r.wall_s:.0f}",
+                *(
+                    [
+                        f"{row['modeled_rounds']:.0f}",
+                        f"{row['modeled_mb_per_party']:.1f}",
+                        f"{row['modeled_lan_s']:.3f}",
+                        f"{row['modeled_wan_s']:.3f}",
+                    ]
+                    if have
+                    else []
+                ),
             ]
-            for r in results
+            for r, row in zip(results, rows)
         ],
     )
+    if have:
+        md += (
+            "\nrounds, MB/party and LAN/WAN seconds are the cost model's predictions at batch 1 (communication "
+            "only: rounds x RTT + bytes one way / bandwidth; LAN 0.5 ms, 1000 MB/s; WAN 40 ms, 100 MB/s).\n"
+        )
     atomic.write_text(outdir / "pareto.md", md)
+    label = f"{base.strategy}/{base.replace}/{base.granularity}"
+    accuracies = [r.accuracy_after for r in results]
     pareto_plot(
-        {
-            f"{base.strategy}/{base.replace}/{base.granularity}": [
-                (max(r.relu_after, 1), r.accuracy_after) for r in results
-            ]
-        },
+        {label: [(max(r.relu_after, 1), r.accuracy_after) for r in results]},
         (base.relu_before, base.accuracy_before),
         outdir / "pareto.png",
         "accuracy vs ReLUs",
+        latency=_latency_panels(label, modeled, accuracies, (original, base.accuracy_before)) if have else None,
     )
 
 
@@ -242,15 +354,9 @@ def run_markdown(r: dict) -> str:
             f"| budget {o['budget']:,} | {o['relu_after']:,} | {o['relu_before'] / max(o['relu_after'], 1):.1f}x"
             f" | {o['accuracy_after']:.2f}% |"
         )
-    lines += [
-        "",
-        "ReLUs of optimized models are counted on their exported ONNX graphs.",
-        "",
-        "![census](census.png)",
-        "",
-        "![accuracy vs ReLUs](pareto.png)",
-        "",
-    ]
+    lines += ["", "ReLUs of optimized models are counted on their exported ONNX graphs.", ""]
+    lines += _run_modeled_lines(r)
+    lines += ["![census](census.png)", "", "![accuracy vs ReLUs and modeled latency](pareto.png)", ""]
     b = r["bench"]
     nets = b.get("networks", {})
     lan, wan = nets.get("lan", {}), nets.get("wan", {})
@@ -262,15 +368,17 @@ def run_markdown(r: dict) -> str:
         "latency = measured compute + rounds x RTT + bytes each party sends one way / bandwidth per direction "
         "(a full-duplex link).",
         "",
-        "| model | ReLUs | rounds | MB per party | wall s (median) | LAN s | WAN s | predicted rounds |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | ReLUs | rounds | MB per party | wall s (median) | LAN s | WAN s | predicted rounds | predicted MB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for m in b["models"]:
         pred = "-" if m.get("predicted_rounds") is None else f"{m['predicted_rounds']:.0f}"
+        pred_mb = "-" if m.get("predicted_bytes") is None else f"{m['predicted_bytes'] / 1e6:.2f}"
         lines.append(
             f"| {m['name']} | {m['relu_elements']:,} | {m['rounds']} | {max(m['bytes_per_party']) / 1e6:.2f} | "
-            f"{m['wall_s_median']:.3f} | {m['lan_s']:.3f} | {m['wan_s']:.3f} | {pred} |"
+            f"{m['wall_s_median']:.3f} | {m['lan_s']:.3f} | {m['wan_s']:.3f} | {pred} | {pred_mb} |"
         )
+    lines += ["", "Predicted rounds and MB: the cost model, for what was benched (same batch)."]
     lines += [
         "",
         "### Agreement with plaintext",
@@ -323,10 +431,47 @@ def render_run(rundir: str | Path) -> Path:
         ) from None
 
 
+def _run_modeled_lines(r: dict) -> list[str]:
+    """Return the run report's table of modeled cost per budget (none for runs from before it existed)."""
+    modeled = [r.get("modeled", {}).get(str(o["budget"])) for o in r["optimized"]]
+    if not modeled or any(m is None for m in modeled):
+        return []
+    base = modeled[0]["original"]
+
+    def row(name: str, m: dict, acc: float) -> str:
+        return (
+            f"| {name} | {acc:.2f}% | {m['rounds']:.0f} | {m['bytes_per_party'] / 1e6:.2f} | {m['lan_s']:.3f} | "
+            f"{m['wan_s']:.3f} | x{m['wan_s'] / base['wan_s']:.2f} |"
+        )
+
+    lines = [
+        "## Accuracy and modeled latency",
+        "",
+        "The cost model's prediction per sample (batch 1), before the bench: LAN/WAN seconds are communication "
+        "only (rounds x RTT + bytes one way / bandwidth).",
+        "",
+        "| model | test accuracy | rounds | MB per party | LAN s | WAN s | WAN vs baseline |",
+        "|---|---|---|---|---|---|---|",
+        row("baseline", base, r["baseline"]["test_accuracy"]),
+    ]
+    lines += [
+        row(f"budget {o['budget']:,}", m["optimized"], o["accuracy_after"]) for o, m in zip(r["optimized"], modeled)
+    ]
+    return lines + [""]
+
+
 def _render_run(rundir: Path, r: dict) -> Path:
     census_plot(r["census_before"], r["census_after"], rundir / "census.png")
-    points = {r["config"]["strategy"]: [(max(o["relu_after"], 1), o["accuracy_after"]) for o in r["optimized"]]}
+    label = r["config"]["strategy"]
+    points = {label: [(max(o["relu_after"], 1), o["accuracy_after"]) for o in r["optimized"]]}
+    modeled = [r.get("modeled", {}).get(str(o["budget"])) for o in r["optimized"]]
+    accuracies = [o["accuracy_after"] for o in r["optimized"]]
+    original = modeled[0]["original"] if modeled and modeled[0] else None
     pareto_plot(
-        points, (r["baseline"]["relu"], r["baseline"]["test_accuracy"]), rundir / "pareto.png", "accuracy vs ReLUs"
+        points,
+        (r["baseline"]["relu"], r["baseline"]["test_accuracy"]),
+        rundir / "pareto.png",
+        "accuracy vs ReLUs",
+        latency=_latency_panels(label, modeled, accuracies, (original, r["baseline"]["test_accuracy"])),
     )
     return atomic.write_text(rundir / "report.md", run_markdown(r))

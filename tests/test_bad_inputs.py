@@ -370,7 +370,7 @@ def test_damaged_report_ranking_and_checkpoint_are_redone(optimized_dir, tmp_pat
 
 
 def test_damaged_cost_model_cache_is_measured_again(tmp_path, monkeypatch):
-    from relu_opt.crypto_backend import bench, cost_model
+    from relu_opt.crypto_backend import bench, cost_calibration, cost_model
     from relu_opt.crypto_backend.convert import prepare_for_pi
 
     calls = []
@@ -386,10 +386,11 @@ def test_damaged_cost_model_cache_is_measured_again(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(bench, "measure", fake_measure)
-    path = tmp_path / f"cost_model_2p_crypten{cost_model._crypten_version()}_{cost_model.suite_key()}.json"
+    cal = cost_calibration
+    path = tmp_path / f"cost_model_2p_crypten{cal._crypten_version()}_{cal.suite_key()}.json"
     path.write_text('{"parties": 2, "rounds_per_op": {"relu": 9')
-    fitted = cost_model.calibrate(2, cache=tmp_path)
-    assert calls == [len(cost_model.calibration_suite())]  # measured again, not read from the damaged file
+    fitted = cal.calibrate(2, cache=tmp_path)
+    assert calls == [len(cal.calibration_suite())]  # measured again, not read from the damaged file
     assert 8.0 < fitted.rounds_per_op["relu"] < 10.0  # the fake's 9 per ReLU op, shared with co-occurring kinds
     assert cost_model.CostModel.from_dict(json.loads(path.read_text())) == fitted
 
@@ -803,9 +804,9 @@ def test_every_cache_folder_follows_relu_opt_cache(tmp_path, monkeypatch):
 
     with pytest.raises(DataError, match=re.escape(str(tmp_path / "c" / "data" / "cifar-10-batches-py"))):
         load_dataset("cifar10")
-    from relu_opt.crypto_backend import cost_model
+    from relu_opt.crypto_backend import cost_calibration
 
-    assert not hasattr(cost_model, "cache_dir") or cost_model.cache_dir() == tmp_path / "c"
+    assert cost_calibration.cache_dir() == tmp_path / "c"
 
 
 def test_corrupt_file_error_is_a_relu_opt_error(tmp_path):

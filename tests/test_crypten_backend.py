@@ -17,7 +17,7 @@ from torch import nn
 from relu_opt.activations import MaskedReLU, Poly
 from relu_opt.crypto_backend.bench import bench, fixed_point_warnings, measure
 from relu_opt.crypto_backend.convert import check_supported, crypten_onnx, prepare_for_pi
-from relu_opt.crypto_backend.cost_model import calibrate
+from relu_opt.crypto_backend.cost_calibration import calibrate
 from relu_opt.errors import CryptenError
 from relu_opt.export import to_onnx_bytes
 from relu_opt.graph import propagate_shapes, trace
@@ -191,7 +191,7 @@ def test_failed_party_stops_the_bench(how, tmp_path):
     env = {**os.environ, "RELU_OPT_CACHE": str(tmp_path)}
     # Warm the cost-model cache so the parties below are the bench's own.
     subprocess.run(
-        [sys.executable, "-c", "from relu_opt.crypto_backend.cost_model import calibrate; calibrate(2)"],
+        [sys.executable, "-c", "from relu_opt.crypto_backend.cost_calibration import calibrate; calibrate(2)"],
         env=env,
         check=True,
         capture_output=True,

@@ -103,7 +103,7 @@ class TinyBlocks(nn.Module):
 
 def test_every_table_kind_runs_under_two_party_crypten():
     from relu_opt.crypto_backend.bench import measure
-    from relu_opt.crypto_backend.cost_model import calibrate
+    from relu_opt.crypto_backend.cost_calibration import calibrate
 
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     model = TinyBlocks().eval()

@@ -15,7 +15,16 @@ from relu_opt.graph import propagate_shapes, trace
 from relu_opt.models import create_model
 from relu_opt.optimizer import OptimizeConfig, check_budget, optimize
 from relu_opt.passes.replace import relu_nodes
-from relu_opt.ranking import RankContext, rank, select
+from relu_opt.ranking import (
+    STRATEGIES,
+    Criticality,
+    RankContext,
+    Strategy,
+    make_strategy,
+    rank,
+    register_strategy,
+    select,
+)
 from relu_opt.train import TrainConfig, TrainingDiverged, TrainingInterrupted, fit
 
 SHAPE = (1, 1, 12, 12)
@@ -106,8 +115,9 @@ def test_bad_budgets():
     runner = CliRunner()
     r = runner.invoke(app, ["optimize", "small_cnn", "--data", "digits", "--budget", "99999999", "-o", "/tmp/x"])
     assert r.exit_code == 2 and "nothing to remove" in r.output
-    r = runner.invoke(app, ["optimize", "small_cnn", "--data", "digits", "-o", "/tmp/x"])
-    assert r.exit_code == 2 and "give --budget N" in r.output
+    # No budget at all means "the lowest latency within --max-drop"; the count selector needs a ReLU budget.
+    r = runner.invoke(app, ["optimize", "small_cnn", "--data", "digits", "--selector", "count", "-o", "/tmp/x"])
+    assert r.exit_code == 2 and "--selector count needs --budget" in r.output
 
 
 def test_missing_data_message(tmp_path):
@@ -158,8 +168,8 @@ def test_non_finite_loss_stops_and_keeps_last_good(synthetic, tmp_path):
 @pytest.mark.parametrize("strategy", ["drop-one", "snl", "taylor"])
 def test_strategies_rank_every_site(trained, synthetic, strategy):
     gm = propagate_shapes(trace(trained), synthetic.train.x[:1])
-    ctx = RankContext(gm, synthetic, "channel", lambda s: None, budget=500, samples=128, epochs=0.5, progress=False)
-    crit = rank(ctx, strategy)
+    ctx = RankContext(gm, synthetic, "channel", lambda s: None, samples=128, progress=False)
+    crit = rank(ctx, make_strategy(strategy, budget=500, epochs=0.5))
     assert set(crit.scores) == {n.name for n in relu_nodes(gm)}
     channels = {n.name: n.meta["tensor_meta"].shape[1] for n in relu_nodes(gm)}
     for site, scores in crit.scores.items():
@@ -210,3 +220,30 @@ def test_cli_optimize_and_rank(tmp_path):
     pareto = json.loads((tmp_path / "opt" / "pareto.json").read_text())
     assert [row["relu"] <= row["budget"] for row in pareto["rows"]] == [True, True]
     assert (tmp_path / "opt" / "pareto.png").stat().st_size > 1000
+
+
+def test_strategies_are_objects_keyed_on_their_own_settings():
+    # every option goes to every strategy; each keeps the ones it declares, and only those key its cache
+    opts = {"budget": 500, "epochs": 0.5, "finetune_steps": 3}
+    snl, taylor, drop = (make_strategy(n, **opts) for n in ("snl", "taylor", "drop-one"))
+    assert snl.settings() == {"budget": 500, "epochs": 0.5} and drop.settings() == {"finetune_steps": 3}
+    assert make_strategy("snl", budget=100).cache_key() != snl.cache_key()  # snl's masks aim at the budget
+    assert make_strategy("taylor", budget=100).cache_key() == taylor.cache_key()  # taylor's scores do not
+    assert len({snl.cache_key(), taylor.cache_key(), drop.cache_key(), make_strategy("random").cache_key()}) == 4
+    with pytest.raises(ValueError, match="unknown strategy 'nope'; choose drop-one, random, snl, taylor"):
+        make_strategy("nope")
+
+
+def test_a_strategy_registered_as_a_function_ranks(trained, synthetic, monkeypatch):
+    monkeypatch.setitem(STRATEGIES, "dummy", None)
+
+    @register_strategy("dummy")
+    def ones(ctx):
+        shapes = ctx.site_shapes()
+        return Criticality("dummy", ctx.granularity, {s: torch.ones(1) for s in shapes}, {s: 1 for s in shapes})
+
+    strategy = make_strategy("dummy", budget=5)
+    assert isinstance(strategy, Strategy) and strategy.settings() == {}
+    gm = propagate_shapes(trace(trained), synthetic.train.x[:1])
+    crit = rank(RankContext(gm, synthetic, "site", lambda s: None, progress=False), "dummy")
+    assert crit.strategy == "dummy" and set(crit.scores) == {n.name for n in relu_nodes(gm)}

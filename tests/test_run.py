@@ -37,6 +37,12 @@ def test_run_end_to_end_then_cached_rerun(tmp_path):
     assert (rundir / f"budget_{opt['budget']}" / "model.onnx").is_file()
     md = (rundir / "report.md").read_text()
     assert "crypten" in md and "top-1 agreement" in md and "relu-opt" in md
+    # the cost model's price of each budget, and its prediction next to every benched model
+    modeled = report["modeled"][str(opt["budget"])]
+    assert modeled["optimized"]["bytes_per_party"] < modeled["original"]["bytes_per_party"]
+    assert "## Accuracy and modeled latency" in md and f"| {modeled['optimized']['wan_s']:.3f} |" in md
+    assert all(m["predicted_rounds"] > 0 and m["predicted_bytes"] > 0 for m in models.values())
+    assert (rundir / f"budget_{opt['budget']}" / "modeled_cost.json").is_file()
 
     (rundir / "report.md").unlink()
     assert runner.invoke(app, ["report", str(rundir)]).exit_code == 0

@@ -7,7 +7,8 @@ import torch
 
 from relu_opt.activations import MaskedSite, Poly
 from relu_opt.calibration import refit_in_order
-from relu_opt.crypto_backend.cost_model import WAN, calibrate, features
+from relu_opt.crypto_backend.cost_calibration import calibrate
+from relu_opt.crypto_backend.cost_model import WAN, features
 from relu_opt.data import load_dataset
 from relu_opt.graph import propagate_shapes, trace
 from relu_opt.models import create_model

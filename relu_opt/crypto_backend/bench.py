@@ -93,17 +93,19 @@ def measure(
     warmup: int = 1,
     timeout: float = 300,
     workdir: str | Path | None = None,
+    public_coeffs: bool = False,
 ) -> list[Measurement]:
     """Return each model's Measurement from one run of `parties` CrypTen processes on localhost.
 
     The ONNX files (the owner's weights) and the inputs go to a private 0700 folder that is removed on
-    every exit path, unless `workdir` names a folder to keep them in."""
+    every exit path, unless `workdir` names a folder to keep them in. With `public_coeffs`, polynomials
+    that cannot be folded keep their coefficients public (relu_opt/passes/public_poly.py)."""
     with private_dir("bench") as tmp:
         work = Path(workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
         specs, feats, relus, comparisons = [], [], [], []
         for name, model in models:
-            prepared = prepare_for_crypten(model, x[:1])
+            prepared = prepare_for_crypten(model, x[:1], public_coeffs=public_coeffs)
             data = crypten_onnx(prepared, x[:1])
             path = work / f"{name}.onnx"
             path.write_bytes(data)
@@ -157,13 +159,13 @@ def fixed_point_warnings(gm: fx.GraphModule, x: torch.Tensor, precision_bits: in
 
 
 def pi_variants(
-    model: nn.Module, example: torch.Tensor, optimized: nn.Module | None = None
+    model: nn.Module, example: torch.Tensor, optimized: nn.Module | None = None, public_coeffs: bool = False
 ) -> list[tuple[str, fx.GraphModule]]:
     """Return the prepared models one bench compares: original, optimized (if given), linear floor."""
-    original = prepare_for_crypten(model, example)
+    original = prepare_for_crypten(model, example, public_coeffs=public_coeffs)
     variants = [("original", original)]
     if optimized is not None:
-        variants.append(("optimized", prepare_for_crypten(optimized, example)))
+        variants.append(("optimized", prepare_for_crypten(optimized, example, public_coeffs=public_coeffs)))
     return variants + [("floor", linear_floor(original, example))]
 
 
@@ -182,6 +184,8 @@ def run_one_party(
     ifname: str | None = None,
     networks: tuple[Network, Network] = (LAN, WAN),
     link: Network | None = None,
+    public_coeffs: bool = False,
+    cost_model: CostModel | None = None,
 ) -> BenchResult:
     """Run this process as party `rank` of a bench whose parties are on separate hosts; return the
     BenchResult every party ends with (all parties' traffic and times, shared at the end).
@@ -189,10 +193,11 @@ def run_one_party(
     Every party runs the same models (party 0's weights reach the others only as secret shares), and
     the data owner's samples are the input; the others pass zeros of the same shape. The parties check
     at rendezvous that they run the same models, shapes and versions. Agreement with plaintext needs the
-    weights and the samples in one place, so it is not reported; accuracy is, where `y` is given."""
+    weights and the samples in one place, so it is not reported; accuracy is, where `y` is given. With
+    `cost_model`, each model also gets the rounds and bytes it predicts."""
     from relu_opt.crypto_backend import rendezvous as rdv
 
-    variants = pi_variants(model, x[:1], optimized)
+    variants = pi_variants(model, x[:1], optimized, public_coeffs)
     with private_dir("party") as tmp:
         specs, relus, comparisons, hashes = [], [], [], {}
         for name, gm in variants:
@@ -227,8 +232,9 @@ def run_one_party(
         start_watchdog(replace(job, timeout=timeout + 10))  # the rendezvous' own errors come first
         result = run_party(job)
     names = [name for name, _ in variants]
-    measured = _measurements(result["parties"], names, relus, [None] * len(names), comparisons)
-    reports = [_report(m, None, y, networks, None, link) for m in measured]
+    feats = [features(gm, batch=len(x)) for _, gm in variants]
+    measured = _measurements(result["parties"], names, relus, feats, comparisons)
+    reports = [_report(m, None, y, networks, cost_model, link) for m in measured]
     return _result(world_size, len(x), reports, (), networks, link, interface=result["interface"], rank=rank)
 
 
@@ -372,11 +378,13 @@ def bench(
     cost_model: CostModel | None = None,
     log: Callable[[str], None] = lambda _msg: None,
     link: Network | None = None,
+    public_coeffs: bool = False,
 ) -> BenchResult:
     """Return the BenchResult of running the original, the optimized (when given) and the linear
     floor under CrypTen with `parties` parties on the samples `x` (labels `y` optional); with `link`,
-    each model also gets `predicted_s` on that network."""
-    variants = pi_variants(model, x[:1], optimized)
+    each model also gets `predicted_s` on that network; with `public_coeffs`, polynomials that cannot be
+    folded keep their coefficients public."""
+    variants = pi_variants(model, x[:1], optimized, public_coeffs)
     warnings = []
     for name, gm in variants:
         warnings += [f"{name}: {w}" for w in fixed_point_warnings(gm, x)]

@@ -1,29 +1,26 @@
 """Predict CrypTen rounds and bytes from a model's graph, with per-op costs fitted to measured runs.
 
 Features per forward: for each op category, how many ops (each costs a fixed number of rounds) and how
-many elements they open (bytes scale with these). `calibrate` measures a suite of tiny models under
-CrypTen and fits the per-op costs by non-negative least squares; nothing is typed in.
+many elements they open (bytes scale with these). `fit` fits the per-op costs by non-negative least
+squares to measured runs; `cost_calibration.calibrate` measures its suite of tiny models under CrypTen
+and caches the fitted model, so nothing is typed in.
 """
 
 from __future__ import annotations
 
 import math
 import operator
-import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
 
-from relu_opt import atomic, ops
-from relu_opt.activations import ChannelAffine, MaskedReLU, Poly, Square
-from relu_opt.cache import cache_dir
-from relu_opt.checked_io import load_cache, read_json
+from relu_opt import ops
+from relu_opt.activations import ChannelAffine, Poly
 from relu_opt.passes.census import _meta_shape, node_ops
 
 # Features the calibration suite measures: linear parts, and every non-linear kind CrypTen runs (as
@@ -152,7 +149,9 @@ def node_features(gm: fx.GraphModule, node: fx.Node, batch: int = 1) -> CostFeat
         counts["avgpool"] += 1
         elements["avgpool"] += batch * per_sample
     else:
-        for kind, n in node_ops(gm, node):
+        # A module may cost less than its census kind says (PublicPoly: its powers only, as squares).
+        custom = getattr(mod, "cost_items", None)
+        for kind, n in custom(out[1:]) if callable(custom) else node_ops(gm, node):
             category = cost_category(kind)
             if n:
                 counts[category] += 1
@@ -211,105 +210,3 @@ def fit(samples: list[tuple[CostFeatures, float, float]], parties: int) -> CostM
         {c: round(float(v), 4) for c, v in zip(terms, xb)},
         rel,
     )
-
-
-def calibration_suite() -> list[tuple[str, nn.Module]]:
-    """Return tiny models whose op counts vary independently, to fit the per-op costs."""
-    from relu_opt.replacements import TwoQuad
-
-    torch.manual_seed(0)
-
-    def conv(cin=3, cout=8):
-        return nn.Conv2d(cin, cout, 3, padding=1)
-
-    half = (torch.arange(16) % 2 == 0).float().view(16, 1, 1)
-
-    return [
-        ("conv", nn.Sequential(conv())),
-        ("conv_wide", nn.Sequential(conv(3, 16))),
-        ("linear", nn.Sequential(nn.Flatten(), nn.Linear(192, 10))),
-        ("relu", nn.Sequential(conv(), nn.ReLU())),
-        ("relu_wide", nn.Sequential(conv(3, 16), nn.ReLU())),
-        ("relu_twice", nn.Sequential(conv(), nn.ReLU(), conv(8, 8), nn.ReLU())),
-        ("poly", nn.Sequential(conv(), Poly(torch.randn(3, 8) * 0.1))),
-        ("poly_wide", nn.Sequential(conv(3, 16), Poly(torch.randn(3, 16) * 0.1))),
-        ("square", nn.Sequential(conv(), Square())),
-        ("partial_poly", nn.Sequential(conv(3, 16), MaskedReLU(half, Poly(torch.randn(3, 16) * 0.1)))),
-        ("maxpool", nn.Sequential(conv(), nn.MaxPool2d(2))),
-        ("avgpool", nn.Sequential(conv(), nn.AvgPool2d(2))),
-        # The affine comes before a padded conv: after one, the PI passes fuse it (fuse_linear).
-        ("affine", nn.Sequential(ChannelAffine(torch.rand(3) + 0.5, torch.randn(3)), conv())),
-        ("relu6", nn.Sequential(conv(), nn.ReLU6())),
-        ("hardswish", nn.Sequential(conv(3, 16), nn.Hardswish())),
-        ("sigmoid", nn.Sequential(conv(), nn.Sigmoid())),
-        ("silu", nn.Sequential(conv(), nn.SiLU())),
-        ("gelu", nn.Sequential(conv(), nn.GELU())),
-        ("tanh", nn.Sequential(conv(), nn.Tanh())),
-        ("softmax", nn.Sequential(conv(), nn.Softmax(-1))),
-        ("softmax_wide", nn.Sequential(conv(3, 16), nn.Softmax(-1))),
-        ("layernorm", nn.Sequential(conv(), nn.LayerNorm(8))),
-        ("layernorm_wide", nn.Sequential(conv(3, 16), nn.LayerNorm(8))),
-        ("rsqrt", nn.Sequential(conv(), _Rsqrt())),
-        ("matmul", nn.Sequential(conv(), _SelfProduct())),
-        ("2quad", nn.Sequential(conv(), TwoQuad(8))),
-        ("2quad_wide", nn.Sequential(conv(3, 16), TwoQuad(8))),
-        ("mul", nn.Sequential(conv(), _Gate())),
-        ("mul_wide", nn.Sequential(conv(3, 16), _Gate())),
-    ]
-
-
-class _Gate(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * (x + 1)
-
-
-class _SelfProduct(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ (x * 0.5).transpose(-1, -2)
-
-
-class _Rsqrt(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.rsqrt(x * x + 1)
-
-
-# Bump when a suite model or a lowering it goes through changes (GELU by sigmoid: 2; products: 3;
-# polynomials in Horner form: 4).
-SUITE_VERSION = 4
-
-
-def suite_key() -> str:
-    """Return a short hash of the calibration suite, so a changed suite is measured anew."""
-    import hashlib
-
-    names = ",".join(n for n, _ in calibration_suite())
-    return hashlib.sha1(f"{SUITE_VERSION}:{names}".encode()).hexdigest()[:8]
-
-
-CALIBRATION_INPUT = (1, 3, 8, 8)
-
-
-def calibrate(
-    parties: int = 2, timeout: float = 300, refresh: bool = False, cache: str | os.PathLike | None = None
-) -> CostModel:
-    """Return the CostModel for `parties`, measured once under CrypTen and cached as JSON in `cache`."""
-    from relu_opt.crypto_backend.bench import measure
-
-    path = Path(cache or cache_dir()) / f"cost_model_{parties}p_crypten{_crypten_version()}_{suite_key()}.json"
-    cached = None if refresh else load_cache(path, lambda p: CostModel.from_dict(read_json(p, what="cost model")))
-    if cached is not None:
-        return cached
-    x = torch.randn(CALIBRATION_INPUT)
-    runs = measure(calibration_suite(), x, parties=parties, runs=1, warmup=0, timeout=timeout)
-    model = fit([(r.features, r.rounds, max(r.bytes_per_party)) for r in runs], parties)
-    atomic.write_json(path, model.to_dict())
-    return model
-
-
-def _crypten_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("crypten")
-    except PackageNotFoundError:
-        return "unknown"

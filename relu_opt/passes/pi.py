@@ -15,6 +15,7 @@ from relu_opt.passes.fold_norm import fold_frozen_norm
 from relu_opt.passes.fold_poly import fold_poly
 from relu_opt.passes.fuse_linear import fuse_linear
 from relu_opt.passes.lower import lower_for_crypten
+from relu_opt.passes.public_poly import publicize_polys
 from relu_opt.passes.replace import linearize, materialize_partial, maxpool_to_avgpool
 
 # BatchNorm folded, masked sites in their gathered (partial) form, frozen LayerNorms folded into the
@@ -29,6 +30,8 @@ PI_PASSES: tuple[GraphPass, ...] = (
 )
 # ... and every kind CrypTen's converter lacks lowered to ops it runs (relu_opt/passes/lower.py).
 CRYPTEN_PASSES: tuple[GraphPass, ...] = PI_PASSES + (GraphPass(lower_for_crypten),)
+# Opt-in (--public-coeffs): the polynomials fold_poly left get public coefficients (passes/public_poly.py).
+PUBLIC_COEFFS_PASS = GraphPass(publicize_polys)
 # Every non-linear op an identity, max-pools averaged, the linear layers that then meet fused: the cost of
 # the linear part alone.
 FLOOR_PASSES: tuple[GraphPass, ...] = (
@@ -38,18 +41,33 @@ FLOOR_PASSES: tuple[GraphPass, ...] = (
 )
 
 
-def prepare_for_pi(model: nn.Module, example: torch.Tensor, leaf: Iterable[str | type] = ()) -> fx.GraphModule:
-    """Return the eval-mode GraphModule private inference runs (PI_PASSES applied, shapes propagated)."""
-    with eval_mode(model):
-        gm = trace(model, leaf)
-    return run_passes(gm.eval(), PI_PASSES, example).eval()
+def _with_public(passes: tuple[GraphPass, ...], public_coeffs: bool) -> tuple[GraphPass, ...]:
+    """Return `passes` with PUBLIC_COEFFS_PASS after fold_poly when `public_coeffs` (folding, which keeps
+    the coefficients secret, goes first)."""
+    if not public_coeffs:
+        return passes
+    at = next(i for i, p in enumerate(passes) if p.fn is fold_poly) + 1
+    return passes[:at] + (PUBLIC_COEFFS_PASS,) + passes[at:]
 
 
-def prepare_for_crypten(model: nn.Module, example: torch.Tensor, leaf: Iterable[str | type] = ()) -> fx.GraphModule:
-    """Return the eval-mode GraphModule CrypTen runs (CRYPTEN_PASSES applied, shapes propagated)."""
+def prepare_for_pi(
+    model: nn.Module, example: torch.Tensor, leaf: Iterable[str | type] = (), public_coeffs: bool = False
+) -> fx.GraphModule:
+    """Return the eval-mode GraphModule private inference runs (PI_PASSES applied, shapes propagated;
+    with `public_coeffs`, unfolded polynomials keep their coefficients public)."""
     with eval_mode(model):
         gm = trace(model, leaf)
-    return run_passes(gm.eval(), CRYPTEN_PASSES, example).eval()
+    return run_passes(gm.eval(), _with_public(PI_PASSES, public_coeffs), example).eval()
+
+
+def prepare_for_crypten(
+    model: nn.Module, example: torch.Tensor, leaf: Iterable[str | type] = (), public_coeffs: bool = False
+) -> fx.GraphModule:
+    """Return the eval-mode GraphModule CrypTen runs (CRYPTEN_PASSES applied, shapes propagated;
+    with `public_coeffs`, unfolded polynomials keep their coefficients public)."""
+    with eval_mode(model):
+        gm = trace(model, leaf)
+    return run_passes(gm.eval(), _with_public(CRYPTEN_PASSES, public_coeffs), example).eval()
 
 
 def linear_floor(prepared: fx.GraphModule, example: torch.Tensor) -> fx.GraphModule:

@@ -157,9 +157,12 @@ def site_op(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
 def expand_replacement(rep: nn.Module, keep: torch.Tensor) -> nn.Module:
     """Return `rep` acting on the flattened non-kept elements (per-channel coefficients expanded)."""
     from relu_opt.activations import Poly
+    from relu_opt.passes.public_poly import PublicPoly
 
-    if not isinstance(rep, Poly) or rep.coeffs.shape[1] == 1:
+    if not isinstance(rep, (Poly, PublicPoly)) or rep.coeffs.shape[1] == 1:
         return copy.deepcopy(rep)
     channels = torch.arange(keep.shape[0]).view(-1, *([1] * (keep.dim() - 1))).expand_as(keep)
     rest_channel = channels.reshape(-1)[~keep.reshape(-1)]
+    if isinstance(rep, PublicPoly):
+        return PublicPoly(rep.coeffs[:, rest_channel])
     return Poly(rep.coeffs.detach()[:, rest_channel], trainable=rep.coeffs.requires_grad)

@@ -1,0 +1,132 @@
+"""The cost model's calibration: a suite of tiny models measured under CrypTen, and the CostModel fitted
+to them, cached as JSON.
+
+Measuring needs the bench (`bench.measure`), and the bench reads the cost model's features, so the
+calibration lives here rather than in cost_model.py: cost_model knows graphs and prices, this module
+knows how to measure them. The cache file name (parties, CrypTen version, suite hash) and its keys are
+unchanged from when `calibrate` lived in cost_model.py, so cached models stay valid.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from relu_opt import atomic
+from relu_opt.activations import ChannelAffine, MaskedReLU, Poly, Square
+from relu_opt.cache import cache_dir
+from relu_opt.checked_io import load_cache, read_json
+from relu_opt.crypto_backend import bench
+from relu_opt.crypto_backend.cost_model import CostModel, fit
+
+
+def calibration_suite() -> list[tuple[str, nn.Module]]:
+    """Return tiny models whose op counts vary independently, to fit the per-op costs."""
+    from relu_opt.replacements import TwoQuad
+
+    torch.manual_seed(0)
+
+    def conv(cin=3, cout=8):
+        return nn.Conv2d(cin, cout, 3, padding=1)
+
+    half = (torch.arange(16) % 2 == 0).float().view(16, 1, 1)
+
+    return [
+        ("conv", nn.Sequential(conv())),
+        ("conv_wide", nn.Sequential(conv(3, 16))),
+        ("linear", nn.Sequential(nn.Flatten(), nn.Linear(192, 10))),
+        ("relu", nn.Sequential(conv(), nn.ReLU())),
+        ("relu_wide", nn.Sequential(conv(3, 16), nn.ReLU())),
+        ("relu_twice", nn.Sequential(conv(), nn.ReLU(), conv(8, 8), nn.ReLU())),
+        ("poly", nn.Sequential(conv(), Poly(torch.randn(3, 8) * 0.1))),
+        ("poly_wide", nn.Sequential(conv(3, 16), Poly(torch.randn(3, 16) * 0.1))),
+        ("square", nn.Sequential(conv(), Square())),
+        ("partial_poly", nn.Sequential(conv(3, 16), MaskedReLU(half, Poly(torch.randn(3, 16) * 0.1)))),
+        ("maxpool", nn.Sequential(conv(), nn.MaxPool2d(2))),
+        ("avgpool", nn.Sequential(conv(), nn.AvgPool2d(2))),
+        # The affine comes before a padded conv: after one, the PI passes fuse it (fuse_linear).
+        ("affine", nn.Sequential(ChannelAffine(torch.rand(3) + 0.5, torch.randn(3)), conv())),
+        ("relu6", nn.Sequential(conv(), nn.ReLU6())),
+        ("hardswish", nn.Sequential(conv(3, 16), nn.Hardswish())),
+        ("sigmoid", nn.Sequential(conv(), nn.Sigmoid())),
+        ("silu", nn.Sequential(conv(), nn.SiLU())),
+        ("gelu", nn.Sequential(conv(), nn.GELU())),
+        ("tanh", nn.Sequential(conv(), nn.Tanh())),
+        ("softmax", nn.Sequential(conv(), nn.Softmax(-1))),
+        ("softmax_wide", nn.Sequential(conv(3, 16), nn.Softmax(-1))),
+        ("layernorm", nn.Sequential(conv(), nn.LayerNorm(8))),
+        ("layernorm_wide", nn.Sequential(conv(3, 16), nn.LayerNorm(8))),
+        ("rsqrt", nn.Sequential(conv(), _Rsqrt())),
+        ("matmul", nn.Sequential(conv(), _SelfProduct())),
+        ("2quad", nn.Sequential(conv(), TwoQuad(8))),
+        ("2quad_wide", nn.Sequential(conv(3, 16), TwoQuad(8))),
+        ("mul", nn.Sequential(conv(), _Gate())),
+        ("mul_wide", nn.Sequential(conv(3, 16), _Gate())),
+    ]
+
+
+class _Gate(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (x + 1)
+
+
+class _SelfProduct(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ (x * 0.5).transpose(-1, -2)
+
+
+class _Rsqrt(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.rsqrt(x * x + 1)
+
+
+# Bump when a suite model or a lowering it goes through changes (GELU by sigmoid: 2; products: 3;
+# polynomials in Horner form: 4).
+SUITE_VERSION = 4
+
+
+def suite_key() -> str:
+    """Return a short hash of the calibration suite, so a changed suite is measured anew."""
+    import hashlib
+
+    names = ",".join(n for n, _ in calibration_suite())
+    return hashlib.sha1(f"{SUITE_VERSION}:{names}".encode()).hexdigest()[:8]
+
+
+CALIBRATION_INPUT = (1, 3, 8, 8)
+
+
+def _cache_path(parties: int, cache: str | os.PathLike | None) -> Path:
+    return Path(cache or cache_dir()) / f"cost_model_{parties}p_crypten{_crypten_version()}_{suite_key()}.json"
+
+
+def load_cached(parties: int = 2, cache: str | os.PathLike | None = None) -> CostModel | None:
+    """Return the CostModel `calibrate` cached for `parties`, or None when none is (nothing is measured)."""
+    return load_cache(_cache_path(parties, cache), lambda p: CostModel.from_dict(read_json(p, what="cost model")))
+
+
+def calibrate(
+    parties: int = 2, timeout: float = 300, refresh: bool = False, cache: str | os.PathLike | None = None
+) -> CostModel:
+    """Return the CostModel for `parties`, measured once under CrypTen and cached as JSON in `cache`."""
+    path = _cache_path(parties, cache)
+    cached = None if refresh else load_cached(parties, cache)
+    if cached is not None:
+        return cached
+    x = torch.randn(CALIBRATION_INPUT)
+    runs = bench.measure(calibration_suite(), x, parties=parties, runs=1, warmup=0, timeout=timeout)
+    model = fit([(r.features, r.rounds, max(r.bytes_per_party)) for r in runs], parties)
+    atomic.write_json(path, model.to_dict())
+    return model
+
+
+def _crypten_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("crypten")
+    except PackageNotFoundError:
+        return "unknown"
