@@ -497,7 +497,7 @@ def _select(teacher, example, sites: dict[str, SiteInfo], crit: Criticality, mak
     from relu_opt.crypto_backend.cost_calibration import calibrate
 
     # Every selector is priced, so each report says what its choice costs; the count selector ignores it.
-    prices = price_sites(teacher, example, sites, crit, make_rep, calibrate(), net)
+    prices = price_sites(teacher, example, sites, crit, make_rep, calibrate(), net, config.public_coeffs)
     try:
         return selector.select(crit, sites, constraints, prices)
     except ValueError as exc:

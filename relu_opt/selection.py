@@ -340,14 +340,16 @@ def price_sites(
     make_rep: Callable[[str], nn.Module | None],
     cost_model: CostModel,
     network: Network = WAN,
+    public_coeffs: bool = False,
 ) -> Prices:
     """Return each site's prices, measured on the PI-prepared graph as the site is, fully replaced and
-    partial (one unit kept), and the cost of the rest of the model, from `cost_model` at batch 1."""
+    partial (one unit kept), and the cost of the rest of the model, from `cost_model` at batch 1 (with
+    `public_coeffs`, unfoldable polynomials priced as the plan will run them: powers only)."""
     nodes = {n.name: n for n in teacher.graph.nodes}
     example = example[:1]
 
     def site_costs(model: nn.Module) -> tuple[dict[str, tuple[float, float]], float, float]:
-        gm = prepare_for_pi(model, example)
+        gm = prepare_for_pi(model, example, public_coeffs=public_coeffs)
         per_site = {
             n.name: (cost_model.rounds(f), cost_model.bytes(f))
             for n in gm.graph.nodes
