@@ -618,7 +618,8 @@ def _wait_for(path: Path, deadline: float) -> None:
 
 def test_ctrl_c_in_train_then_resume_writes_the_weights(tmp_path):
     out = tmp_path / "w.pt"
-    args = ["train", "small_cnn", "--data", "digits", "--epochs", "40", "--max-train", "256", "-o", out]
+    # Enough work per epoch (1,024 images) that a loaded machine cannot finish all 40 before the signal lands.
+    args = ["train", "small_cnn", "--data", "digits", "--epochs", "40", "--max-train", "1024", "-o", out]
     proc = subprocess.Popen(_cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for(tmp_path / "w.pt.ckpt", time.monotonic() + 120)
     proc.send_signal(signal.SIGINT)
