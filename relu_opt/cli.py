@@ -904,6 +904,10 @@ def run_cmd(
     ] = None,
     device: DeviceOpt = "cpu",
     public_coeffs: PublicCoeffsOpt = False,
+    selector: SelectorOpt = "latency",
+    rounds_budget: RoundsBudgetOpt = None,
+    latency_budget: LatencyBudgetOpt = None,
+    network: NetworkOpt = "wan",
 ) -> None:
     """The main job: baseline, optimize, verified ONNX, 2-party CrypTen bench, and a report folder."""
     import sys
@@ -938,6 +942,10 @@ def run_cmd(
         timeout=timeout,
         device=_check_device(device),
         public_coeffs=public_coeffs,
+        selector=selector,
+        rounds_budget=rounds_budget,
+        latency_budget=latency_budget,
+        network=network,
     )
     command_line = "relu-opt " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("relu-opt") else "relu-opt run"
     r = run(

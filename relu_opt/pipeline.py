@@ -58,6 +58,10 @@ class RunConfig:
     seed: int = 0
     max_drop: float | None = None
     public_coeffs: bool = False  # unfoldable polynomials keep public coefficients under PI (opt-in)
+    selector: str = "latency"  # relu_opt/selection.py
+    rounds_budget: float | None = None  # modeled rounds, on top of the ReLU budget (latency selector)
+    latency_budget: float | None = None  # modeled seconds on `network` (latency selector)
+    network: str = "wan"
 
 
 @dataclass(frozen=True)
@@ -186,13 +190,17 @@ def run(
             device=cfg.device,
             seed=cfg.seed,
             public_coeffs=cfg.public_coeffs,
+            selector=cfg.selector,
+            rounds_budget=cfg.rounds_budget,
+            latency_budget=cfg.latency_budget,
+            network=cfg.network,
         )
         results.append(
             optimize(
                 model,
                 data,
                 ocfg,
-                work / f"{cfg.strategy}_{cfg.replace}_{cfg.granularity}" / f"budget_{b}",
+                work / f"{cfg.strategy}_{cfg.replace}_{cfg.granularity}_{cfg.selector}" / ocfg.dirname,
                 base_spec=cfg.model,
             )
         )
