@@ -608,16 +608,11 @@ def _print_choices(sel: dict) -> None:
     if priced:
         lat = ", ".join(f"{k.upper()} {v:.3g} s" for k, v in sel.get("latency_s", {}).items())
         title += f": {sel['rounds']:.0f} rounds, {sel['bytes'] / 1e6:.1f} MB/party, {lat} (modeled, batch 1)"
-    t = Table("site", "choice", "kept", "rounds", "MB", "why", title=title)
-    for c in sel["choices"]:
-        t.add_row(
-            c["site"],
-            c["action"],
-            f"{c['kept']:,}/{c['elements']:,}",
-            "-" if c.get("rounds") is None else f"{c['rounds']:g}",
-            "-" if c.get("bytes") is None else f"{c['bytes'] / 1e6:.2f}",
-            c.get("why", ""),
-        )
+    from relu_opt.report import CHOICE_COLUMNS, choice_rows
+
+    t = Table(*CHOICE_COLUMNS, title=title)
+    for row in choice_rows(sel):
+        t.add_row(*row)
     out.print(t)
 
 

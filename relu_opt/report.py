@@ -116,19 +116,26 @@ def selection_markdown(sel: dict) -> str:
             f"{k.upper()} {v:.3g} s" for k, v in lat.items()
         )
     md += ".\n\n"
-    rows = [
+    return md + _md_table(CHOICE_COLUMNS, choice_rows(sel))
+
+
+CHOICE_COLUMNS = ("site", "kind", "choice", "kept", "rounds", "MB/party", "why")
+
+
+def choice_rows(sel: dict) -> list[list[str]]:
+    """Return one row of CHOICE_COLUMNS per site of a Selection's to_dict()."""
+    return [
         [
             c["site"],
             c["kind"],
             c["action"],
-            f"{c['kept']:,} / {c['elements']:,}",
+            f"{c['kept']:,}/{c['elements']:,}",
             "-" if c.get("rounds") is None else f"{c['rounds']:g}",
             "-" if c.get("bytes") is None else f"{c['bytes'] / 1e6:.3f}",
             c.get("why", ""),
         ]
         for c in sel["choices"]
     ]
-    return md + _md_table(["site", "kind", "choice", "kept", "rounds", "MB/party", "why"], rows)
 
 
 def _modeled_costs(outdir: Path, cost) -> dict | None:
