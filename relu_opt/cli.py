@@ -616,6 +616,22 @@ def _print_choices(sel: dict) -> None:
     out.print(t)
 
 
+def _check_selection(selector: str, rounds_budget: float | None, latency_budget: float | None, network: str) -> None:
+    """Raise ConfigError for a bad --selector, --rounds-budget, --latency-budget or --network."""
+    from relu_opt.optimizer import OptimizeConfig
+    from relu_opt.optimizer import network as parse_network
+    from relu_opt.selection import SELECTORS
+
+    validation.check_choice("--selector", selector, SELECTORS)
+    validation.check_float("--rounds-budget", rounds_budget)
+    validation.check_float("--latency-budget", latency_budget)
+    if selector == "count" and (rounds_budget is not None or latency_budget is not None):
+        raise ConfigError(
+            "--rounds-budget and --latency-budget need --selector latency (the count selector ignores costs)"
+        )
+    parse_network(OptimizeConfig(budget=None, network=network))
+
+
 def _check_method(strategy: str, replace: str, granularity: str, poly_per: str = "channel") -> None:
     from relu_opt.plan import REPLACEMENTS
     from relu_opt.ranking import STRATEGIES
@@ -762,6 +778,9 @@ def optimize_cmd(
     levels = _parse_budgets(budget, budgets, required=False) or [None]
     auto = levels == [None] and rounds_budget is None and latency_budget is None
     _check_method(strategy, replace, granularity, poly_per)
+    _check_selection(selector, rounds_budget, latency_budget, network)
+    if auto and selector == "count":
+        raise ConfigError("--selector count needs --budget (ReLUs); without a budget the latency selector searches")
     validation.check_float("--epochs", epochs, above=None, minimum=0.0)
     validation.check_float("--lr", lr)
     validation.check_int("--rank-samples", rank_samples)
@@ -911,6 +930,7 @@ def run_cmd(
 
     levels = validation.parse_budgets(budget, budgets, required=False)
     _check_method(strategy, replace, granularity)
+    _check_selection(selector, rounds_budget, latency_budget, network)
     validation.check_int("--baseline-epochs", baseline_epochs)
     validation.check_float("--epochs", epochs)
     validation.check_int("--max-train", max_train)

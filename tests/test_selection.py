@@ -135,3 +135,27 @@ def test_no_budget_finds_the_lowest_latency_within_the_accuracy_limit(tmp_path):
     strict = OptimizeConfig(**{**cfg.__dict__, "max_drop": -1.0})  # nothing can hold: every level fails
     with pytest.raises(Exception, match="no latency target met the accuracy limit"):
         optimize_lowest_latency(model, data, strict, tmp_path / "s", progress=False, fractions=fractions)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--selector", "nope"], "--selector 'nope' is not known; choose one of count, latency"),
+        (["--network", "40"], "--network '40' must be RTT_MS,MB_PER_S"),
+        (["--rounds-budget", "-1"], "--rounds-budget"),
+        (["--latency-budget", "nan"], "--latency-budget nan is not a finite number"),
+        (["--selector", "count", "--rounds-budget", "60"], "need --selector latency"),
+        (["--selector", "count"], "--selector count needs --budget"),
+    ],
+)
+def test_bad_selection_options_are_one_line(tmp_path, extra, message):
+    from typer.testing import CliRunner
+
+    from relu_opt.cli import app
+
+    args = ["optimize", "small_cnn", "--data", "synthetic", "--input-shape", "1,1,12,12", "-o", str(tmp_path / "o")]
+    r = CliRunner().invoke(app, args + extra)
+    assert r.exit_code == 2, r.output
+    assert message in r.output and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1, r.output
+    assert not (tmp_path / "o").exists()
