@@ -129,7 +129,32 @@ def fit_poly(stats: SiteStats, ridge: float = 1e-6) -> Tensor:
     scale = a.diagonal(dim1=1, dim2=2).mean(-1, keepdim=True).unsqueeze(-1)
     a = a + ridge * scale * torch.eye(d + 1, dtype=a.dtype)
     t = (stats.f_x_pow / n).T.unsqueeze(-1)  # (C, d+1, 1)
-    return torch.linalg.solve(a, t).squeeze(-1).T.float()
+    coeffs = torch.linalg.solve(a, t).squeeze(-1).T
+    if d == 2:
+        coeffs = _positive_square(coeffs, moments, stats.f_x_pow / n)
+    return coeffs.float()
+
+
+def _positive_square(coeffs: Tensor, moments: Tensor, f_moments: Tensor, rel: float = 1e-3) -> Tensor:
+    """Return degree-2 coefficients whose x^2 term is at least `rel` / rms(x) per channel, the rest refitted.
+
+    A channel whose input never reaches the ReLU's positive side (a dead channel) fits a = b = c = 0, and a
+    quadratic with a <= 0 cannot be written as (s x + t)^2 + k, the one-round form the PI passes fold it
+    into. Fixing a at a tiny positive value and refitting b, c costs such a channel next to nothing."""
+    floor = rel / moments[2].clamp_min(1e-12).sqrt()
+    low = coeffs[2] < floor
+    if not bool(low.any()):
+        return coeffs
+    a = floor
+    # minimise E[(a x^2 + b x + c - f)^2] over b, c with a fixed: a 2x2 system per channel
+    m0, m1, m2, m3 = moments[0], moments[1], moments[2], moments[3]
+    r0 = f_moments[0] - a * m2
+    r1 = f_moments[1] - a * m3
+    det = (m0 * m2 - m1 * m1).clamp_min(1e-12)
+    c = (r0 * m2 - r1 * m1) / det
+    b = (m0 * r1 - m1 * r0) / det
+    fixed = torch.stack([c, b, a])
+    return torch.where(low, fixed, coeffs)
 
 
 def fit_error(stats: SiteStats, coeffs: Tensor) -> Tensor:

@@ -488,16 +488,21 @@ def _finetune(student: nn.Module, data: Dataset, cfg: TrainConfig, *, epochs: fl
 
 
 def _select(teacher, example, sites: dict[str, SiteInfo], crit: Criticality, make_rep, config, caps):
-    """Return the Selection of config.selector under the config's budgets, priced by the cost model."""
+    """Return the Selection of config.selector under the config's budgets, priced by the cost model (the
+    latency selector measures it once when none is cached; the count selector uses a cached one only)."""
+    from relu_opt.crypto_backend.cost_calibration import calibrate, load_cached
     from relu_opt.selection import Constraints, get_selector, price_sites
 
     net = network(config)
     selector = get_selector(config.selector)
     constraints = Constraints(config.budget, tuple(caps.items()), config.rounds_budget, config.latency_budget, net)
-    from relu_opt.crypto_backend.cost_calibration import calibrate
-
-    # Every selector is priced, so each report says what its choice costs; the count selector ignores it.
-    prices = price_sites(teacher, example, sites, crit, make_rep, calibrate(), net, config.public_coeffs)
+    cost = load_cached(2)
+    if cost is None and selector.needs_prices:
+        _note("note: measuring the CrypTen cost model once (about a minute; cached for later runs)")
+        cost = calibrate(2)
+    prices = (
+        None if cost is None else price_sites(teacher, example, sites, crit, make_rep, cost, net, config.public_coeffs)
+    )
     try:
         return selector.select(crit, sites, constraints, prices)
     except ValueError as exc:

@@ -76,7 +76,8 @@ def test_no_cost_model_means_no_modeled_numbers(tmp_path, monkeypatch):
     monkeypatch.setenv("RELU_OPT_CACHE", str(tmp_path / "empty"))
     torch.manual_seed(0)
     model = create_model("small_cnn", num_classes=4, in_channels=1)
-    cfg = OptimizeConfig(budget=100, epochs=0, strategy="random", rank_samples=64, calib_samples=64)
+    # The count selector needs no prices; the latency selector would measure the cost model once.
+    cfg = OptimizeConfig(budget=100, epochs=0, strategy="random", rank_samples=64, calib_samples=64, selector="count")
     optimize_frontier(model, load_dataset("synthetic", n=300), [100], cfg, tmp_path / "o", "small_cnn", False)
     assert not (tmp_path / "o" / "budget_100" / "modeled_cost.json").exists()
     assert "No cost model is cached yet" in (tmp_path / "o" / "budget_100" / "report.md").read_text()

@@ -13,19 +13,21 @@ from relu_opt.passes.base import GraphPass, run_passes
 from relu_opt.passes.fold_bn import fold_batchnorm
 from relu_opt.passes.fold_norm import fold_frozen_norm
 from relu_opt.passes.fold_poly import fold_poly
+from relu_opt.passes.fold_residual_poly import fold_residual_poly
 from relu_opt.passes.fuse_linear import fuse_linear
 from relu_opt.passes.lower import lower_for_crypten
 from relu_opt.passes.public_poly import publicize_polys
 from relu_opt.passes.replace import linearize, materialize_partial, maxpool_to_avgpool
 
 # BatchNorm folded, masked sites in their gathered (partial) form, frozen LayerNorms folded into the
-# linear layers after them, degree-2 polynomials' coefficients folded into their neighbours (one round
-# each), and the linear layers that meet where a site became an identity fused.
+# linear layers after them, degree-2 polynomials' coefficients folded into their neighbours, or upstream
+# through residual additions (one round each), and the linear layers that meet where a site became an identity fused.
 PI_PASSES: tuple[GraphPass, ...] = (
     GraphPass(fold_batchnorm),
     GraphPass(materialize_partial, needs_shapes=True),
     GraphPass(fold_frozen_norm),
     GraphPass(fold_poly, needs_shapes=True),
+    GraphPass(fold_residual_poly, needs_shapes=True),
     GraphPass(fuse_linear, needs_shapes=True),
 )
 # ... and every kind CrypTen's converter lacks lowered to ops it runs (relu_opt/passes/lower.py).
@@ -42,11 +44,11 @@ FLOOR_PASSES: tuple[GraphPass, ...] = (
 
 
 def _with_public(passes: tuple[GraphPass, ...], public_coeffs: bool) -> tuple[GraphPass, ...]:
-    """Return `passes` with PUBLIC_COEFFS_PASS after fold_poly when `public_coeffs` (folding, which keeps
+    """Return `passes` with PUBLIC_COEFFS_PASS after the folds when `public_coeffs` (folding, which keeps
     the coefficients secret, goes first)."""
     if not public_coeffs:
         return passes
-    at = next(i for i, p in enumerate(passes) if p.fn is fold_poly) + 1
+    at = next(i for i, p in enumerate(passes) if p.fn is fold_residual_poly) + 1
     return passes[:at] + (PUBLIC_COEFFS_PASS,) + passes[at:]
 
 
