@@ -20,7 +20,10 @@ from relu_opt.errors import ExportError
 from relu_opt.graph import eval_mode
 
 DEFAULT_OPSET = 17
-PARITY_TOLERANCE = 1e-4  # max abs error relative to the output's max magnitude
+# Max abs error relative to the output's max magnitude. Export bugs give errors of order 1; float32 op
+# orderings differ by ~1e-6 per layer, and folded polynomials (passes/fold_residual_poly.py) carry per-channel
+# scales and their inverses: a random-weight ResNet-18 with 15 folded sites differed by 1.3e-4.
+PARITY_TOLERANCE = 1e-3
 
 
 def exact_kinds() -> tuple[str, ...]:

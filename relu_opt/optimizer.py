@@ -430,18 +430,23 @@ def optimize(
     outdir.mkdir(parents=True, exist_ok=True)
     atomic.save_torch(student.state_dict(), outdir / "model.pt")
     atomic.write_json(outdir / "plan.json", plan.to_dict())
-    prepared = prepare_for_pi(student, example, public_coeffs=config.public_coeffs)
-    exported = export(
-        prepared,
-        example,
-        outdir / "model.onnx",
-        census_totals=census(prepared).totals_by_kind,
-        parity_inputs=data.val.x[:64],
-    )
-    after = {k: exported.onnx_totals.get(k, 0) for k in kinds}
-    over_shared = config.budget is not None and sum(after[k] for k in shared) > config.budget
-    if over_shared or any(after[k] > caps[k] for k in caps if k in after):
-        raise ExportError(f"exported graph keeps {after} elements per sample, over the {config.label}")
+    try:  # a folder whose export fails must not look like a result to `bench --optimized`
+        prepared = prepare_for_pi(student, example, public_coeffs=config.public_coeffs)
+        exported = export(
+            prepared,
+            example,
+            outdir / "model.onnx",
+            census_totals=census(prepared).totals_by_kind,
+            parity_inputs=data.val.x[:64],
+        )
+        after = {k: exported.onnx_totals.get(k, 0) for k in kinds}
+        over_shared = config.budget is not None and sum(after[k] for k in shared) > config.budget
+        if over_shared or any(after[k] > caps[k] for k in caps if k in after):
+            raise ExportError(f"exported graph keeps {after} elements per sample, over the {config.label}")
+    except BaseException:
+        for name in ("plan.json", "model.pt", "model.onnx"):
+            (outdir / name).unlink(missing_ok=True)
+        raise
     result = OptimizeResult(
         outdir=str(outdir),
         budget=config.budget,
