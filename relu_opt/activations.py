@@ -18,14 +18,22 @@ GRANULARITIES = ("site", "channel", "pixel")
 
 @register_leaf
 class Poly(nn.Module):
-    """sum_k coeffs[k] * x**k, with one coefficient vector per channel (dim 1) or one for the layer."""
+    """sum_k coeffs[k] * x**k, with one coefficient vector per channel (dim 1) or one for the layer.
 
-    def __init__(self, coeffs: Tensor, trainable: bool = True) -> None:
+    With `input_range` (per channel, or one value), training-mode inputs are clamped to
+    [-input_range, input_range] first: a composition of polynomials cannot blow up on an input outside
+    the range the polynomial was fitted on, so one such batch cannot poison BatchNorm statistics. The
+    clamp is training-only and not saved (a non-persistent buffer): eval mode, export and MPC compute
+    the bare polynomial, which costs no comparison."""
+
+    def __init__(self, coeffs: Tensor, trainable: bool = True, input_range: Tensor | None = None) -> None:
         super().__init__()
         coeffs = torch.as_tensor(coeffs, dtype=torch.float32)
         if coeffs.dim() == 1:
             coeffs = coeffs[:, None]
         self.coeffs = nn.Parameter(coeffs.clone(), requires_grad=trainable)  # (degree + 1, channels)
+        bound = None if input_range is None else torch.as_tensor(input_range, dtype=torch.float32).reshape(-1)
+        self.register_buffer("input_range", bound, persistent=False)
 
     @property
     def degree(self) -> int:
@@ -33,6 +41,9 @@ class Poly(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shape = (-1,) + (1,) * (x.dim() - 2) if self.coeffs.shape[1] > 1 else ()
+        if self.training and self.input_range is not None:
+            r = self.input_range.reshape(shape) if shape and self.input_range.numel() > 1 else self.input_range
+            x = torch.maximum(torch.minimum(x, r), -r)
         c = [self.coeffs[k].reshape(shape) if shape else self.coeffs[k] for k in range(self.degree + 1)]
         # Horner's form: under MPC each product of secrets is a round, so degree d costs d rounds
         # (c2 * x, then (c2 * x + c1) * x), where summing c_k * x**k costs 2d - 1.

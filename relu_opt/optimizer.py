@@ -58,6 +58,8 @@ class OptimizeConfig:
     anneal: float = 0.5  # fraction of fine-tuning over which dropped ReLUs fade into their replacement
     avgpool: bool = False  # replace max-pools by average pools (their comparisons go too)
     freeze_bn: bool = False  # fixed BatchNorm statistics (diverged in a Fashion-MNIST ResNet-20 pilot)
+    train_range: float | None = None  # clamp polynomial inputs in training to this times their fitted range
+    recalibrate_bn: bool = False  # recompute BatchNorm statistics on the final weights after fine-tuning
     rank_samples: int = 5000
     rank_epochs: float = 1.0
     calib_samples: int = 1024
@@ -252,6 +254,7 @@ def _site_replacements(gm: fx.GraphModule, data: Dataset, cfg: OptimizeConfig, s
             variances.get(site),
             cfg.degree,
             cfg.poly_per,
+            cfg.train_range,
         )
         return chosen[site](ctx)
 

@@ -35,6 +35,7 @@ class SiteContext:
     variance: float | None = None  # mean normalised variance (LayerNorm sites)
     degree: int = 2
     poly_per: str = "channel"
+    train_range: float | None = None  # clamp a polynomial's training inputs to this times its fitted range
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,8 @@ def _poly(ctx: SiteContext) -> nn.Module:
     if ctx.stats is None:
         return Poly(torch.zeros(ctx.degree + 1, channels))
     stats = ctx.stats if ctx.poly_per == "channel" else ctx.stats.merged()
-    return Poly(fit_poly(stats))
+    bound = None if not ctx.train_range else ctx.train_range * stats.max_abs.float()
+    return Poly(fit_poly(stats), input_range=bound)
 
 
 @register_leaf

@@ -109,6 +109,34 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 500, device: str 
     return float(F.cross_entropy(logits, split.y)), float((logits.argmax(1) == split.y).float().mean())
 
 
+@torch.no_grad()
+def recalibrate_bn(
+    model: nn.Module, split: Split, num_batches: int = 20, batch_size: int = 256, device: str = "cpu"
+) -> int:
+    """Recompute every BatchNorm's running statistics from scratch on the first `num_batches` batches of
+    `split` (training-mode forward passes, no weight changes); returns the number of layers reset.
+
+    Running statistics are a moving average over training steps, so after fine-tuning they can describe a
+    network that no longer exists (one exploding batch leaves a running variance of 1e11 for hundreds of
+    steps); the recomputed ones describe the final weights. BatchNorm folds into the conv at export."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    was, momenta = model.training, [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches below
+    model.train()
+    try:
+        for i in range(0, min(len(split), num_batches * batch_size), batch_size):
+            model(_prepare_input(split.x[i : i + batch_size], device))
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was)
+    return len(norms)
+
+
 def kd_loss(teacher: nn.Module, temperature: float = 4.0, alpha: float = 0.9) -> LossFn:
     """Return a distillation loss: alpha * T^2 * KL(student_T || teacher_T) + (1 - alpha) * CE."""
     teacher.eval()
