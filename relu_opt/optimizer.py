@@ -318,26 +318,63 @@ def optimize(
     base_spec: str = "",
     progress: bool = True,
 ) -> OptimizeResult:
-    """Optimize `model` to `config.budget` ReLU elements per sample and write OUTDIR; returns the result.
+    """Optimize `model` under config's budgets and write OUTDIR; returns the result.
 
-    OUTDIR gets plan.json, model.pt (the rewritten state dict), model.onnx (verified, ReLUs counted),
-    report.json and report.md. A finished OUTDIR with the same configuration is returned as is."""
+    Plan (rank, select, rewrite), fine-tune, save: OUTDIR gets plan.json, model.pt (the rewritten state
+    dict), model.onnx (verified, ReLUs counted), report.json and report.md. A finished OUTDIR with the same
+    configuration is returned as is."""
     t0 = time.perf_counter()
     outdir = Path(outdir)
     work = outdir.parent / ".work" if outdir.name.startswith("budget_") else outdir / ".work"
-    report_path = outdir / "report.json"
     # Cached work is keyed on the options and on the content of the weights and data, never on file times.
     data_id = f"{data.name}:{len(data.train)}:{len(data.val)}:{tuple(data.train.x.shape[1:])}"
     content = state_digest(model, extra=data_id)
     run_key = f"{config.key()}_{content}"
-    done = load_cache(report_path, lambda p: read_json(p, ("config_key", "result"), "optimize report"), note=_note)
-    if done is not None and done["config_key"] == run_key:
-        try:
-            return OptimizeResult.from_dict(done["result"])
-        except (KeyError, TypeError):
-            _note(f"note: '{report_path}' is damaged; optimizing this budget again")
+    done = _finished(outdir / "report.json", run_key)
+    if done is not None:
+        return done
     check_config(config)
+    p = _plan(model, data, config, work, content, progress)
+    tuned = _tune(p, data, config, work / f"finetune_{run_key}.ckpt", progress)
+    result = _save(p, tuned, data, config, outdir, base_spec or type(model).__name__, t0)
+    from relu_opt.report import write_optimize_report
 
+    write_optimize_report(result, outdir)
+    atomic.write_json(
+        outdir / "report.json", {"config_key": run_key, "config": asdict(config), "result": result.to_dict()}
+    )
+    return result
+
+
+def _finished(report_path: Path, run_key: str) -> OptimizeResult | None:
+    """Return the result a finished folder holds for `run_key`, or None."""
+    done = load_cache(report_path, lambda p: read_json(p, ("config_key", "result"), "optimize report"), note=_note)
+    if done is None or done["config_key"] != run_key:
+        return None
+    try:
+        return OptimizeResult.from_dict(done["result"])
+    except (KeyError, TypeError):
+        _note(f"note: '{report_path}' is damaged; optimizing this budget again")
+        return None
+
+
+@dataclass
+class _Planned:
+    """What planning produced: the teacher, the rewritten student and what was chosen per site."""
+
+    teacher: fx.GraphModule
+    student: fx.GraphModule
+    sites: tuple[SitePlan, ...]
+    selection: object  # relu_opt.selection.Selection
+    errors: dict[str, float]
+    kinds: tuple[str, ...]
+    totals: dict[str, int]
+    caps: dict[str, int]
+    shared: list[str]
+
+
+def _plan(model: nn.Module, data: Dataset, config: OptimizeConfig, work: Path, content: str, progress: bool):
+    """Return the _Planned rewrite: sites found, ranked, selected under the budgets, replaced and refitted."""
     example = data.train.x[:1]
     teacher = propagate_shapes(trace(copy.deepcopy(model).eval()), example).eval()
     site_info = find_sites(teacher, config.kinds or None, config.granularity)
@@ -346,28 +383,24 @@ def optimize(
     caps = dict(config.kind_budgets)
     shared = [k for k in kinds if k not in caps]
     what = "ReLU" if kinds == ("relu",) else "/".join(shared or kinds)
-    total = sum(totals.values())
     if not site_info:
         raise BudgetError(
             f"the model has no sites of the kinds {', '.join(config.kinds) or 'it has'} to optimize; "
             "see `relu-opt count` for its kinds and pass them with --kinds (max-pools: use --avgpool)"
         )
     if config.budget is not None:
-        check_budget(config.budget, sum(totals[k] for k in shared) if shared else total, what)
+        check_budget(config.budget, sum(totals[k] for k in shared) if shared else sum(totals.values()), what)
     make_rep, errors, rep_names = _site_replacements(teacher, data, config, site_info)
     crit = _ranking(work, teacher, data, config, make_rep, progress, content, site_info)
     selection = _select(teacher, example, site_info, crit, make_rep, config, caps)
-    keep = selection.keep
-
     sites, new_modules = [], {}
+    nodes = {n.name: n for n in teacher.graph.nodes}
     for site, info in site_info.items():
-        unit = crit.unit_elements[site]
-        kept = int(keep[site].sum()) * unit
-        elements = info.elements
+        kept = int(selection.keep[site].sum()) * crit.unit_elements[site]
         sites.append(
             SitePlan(
                 site,
-                elements,
+                info.elements,
                 kept,
                 rep_names[site],
                 info.granularity,
@@ -376,17 +409,22 @@ def optimize(
                 kind=info.kind,
             )
         )
-        if kept < elements:
-            original = site_op(teacher, next(n for n in teacher.graph.nodes if n.name == site))
-            new_modules[site] = MaskedSite(keep[site].float(), make_rep(site), original, info.kind)
+        if kept < info.elements:
+            original = site_op(teacher, nodes[site])
+            new_modules[site] = MaskedSite(selection.keep[site].float(), make_rep(site), original, info.kind)
     student = replace_sites(teacher, new_modules)
     student = run_passes(student, [GraphPass(maxpool_to_avgpool)] if config.avgpool else [], example)
     calib = [x for x, _ in batches(data.train.subset(config.calib_samples), 256)]
     errors.update(refit_in_order(student, calib))
     plan_sites = with_module_names(student, sites)
+    return _Planned(teacher, student, plan_sites, selection, errors, kinds, totals, caps, shared)
 
-    _, val_before = evaluate(teacher, data.val, device=config.device)
-    _, test_before = evaluate(teacher, data.test, device=config.device)
+
+def _tune(p: _Planned, data: Dataset, config: OptimizeConfig, checkpoint: Path, progress: bool) -> dict:
+    """Fine-tune p.student with distillation from p.teacher; return accuracies (fractions) and the
+    fine-tuning record. Raises FinetuneFailed when validation falls more than config.max_drop."""
+    _, val_before = evaluate(p.teacher, data.val, device=config.device)
+    _, test_before = evaluate(p.teacher, data.test, device=config.device)
     train_cfg = TrainConfig(
         epochs=max(1, math.ceil(config.epochs)),
         lr=config.lr,
@@ -396,45 +434,56 @@ def optimize(
         seed=config.seed,
         freeze_bn=config.freeze_bn,
     )
-    poly_params = [p for n, p in student.named_parameters() if n.endswith("coeffs")]
-    other = [p for n, p in student.named_parameters() if not n.endswith("coeffs")]
+    poly_params = [q for n, q in p.student.named_parameters() if n.endswith("coeffs")]
+    other = [q for n, q in p.student.named_parameters() if not n.endswith("coeffs")]
     groups = [{"params": other}] + (
         [{"params": poly_params, "lr": config.lr * 0.1, "weight_decay": 0.0}] if poly_params else []
     )
     ft = _finetune(
-        student,
+        p.student,
         data,
         train_cfg,
         baseline_val=100 * val_before,
-        checkpoint=work / f"finetune_{run_key}.ckpt",
+        checkpoint=checkpoint,
         param_groups=groups,
         finalize=lambda m: _anneal(m, config.anneal)(1.0),
-        loss_fn=kd_loss(teacher, config.temperature, config.kd_alpha),
-        on_step=_anneal(student, config.anneal),
+        loss_fn=kd_loss(p.teacher, config.temperature, config.kd_alpha),
+        on_step=_anneal(p.student, config.anneal),
         progress=progress,
         description=f"fine-tune {config.label}",
         resume_hint="rerun the same command to continue from there",
         epochs=config.epochs,
     )
-    student.eval()
-    val_after = (ft.val_accuracy if ft else 100 * evaluate(student, data.val, device=config.device)[1]) / 100
+    p.student.eval()
+    val_after = (ft.val_accuracy if ft else 100 * evaluate(p.student, data.val, device=config.device)[1]) / 100
     check_drop(100 * val_before, 100 * val_after, config.max_drop, config.label)
-    _, test_after = evaluate(student, data.test, device=config.device)
+    _, test_after = evaluate(p.student, data.test, device=config.device)
+    return {
+        "val_before": val_before,
+        "test_before": test_before,
+        "val_after": val_after,
+        "test_after": test_after,
+        "finetune": ft.to_dict() if ft else {"epochs": 0, "steps": 0},
+    }
 
+
+def _save(p: _Planned, tuned: dict, data: Dataset, config: OptimizeConfig, outdir: Path, base: str, t0: float):
+    """Write plan.json, model.pt and the verified model.onnx to OUTDIR; return the OptimizeResult."""
+    example = data.train.x[:1]
     plan = Plan(
-        base_spec or type(model).__name__,
+        base,
         tuple(example.shape),
         data.num_classes,
-        plan_sites,
-        meta={"strategy": config.strategy, "budget": config.budget, "kinds": list(kinds)},
+        p.sites,
+        meta={"strategy": config.strategy, "budget": config.budget, "kinds": list(p.kinds)},
         avgpool=config.avgpool,
         public_coeffs=config.public_coeffs,
     )
     outdir.mkdir(parents=True, exist_ok=True)
-    atomic.save_torch(student.state_dict(), outdir / "model.pt")
+    atomic.save_torch(p.student.state_dict(), outdir / "model.pt")
     atomic.write_json(outdir / "plan.json", plan.to_dict())
     try:  # a folder whose export fails must not look like a result to `bench --optimized`
-        prepared = prepare_for_pi(student, example, public_coeffs=config.public_coeffs)
+        prepared = prepare_for_pi(p.student, example, public_coeffs=config.public_coeffs)
         exported = export(
             prepared,
             example,
@@ -442,26 +491,26 @@ def optimize(
             census_totals=census(prepared).totals_by_kind,
             parity_inputs=data.val.x[:64],
         )
-        after = {k: exported.onnx_totals.get(k, 0) for k in kinds}
-        over_shared = config.budget is not None and sum(after[k] for k in shared) > config.budget
-        if over_shared or any(after[k] > caps[k] for k in caps if k in after):
+        after = {k: exported.onnx_totals.get(k, 0) for k in p.kinds}
+        over_shared = config.budget is not None and sum(after[k] for k in p.shared) > config.budget
+        if over_shared or any(after[k] > p.caps[k] for k in p.caps if k in after):
             raise ExportError(f"exported graph keeps {after} elements per sample, over the {config.label}")
     except BaseException:
         for name in ("plan.json", "model.pt", "model.onnx"):
             (outdir / name).unlink(missing_ok=True)
         raise
-    result = OptimizeResult(
+    return OptimizeResult(
         outdir=str(outdir),
         budget=config.budget,
         strategy=config.strategy,
         replace=config.replace,
         granularity=config.granularity,
-        relu_before=total,
+        relu_before=sum(p.totals.values()),
         relu_after=sum(after.values()),
-        accuracy_before=100 * test_before,
-        accuracy_after=100 * test_after,
-        val_accuracy_before=100 * val_before,
-        val_accuracy_after=100 * val_after,
+        accuracy_before=100 * tuned["test_before"],
+        accuracy_after=100 * tuned["test_after"],
+        val_accuracy_before=100 * tuned["val_before"],
+        val_accuracy_after=100 * tuned["val_after"],
         wall_s=time.perf_counter() - t0,
         sites=tuple(
             SiteResult(
@@ -469,21 +518,16 @@ def optimize(
                 s.elements,
                 s.kept,
                 "relu" if s.kept == s.elements else s.replacement,
-                errors.get(s.site) if s.replacement == "poly" else None,
+                p.errors.get(s.site) if s.replacement == "poly" else None,
                 s.kind,
             )
-            for s in plan_sites
+            for s in p.sites
         ),
         onnx=exported.to_dict(),
-        finetune=ft.to_dict() if ft else {"epochs": 0, "steps": 0},
-        kinds={k: {"before": totals[k], "after": after[k], "budget": caps.get(k)} for k in kinds},
-        selection=selection.to_dict(),
+        finetune=tuned["finetune"],
+        kinds={k: {"before": p.totals[k], "after": after[k], "budget": p.caps.get(k)} for k in p.kinds},
+        selection=p.selection.to_dict(),
     )
-    from relu_opt.report import write_optimize_report
-
-    write_optimize_report(result, outdir)
-    atomic.write_json(report_path, {"config_key": run_key, "config": asdict(config), "result": result.to_dict()})
-    return result
 
 
 def _finetune(student: nn.Module, data: Dataset, cfg: TrainConfig, *, epochs: float, finalize, **kwargs):
