@@ -675,7 +675,7 @@ NUMBERS = [
     (["optimize", "small_cnn", *D, "--budgets", "a,b", "-o", "{tmp}/o"], r"must be integers"),
     (["optimize", "small_cnn", *D, "--budgets", "100,-2", "-o", "{tmp}/o"], r"budget -2 is negative"),
     (["optimize", "small_cnn", *D, "--budget", "-5", "-o", "{tmp}/o"], r"budget -5 is negative"),
-    (["optimize", "small_cnn", *D, "-o", "{tmp}/o"], r"give --budget N"),
+    (["optimize", "small_cnn", *D, "--selector", "count", "-o", "{tmp}/o"], r"--selector count needs --budget"),
     (["optimize", "small_cnn", *D, "--budget", "1", "--budgets", "2,3", "-o", "{tmp}/o"], r"not both"),
     (["optimize", "small_cnn", *D, "--budget", "10", "--epochs", "-1", "-o", "{tmp}/o"], r"--epochs -1 must be at"),
     (["optimize", "small_cnn", *D, "--budget", "10", "--epochs", "inf", "-o", "{tmp}/o"], r"--epochs inf is not"),
