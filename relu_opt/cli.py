@@ -715,7 +715,14 @@ def rank_cmd(
     _write_json(json_path, crit.to_dict())
 
 
-@command("optimize")
+@command(
+    "optimize",
+    epilog="Budgets: --budget (ReLU elements per sample, exact on the ONNX graph), --rounds-budget and "
+    "--latency-budget (modeled by the CrypTen cost model on --network); give any of them. With none, it looks "
+    "for the lowest modeled latency (0.25, 0.35, 0.5, 0.7 of the original's) whose validation accuracy stays "
+    "within --max-drop (default 1 point). The latency selector (default) places kept ReLUs in few sites, "
+    "since a site that keeps any ReLU pays all of its rounds.",
+)
 def optimize_cmd(
     model: ModelArg,
     output: Annotated[Path, typer.Option("-o", "--output", help="Folder for plan, model, ONNX and reports.")],
@@ -766,13 +773,7 @@ def optimize_cmd(
     network: NetworkOpt = "wan",
     public_coeffs: PublicCoeffsOpt = False,
 ) -> None:
-    """Keep the most critical non-linear elements that fit the budgets, replace the rest, fine-tune with KD.
-
-    Budgets: --budget (ReLU elements per sample, exact on the ONNX graph), --rounds-budget and
-    --latency-budget (modeled by the CrypTen cost model on --network); give any of them. With none, it
-    looks for the lowest modeled latency (0.25, 0.35, 0.5, 0.7 of the original's) whose validation accuracy
-    stays within --max-drop (default 1 point). The latency selector (default) places kept ReLUs in few
-    sites, since a site that keeps any ReLU pays all of its rounds."""
+    """Keep the most critical non-linear elements that fit the budgets, replace the rest, fine-tune with KD."""
     from relu_opt.optimizer import OptimizeConfig, optimize_frontier
 
     levels = _parse_budgets(budget, budgets, required=False) or [None]
