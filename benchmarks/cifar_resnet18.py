@@ -47,6 +47,13 @@ def main() -> None:
     ap.add_argument("--baseline-epochs", type=int, default=200)
     ap.add_argument("--epochs", type=float, default=100, help="fine-tuning epochs per budget")
     ap.add_argument("--max-train", type=int, default=None)
+    ap.add_argument(
+        "--freeze-bn",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="fixed BatchNorm statistics while fine-tuning (relu-opt's default, measured for 1-epoch runs; "
+        "this benchmark's long fine-tuning lets BatchNorm adapt)",
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -81,6 +88,7 @@ def main() -> None:
             epochs=args.epochs,
             max_train=args.max_train,
             device=args.device,
+            freeze_bn=args.freeze_bn,
         )
         r = optimize(model, data, cfg, work / f"budget_{budget}", base_spec="resnet18")
         rows.append(
