@@ -7,6 +7,12 @@ failed attempt: a non-finite loss, losses lastingly `max_loss_growth` times thei
 validation accuracy that ends near chance. After a failure it restores the weights it started from and
 tries again with the learning rate scaled down, up to `retries` times; if every attempt fails it raises
 FinetuneFailed, so a collapsed model is never saved as a result.
+
+The guard is the last line. `optimize` first makes collapse unlikely by construction (measured in
+benchmarks/results/finetune_stability.md): BatchNorm statistics stay fixed, so one batch whose polynomial
+inputs left their fitted range cannot leave a running variance of 1e11 behind (eval at chance while training
+looks fine), and in training each polynomial's inputs are clamped to twice its fitted range, so a
+composition of polynomials stays bounded; eval and export compute the bare polynomial.
 """
 
 from __future__ import annotations

@@ -42,6 +42,13 @@ def trained(synthetic):
     return model.eval()
 
 
+# The `trained` fixture is at chance (one epoch on 400 random images). With most sites polynomial it
+# overflows in eval mode before any fine-tuning (measured), so the default fixed BatchNorm statistics and
+# training clamp leave an exported model that overflows (an ExportError); BatchNorm statistics that follow
+# the student in training bring it back to a finite one, which is what these plumbing tests need.
+_AT_CHANCE = {"freeze_bn": False, "train_range": None}
+
+
 def _resnet20_relus(hw):
     total, size = 16 * hw * hw, hw
     for i, w in enumerate((16, 32, 64)):
@@ -71,7 +78,7 @@ def test_optimize_end_to_end_and_load_round_trip(trained, synthetic, tmp_path):
     total = _resnet20_relus(12)
     budget = total // 20
     cfg = OptimizeConfig(
-        budget=budget, strategy="taylor", epochs=1, rank_samples=200, calib_samples=200, selector="count"
+        budget=budget, strategy="taylor", epochs=1, rank_samples=200, calib_samples=200, selector="count", **_AT_CHANCE
     )
     r = optimize(trained, synthetic, cfg, tmp_path / "out", base_spec="resnet20", progress=False)
     assert r.relu_before == total and r.relu_after <= budget
@@ -99,9 +106,7 @@ def test_optimize_end_to_end_and_load_round_trip(trained, synthetic, tmp_path):
 
 
 def test_zero_budget_gives_a_relu_free_net(trained, synthetic, tmp_path):
-    # All 19 sites polynomial on random data: BatchNorm must adapt and the polynomials must see their real
-    # inputs in training (fixed statistics or the training-only clamp: this synthetic net overflows in eval).
-    cfg = OptimizeConfig(budget=0, strategy="random", epochs=0.5, calib_samples=100, train_range=None, freeze_bn=False)
+    cfg = OptimizeConfig(budget=0, strategy="random", epochs=0.5, calib_samples=100, **_AT_CHANCE)
     r = optimize(trained, synthetic, cfg, tmp_path / "zero", base_spec="resnet20", progress=False)
     assert r.relu_after == 0
     ops = {n.op_type for n in onnx.load(tmp_path / "zero" / "model.onnx").graph.node}
