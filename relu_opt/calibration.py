@@ -169,14 +169,19 @@ def fit_error(stats: SiteStats, coeffs: Tensor) -> Tensor:
     return ((ref - 2 * cross + quad) / ref.clamp_min(1e-12)).float()
 
 
-def refit_in_order(gm: fx.GraphModule, batches: list[Tensor], max_samples: int = 512) -> dict[str, float]:
+def refit_in_order(
+    gm: fx.GraphModule, batches: list[Tensor], max_samples: int = 512, train_range: float | None = None
+) -> dict[str, float]:
     """Refit each masked site's polynomial, in graph order, to its own function on the inputs it gets
     with every earlier site already replaced; returns each refitted site's relative fit error.
 
     Fitted on the original model's inputs alone, polynomials drift from the ranges they were fitted on as
     the sites before them change, and a deep stack of them grows without bound (a random-weight ResNet-18
     with 15 of 17 sites replaced reached outputs of 1e15). Fitted in order, each sees what it will get.
-    One forward pass over up to `max_samples` inputs: each site is refitted when the pass reaches it."""
+    One forward pass over up to `max_samples` inputs: each site is refitted when the pass reaches it. With
+    `train_range`, a polynomial's training-time clamp follows its new inputs too (train_range x their
+    largest magnitude): a clamp left at the original model's range cut the inputs the rewritten model
+    really gets, and the model trained that way overflowed in evaluation."""
     from relu_opt.activations import MaskedSite, Poly
 
     def poly_site(n: fx.Node) -> MaskedSite | None:
@@ -199,6 +204,8 @@ def refit_in_order(gm: fx.GraphModule, batches: list[Tensor], max_samples: int =
                     stats = stats.merged() if poly.coeffs.shape[1] == 1 else stats
                     coeffs = fit_poly(stats)
                     poly.coeffs.copy_(coeffs)
+                    if train_range and poly.input_range is not None:
+                        poly.input_range = train_range * stats.max_abs.float().reshape(-1)
                     errors[n.name] = float(fit_error(stats, coeffs).mean())
             return super().run_node(n)
 

@@ -427,7 +427,7 @@ def _plan(model: nn.Module, data: Dataset, config: OptimizeConfig, work: Path, c
     student = replace_sites(teacher, new_modules)
     student = run_passes(student, [GraphPass(maxpool_to_avgpool)] if config.avgpool else [], example)
     calib = [x for x, _ in batches(data.train.subset(config.calib_samples), 256)]
-    errors.update(refit_in_order(student, calib))
+    errors.update(refit_in_order(student, calib, train_range=config.train_range))
     plan_sites = with_module_names(student, sites)
     return _Planned(teacher, student, plan_sites, selection, errors, kinds, totals, caps, shared)
 
