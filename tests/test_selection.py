@@ -159,3 +159,34 @@ def test_bad_selection_options_are_one_line(tmp_path, extra, message):
     assert message in r.output and "Traceback" not in r.output
     assert len(r.output.strip().splitlines()) == 1, r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_refit_in_order_moves_the_training_clamp_to_the_new_inputs():
+    """The clamp follows each polynomial's refitted inputs: train_range x their largest magnitude."""
+    torch.manual_seed(0)
+    model = create_model("small_cnn", num_classes=4, in_channels=1).eval()
+    x = torch.randn(32, 1, 12, 12)
+    gm = propagate_shapes(trace(model), x[:1])
+    from relu_opt.calibration import collect_stats, fit_poly
+
+    nodes = {n.name: n for n in gm.graph.nodes}
+    stats = collect_stats(gm, [x])
+    new = {
+        s: MaskedSite(torch.zeros(1), Poly(fit_poly(st), input_range=torch.ones(1)), site_op(gm, nodes[s]), "relu")
+        for s, st in stats.items()
+    }
+    student = replace_sites(gm, new).eval()
+    refit_in_order(student, [x], train_range=2.0)
+    seen = {}
+
+    def hook(name):
+        return lambda mod, inp, out: seen.__setitem__(name, inp[0].abs().transpose(0, 1).flatten(1).amax(1))
+
+    sites = {n: m for n, m in student.named_modules() if isinstance(m, MaskedSite)}
+    handles = [m.register_forward_hook(hook(n)) for n, m in sites.items()]
+    with torch.no_grad():
+        student(x)
+    for h in handles:
+        h.remove()
+    for name, m in sites.items():
+        assert torch.allclose(m.replacement.input_range, 2.0 * seen[name], rtol=1e-5), name
