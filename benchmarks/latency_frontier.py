@@ -165,14 +165,11 @@ def plot(result: dict, path: Path) -> None:
 def baseline_cost(model, example) -> dict:
     """Return the cost model's rounds, MB and LAN/WAN seconds of the unoptimized model at batch 1."""
     from relu_opt.crypto_backend.cost_calibration import calibrate
-    from relu_opt.crypto_backend.cost_model import LAN, WAN, features
+    from relu_opt.crypto_backend.modeled_cost import modeled_cost
     from relu_opt.passes.pi import prepare_for_pi
 
-    cost = calibrate()
-    f = features(prepare_for_pi(model, example[:1]))
-    rounds, nbytes = cost.rounds(f), cost.bytes(f)
-    lat = {n.name: n.latency(0.0, rounds, [nbytes / 2], [nbytes / 2]) for n in (WAN, LAN)}
-    return {"rounds": rounds, "mb_per_party": round(nbytes / 1e6, 3), "wan_s": lat["wan"], "lan_s": lat["lan"]}
+    m = modeled_cost(prepare_for_pi(model, example[:1]), calibrate())
+    return {"rounds": m.rounds, "mb_per_party": round(m.mb_per_party, 3), "wan_s": m.wan_s, "lan_s": m.lan_s}
 
 
 def main() -> None:
