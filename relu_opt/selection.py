@@ -353,11 +353,8 @@ def price_sites(
 
     def site_costs(model: nn.Module) -> tuple[dict[str, tuple[float, float]], float, float]:
         gm = prepare_for_pi(model, example, public_coeffs=public_coeffs)
-        per_site = {
-            n.name: (cost_model.rounds(f), cost_model.bytes(f))
-            for n in gm.graph.nodes
-            if n.name in sites and (f := node_features(gm, n))
-        }
+        feats = {n.name: node_features(gm, n) for n in gm.graph.nodes if n.name in sites}
+        per_site = {s: (cost_model.rounds(f), cost_model.bytes(f)) for s, f in feats.items()}
         total = features(gm)
         return per_site, cost_model.rounds(total), cost_model.bytes(total)
 
