@@ -13,6 +13,7 @@ failed, not dropped. Every run is resumable: rerun the same command after an int
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import time
@@ -66,7 +67,7 @@ def main() -> None:
     ap.add_argument("--baseline", choices=("pretrained", "train"), default="pretrained")
     ap.add_argument("--max-drop", type=float, default=None, help="validation points a row may lose")
     ap.add_argument("--replace", default="poly")
-    ap.add_argument("--granularity", default="channel")
+    ap.add_argument("--granularity", default="channel", help="comma separated: channel,pixel,site")
     ap.add_argument(
         "--selector", default="count", help="count: accuracy vs ReLUs as the papers count them; latency: priced"
     )
@@ -82,31 +83,25 @@ def main() -> None:
 
     total = count(model, data.train.x[:1]).total_relu
     budgets = [total // int(f) for f in args.fractions.split(",")]
-    rows = []
-    for strategy in args.strategies.split(","):
-        for budget in budgets:
-            for seed in (int(x) for x in args.seeds.split(",")):
-                rows.append(run_row(model, data, args, strategy, budget, seed))
-                console.print(rows[-1])
     baseline_info = {"relu": total, "test_accuracy": round(base_acc, 2), "epochs": args.baseline_epochs}
     if args.baseline == "pretrained":
         rec = get_pretrained("resnet20", "fashion-mnist")
         baseline_info.update(epochs=None, source="pretrained", command=rec.command, sha256=rec.sha256)
-    result = {
-        "baseline": baseline_info,
-        "rows": rows,
-        "spread": seed_spread(rows),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
+    plan = [
+        (granularity, strategy, budget, seed)
+        for granularity in args.granularity.split(",")
+        for strategy in args.strategies.split(",")
+        for budget in budgets
+        for seed in (int(x) for x in args.seeds.split(","))
+    ]
     stem = args.out / "pareto_fashion_resnet20"
-    atomic.write_json(stem.with_suffix(".json"), result)
-    atomic.write_text(stem.with_suffix(".md"), markdown(result))
-    series: dict[str, list] = {}
-    for row in rows:
-        if row["test_accuracy"] is not None:
-            series.setdefault(row["strategy"], []).append((max(row["relu"], 1), row["test_accuracy"]))
-    pareto_plot(series, (total, base_acc), stem.with_suffix(".png"), "ResNet-20, Fashion-MNIST")
+    rows = earlier_rows(stem, baseline_info)
+    for i, (granularity, strategy, budget, seed) in enumerate(plan, 1):
+        row = run_row(model, data, args, strategy, granularity, budget, seed)
+        rows = [r for r in rows if _row_key(r) != _row_key(row)] + [row]
+        console.print(f"[{i}/{len(plan)}]", row)
+        # written after every row, so an interrupted benchmark still leaves what it measured
+        write_results(stem, baseline_info, rows, total, base_acc, complete=i == len(plan))
     table = Table("strategy", "budget", "seed", "ReLUs", "fewer", "test acc", "change", "wall s")
     for row in rows:
         acc = row["test_accuracy"]
@@ -124,20 +119,69 @@ def main() -> None:
     console.print(f"wrote {stem}.json, .md and .png")
 
 
-def run_row(model, data, args, strategy: str, budget: int, seed: int) -> dict:
+def _row_key(row: dict) -> tuple:
+    return (
+        row["strategy"],
+        row["replace"],
+        row["granularity"],
+        row["budget"],
+        row.get("seed", 0),
+        row.get("selector", "count"),
+        row["epochs"],
+    )
+
+
+def earlier_rows(stem: Path, baseline_info: dict) -> list[dict]:
+    """Return the rows an earlier invocation measured on the same baseline (other settings are merged in)."""
+    path = stem.with_suffix(".json")
+    if not path.is_file():
+        return []
+    try:
+        old = json.loads(path.read_text())
+        same = (
+            old["baseline"].get("sha256") == baseline_info.get("sha256")
+            and old["baseline"]["relu"] == (baseline_info["relu"])
+        )
+        return list(old["rows"]) if same else []
+    except (ValueError, KeyError, TypeError):
+        return []
+
+
+def write_results(stem: Path, baseline_info: dict, rows: list[dict], total: int, base_acc: float, complete: bool):
+    """Write the JSON, Markdown and plot for the rows measured so far; `complete` says whether all are in."""
+    result = {
+        "baseline": baseline_info,
+        "complete": complete,
+        "rows": rows,
+        "spread": seed_spread(rows),
+        "versus_random": versus_random(rows),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+    }
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(stem.with_suffix(".json"), result)
+    atomic.write_text(stem.with_suffix(".md"), markdown(result))
+    series: dict[str, list] = {}
+    for row in rows:
+        if row["test_accuracy"] is not None:
+            label = f"{row['strategy']} ({row['granularity']})"
+            series.setdefault(label, []).append((max(row["relu"], 1), row["test_accuracy"]))
+    pareto_plot(series, (total, base_acc), stem.with_suffix(".png"), "ResNet-20, Fashion-MNIST")
+
+
+def run_row(model, data, args, strategy: str, granularity: str, budget: int, seed: int) -> dict:
     """Optimize one (strategy, budget, seed) and return its row; a failed fine-tuning is a row too."""
     t0 = time.perf_counter()
     cfg = OptimizeConfig(
         budget=budget,
         strategy=strategy,
         replace=args.replace,
-        granularity=args.granularity,
+        granularity=granularity,
         epochs=args.epochs,
         seed=seed,
         max_drop=args.max_drop,
         selector=args.selector,
     )
-    row = {"strategy": strategy, "replace": args.replace, "granularity": args.granularity, "budget": budget}
+    row = {"strategy": strategy, "replace": args.replace, "granularity": granularity, "budget": budget}
     row.update(seed=seed, epochs=args.epochs, selector=args.selector)
     suffix = (f"_seed{seed}" if seed else "") + ("" if args.selector == "count" else f"_{args.selector}")
     try:
@@ -145,7 +189,7 @@ def run_row(model, data, args, strategy: str, budget: int, seed: int) -> dict:
             model,
             data,
             cfg,
-            args.work / f"{strategy}_{args.replace}_{args.granularity}{suffix}" / f"budget_{budget}",
+            args.work / f"{strategy}_{args.replace}_{granularity}{suffix}" / f"budget_{budget}",
             base_spec="resnet20",
         )
     except FinetuneFailed as exc:
@@ -173,9 +217,9 @@ def seed_spread(rows: list[dict]) -> list[dict]:
     """Return min/max test accuracy per (strategy, budget) run with more than one seed."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["strategy"], r["granularity"], r["budget"]), []).append(r)
+        groups.setdefault((r["strategy"], r["granularity"], r["budget"], r["epochs"]), []).append(r)
     out = []
-    for (strategy, granularity, budget), rs in groups.items():
+    for (strategy, granularity, budget, _), rs in groups.items():
         if len(rs) < 2:
             continue
         accs = [r["test_accuracy"] for r in rs if r["test_accuracy"] is not None]
@@ -193,6 +237,31 @@ def seed_spread(rows: list[dict]) -> list[dict]:
     return out
 
 
+def versus_random(rows: list[dict]) -> list[dict]:
+    """Return each strategy's seed-0 accuracy beside random's at the same granularity, budget and epochs."""
+
+    def key(r):
+        return (r["granularity"], r["budget"], r["epochs"], r.get("selector", "count"))
+
+    random = {key(r): r["test_accuracy"] for r in rows if r["strategy"] == "random" and r.get("seed", 0) == 0}
+    out = []
+    for r in rows:
+        ref = random.get(key(r))
+        if r["strategy"] == "random" or r.get("seed", 0) != 0 or ref is None or r["test_accuracy"] is None:
+            continue
+        out.append(
+            {
+                "strategy": r["strategy"],
+                "granularity": r["granularity"],
+                "budget": r["budget"],
+                "accuracy": r["test_accuracy"],
+                "random": ref,
+                "difference": round(r["test_accuracy"] - ref, 2),
+            }
+        )
+    return out
+
+
 def markdown(result: dict) -> str:
     """Return the results table with the issue's targets checked per row."""
     b = result["baseline"]
@@ -202,12 +271,13 @@ def markdown(result: dict) -> str:
         "",
         f"Baseline: {b['relu']:,} ReLUs, {b['test_accuracy']:.2f}% test accuracy "
         f"({source}). "
-        "Replacement and granularity as listed; ReLUs counted on the exported ONNX graph; the same "
-        f"fine-tuning ({result['rows'][0]['epochs'] if result['rows'] else '?'} epochs of distillation) for "
-        "every row. Targets: >=20x fewer ReLUs within 0.5 points, >=100x within 1 point.",
+        "Replacement, granularity and fine-tuning epochs (distillation from the baseline) as listed; ReLUs "
+        "counted on the exported ONNX graph. Targets: >=20x fewer ReLUs within 0.5 points, >=100x within 1 point."
+        + ("" if result.get("complete", True) else " **Incomplete: the benchmark is still running or was stopped.**"),
         "",
-        "| strategy | replace | granularity | budget | seed | ReLUs | fewer | test acc | change | target | wall s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| strategy | replace | granularity | epochs | budget | seed | ReLUs | fewer | test acc | change | target "
+        "| wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         fold = b["relu"] / max(r["relu"], 1)
@@ -221,7 +291,8 @@ def markdown(result: dict) -> str:
             elif fold >= 20:
                 target = "met (20x, <=0.5)" if drop <= 0.5 else "missed (20x, <=0.5)"
         lines.append(
-            f"| {r['strategy']} | {r['replace']} | {r['granularity']} | {r['budget']:,} | {r.get('seed', 0)} | "
+            f"| {r['strategy']} | {r['replace']} | {r['granularity']} | {r['epochs']:g} | {r['budget']:,} | "
+            f"{r.get('seed', 0)} | "
             f"{r['relu']:,} | {fold:.0f}x | {acc} | {change} | {target} | {r['wall_s']:.0f} |"
         )
     spread = seed_spread(result["rows"])
@@ -233,6 +304,15 @@ def markdown(result: dict) -> str:
             lines.append(
                 f"| {s['strategy']} | {s['budget']:,} | {s['seeds']} | {s['failed']} | "
                 + (f"{lo:.2f}% | {hi:.2f}% | {hi - lo:.2f} |" if lo is not None else "- | - | - |")
+            )
+    versus = versus_random(result["rows"])
+    if versus:
+        lines += ["", "Each strategy against random (same granularity, budget, epochs; seed 0):", ""]
+        lines += ["| strategy | granularity | budget | accuracy | random | difference |", "|---|---|---|---|---|---|"]
+        for v in versus:
+            lines.append(
+                f"| {v['strategy']} | {v['granularity']} | {v['budget']:,} | {v['accuracy']:.2f}% | "
+                f"{v['random']:.2f}% | {v['difference']:+.2f} |"
             )
     m = result["machine"]
     lines += ["", f"Measured on {m['cpus']} CPU cores, {m['platform']}, torch {m['torch']}.", ""]

@@ -57,6 +57,11 @@ class GuardedResult:
         return {**self.train.to_dict(), "attempts": [asdict(a) for a in self.attempts]}
 
 
+def _clearly_above_chance(n_val: int) -> float:
+    # a handful of validation images cannot tell a collapse from noise: 3 standard errors at worst (p = 1/2)
+    return max(_CLEARLY_ABOVE_CHANCE, 3 * 50.0 / max(n_val, 1) ** 0.5)
+
+
 def collapse_threshold(baseline_val: float, num_classes: int, fraction: float = 0.25) -> float:
     """Return the validation accuracy (%) below which a model counts as collapsed toward chance."""
     chance = 100.0 / num_classes
@@ -122,7 +127,7 @@ def guarded_fit(
             if finalize:
                 finalize(model)
             val = 100 * evaluate(model, data.val, device=cfg.device)[1]
-            if val < floor and baseline_val - 100.0 / data.num_classes >= _CLEARLY_ABOVE_CHANCE:
+            if val < floor and baseline_val - 100.0 / data.num_classes >= _clearly_above_chance(len(data.val)):
                 failure = f"validation accuracy {val:.2f}% fell toward chance (below {floor:.2f}%)"
         attempts.append(Attempt(cfg.lr, val, failure))
         if failure is None:

@@ -1,5 +1,7 @@
 """Fine-tuning that cannot silently collapse: explosions and collapses are rolled back and retried."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -91,6 +93,28 @@ def test_collapse_to_chance_is_a_failure(synthetic):
         guarded_fit(
             model, synthetic, TrainConfig(epochs=1), baseline_val=95.0, finalize=to_chance, retries=1, progress=False
         )
+
+
+def test_a_handful_of_validation_images_cannot_call_a_collapse(synthetic):
+    # 4 validation images: 25% -> 0% is one image, noise, not a collapse (a CI run failed on exactly that)
+    tiny = dataclasses.replace(synthetic, val=synthetic.val.subset(4))
+    model = create_model("small_cnn", num_classes=4, in_channels=1)
+
+    def to_chance(m):
+        with torch.no_grad():
+            for p in m.parameters():
+                p.zero_()
+
+    result = guarded_fit(
+        model,
+        tiny,
+        TrainConfig(epochs=1, max_train=16),
+        baseline_val=75.0,
+        finalize=to_chance,
+        retries=0,
+        progress=False,
+    )
+    assert len(result.attempts) == 1 and result.attempts[0].failure is None
 
 
 def test_accuracy_floor():
