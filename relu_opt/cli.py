@@ -305,7 +305,9 @@ def _bench_table(r) -> Table:
     cols = {k: f for k, f in cols.items() if not all(_is_none(m, k) for m in r.models)}
     if all(m.comparisons == m.relu_elements for m in r.models):
         del cols["cmp"]
-    t = _compact_table(f"CrypTen, {r.parties} parties, batch {r.batch}, seconds", ("model", *cols))
+    n = r.samples or r.batch
+    shown = f"batch {r.batch}" + (f" ({n} samples in accuracy columns)" if n != r.batch else "")
+    t = _compact_table(f"CrypTen, {r.parties} parties, {shown}, seconds", ("model", *cols))
     if r.hosts:
         t.caption, t.caption_justify = f"party {r.hosts['rank']} over {r.hosts['interface']}", "left"
     for m in r.models:
@@ -339,7 +341,16 @@ def bench_cmd(
         Path | None, typer.Option("--optimized", help="An `relu-opt optimize` output folder to compare.")
     ] = None,
     parties: Annotated[int, typer.Option("--parties", min=2, help="Number of parties.")] = 2,
-    samples: Annotated[int, typer.Option("--samples", min=1, help="Test samples, run as one batch.")] = 2,
+    samples: Annotated[int, typer.Option("--samples", min=1, help="Test samples run under CrypTen.")] = 2,
+    batch: Annotated[
+        int | None,
+        typer.Option(
+            "--batch",
+            min=1,
+            help="Samples per encrypted forward; costs and times are one batch's (1: one private query). "
+            "Default: all samples at once.",
+        ),
+    ] = None,
     data: Annotated[
         str | None, typer.Option("--data", help="Dataset for real samples and accuracy (default: random inputs).")
     ] = None,
@@ -419,6 +430,7 @@ def bench_cmd(
                 link=link_net,
                 public_coeffs=public_coeffs,
                 cost_model=load_cached(world_size or parties),  # never measured here: it would start parties
+                batch=batch,
             )
         _print_bench(r, json_path)
         return
@@ -439,6 +451,7 @@ def bench_cmd(
             log=lambda m: err.print(escape(m), soft_wrap=True),
             link=link_net,
             public_coeffs=public_coeffs,
+            batch=batch,
         )
     _print_bench(r, json_path)
 
@@ -900,7 +913,14 @@ def run_cmd(
         ),
     ] = True,
     max_drop: MaxDropOpt = None,
-    budget: Annotated[int | None, typer.Option("--budget", help="ReLUs per sample to keep (default: 1/10).")] = None,
+    budget: Annotated[
+        int | None,
+        typer.Option(
+            "--budget",
+            help="ReLUs per sample to keep. Default: the lowest modeled latency within --max-drop (1 point) with "
+            "the latency selector; 1/10 of the ReLUs with the count selector.",
+        ),
+    ] = None,
     budgets: Annotated[str | None, typer.Option("--budgets", help="Several budgets, comma separated.")] = None,
     strategy: StrategyOpt = "taylor",
     replace: ReplaceOpt = "poly",
@@ -911,6 +931,12 @@ def run_cmd(
     ] = 1.0,
     max_train: Annotated[int | None, typer.Option("--max-train", help="Use the first N train examples.")] = None,
     samples: Annotated[int, typer.Option("--samples", min=1, help="Test samples run under CrypTen.")] = 8,
+    batch: Annotated[
+        int,
+        typer.Option(
+            "--batch", min=1, help="Samples per encrypted forward; costs and times are one batch's (1: one query)."
+        ),
+    ] = 1,
     parties: Annotated[int, typer.Option("--parties", min=2, help="CrypTen parties.")] = 2,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds before stuck parties are stopped.")] = 300,
     runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where report folders go.")] = Path("runs"),
@@ -954,6 +980,7 @@ def run_cmd(
         epochs=epochs,
         max_train=max_train,
         samples=samples,
+        bench_batch=batch,
         parties=parties,
         timeout=timeout,
         device=_check_device(device),

@@ -27,7 +27,7 @@ from relu_opt.checked_io import load_cache, load_torch
 from relu_opt.data import Dataset, load_dataset
 from relu_opt.loading import load_weights, resolve_model
 from relu_opt.models.pretrained import list_pretrained, load_pretrained
-from relu_opt.optimizer import OptimizeConfig, OptimizeResult, check_budget, optimize
+from relu_opt.optimizer import OptimizeConfig, OptimizeResult, check_budget, optimize, optimize_lowest_latency
 from relu_opt.plan import load
 from relu_opt.train import TrainConfig, evaluate, fit
 from relu_opt.validation import check_model_input
@@ -42,8 +42,13 @@ class RunConfig:
     data_dir: str | None = None
     weights: str | None = None
     pretrained: bool = True  # start from the shipped weights for (model, data) when there are any
-    budgets: tuple[int, ...] = ()  # empty: one budget, `fraction` of the baseline's ReLUs
+    # empty: with the latency selector and no other constraint, the lowest modeled latency within max_drop
+    # (1 point) among `latency_levels` x the original's; with the count selector, `fraction` of the ReLUs
+    budgets: tuple[int, ...] = ()
     fraction: float = 0.1
+    # 0.25 (every ResNet-20 site a polynomial) collapsed to 51.6% val in one epoch, and each failed level
+    # costs a fine-tuning: the default job starts at 0.35 to finish in 10 minutes
+    latency_levels: tuple[float, ...] = (0.35, 0.5, 0.7)
     strategy: str = "taylor"
     replace: str = "poly"
     granularity: str = "channel"
@@ -51,6 +56,7 @@ class RunConfig:
     epochs: float = 1.0  # measured at 1/10 of the ReLUs: -0.16 points test, about 3 of the run's 5 minutes
     max_train: int | None = None
     samples: int = 8
+    bench_batch: int | None = 1  # samples per encrypted forward: 1 measures what one private query costs
     parties: int = 2
     bench_runs: int = 2
     timeout: float = 300
@@ -159,7 +165,7 @@ def run(
     from relu_opt.crypto_backend.bench import bench
     from relu_opt.crypto_backend.cost_calibration import calibrate
     from relu_opt.crypto_backend.modeled_cost import read_folder_costs
-    from relu_opt.report import write_optimize_report
+    from relu_opt.report import result_key, result_label, write_optimize_report
 
     cache = Path(cache) if cache else cache_dir()
     seconds: dict[str, float] = {}
@@ -171,14 +177,19 @@ def run(
     before = count(model, example, name=cfg.model)
     _, test_acc = evaluate(model, data.test, device=cfg.device)
     baseline_info.update(relu=before.total_relu, test_accuracy=100 * test_acc)
-    budgets = list(cfg.budgets) or [max(1, int(before.total_relu * cfg.fraction))]
+    search = not cfg.budgets and cfg.selector == "latency" and cfg.rounds_budget is None and cfg.latency_budget is None
+    if cfg.budgets or search:
+        budgets: list[int | None] = list(cfg.budgets) or [None]
+    elif cfg.selector == "latency":
+        budgets = [None]  # the rounds or latency budget alone
+    else:
+        budgets = [max(1, int(before.total_relu * cfg.fraction))]
 
     t = time.perf_counter()
     weights_key = file_digest(baseline_info["source"])[:10]
     work = cache / "runs" / f"{_slug(cfg.model)}_{cfg.data}_{weights_key}"
     results: list[OptimizeResult] = []
     for b in budgets:
-        log(f"optimize: budget {b:,} of {before.total_relu:,} ReLUs ({cfg.strategy}, {cfg.replace}, {cfg.granularity})")
         ocfg = OptimizeConfig(
             budget=b,
             strategy=cfg.strategy,
@@ -195,28 +206,36 @@ def run(
             latency_budget=cfg.latency_budget,
             network=cfg.network,
         )
-        results.append(
-            optimize(
-                model,
-                data,
-                ocfg,
-                work / f"{cfg.strategy}_{cfg.replace}_{cfg.granularity}_{cfg.selector}" / ocfg.dirname,
-                base_spec=cfg.model,
+        folder = work / f"{cfg.strategy}_{cfg.replace}_{cfg.granularity}_{cfg.selector}"
+        if search:
+            levels = ", ".join(f"{f:g}" for f in sorted(cfg.latency_levels))
+            log(
+                f"optimize: the lowest modeled {cfg.network.split(',')[0]} latency within "
+                f"{1.0 if cfg.max_drop is None else cfg.max_drop:g} points, trying {levels} x the original's "
+                f"({cfg.strategy}, {cfg.replace}, {cfg.granularity})"
             )
-        )
+            results.append(
+                optimize_lowest_latency(
+                    model, data, ocfg, folder / "lowest_latency", base_spec=cfg.model, fractions=cfg.latency_levels
+                )
+            )
+            continue
+        log(f"optimize: {ocfg.label} of {before.total_relu:,} ReLUs ({cfg.strategy}, {cfg.replace}, {cfg.granularity})")
+        results.append(optimize(model, data, ocfg, folder / ocfg.dirname, base_spec=cfg.model))
     seconds["optimize"] = time.perf_counter() - t
     best = results[-1]
     optimized = load(best.outdir)
-    after = count(optimized, example, name=f"{cfg.model} @ {best.budget:,}")
+    after = count(optimized, example, name=f"{cfg.model} @ {result_label(best.to_dict())}")
 
     t = time.perf_counter()
     test = data.test.subset(cfg.samples)
-    log(f"bench: {cfg.parties} CrypTen parties, {len(test)} test samples")
+    per = "one query at a time" if cfg.bench_batch == 1 else f"batches of {cfg.bench_batch or len(test)}"
+    log(f"bench: {cfg.parties} CrypTen parties, {len(test)} test samples, {per}")
     cost = calibrate(cfg.parties, timeout=cfg.timeout, cache=cache)
     modeled = {}
     for r in results:  # each budget's report.md and modeled_cost.json, priced by this run's cost model
         write_optimize_report(r, Path(r.outdir), cost)
-        modeled[str(r.budget)] = read_folder_costs(r.outdir)
+        modeled[result_key(r.to_dict())] = read_folder_costs(r.outdir)
     bench_result = bench(
         model,
         test.x,
@@ -229,6 +248,7 @@ def run(
         cost_model=cost,
         log=log,
         public_coeffs=cfg.public_coeffs,
+        batch=cfg.bench_batch,
     )
     seconds["bench"] = time.perf_counter() - t
 
@@ -238,7 +258,7 @@ def run(
     partial.mkdir(parents=True, exist_ok=True)
     try:
         for r in results:
-            dest = partial / f"budget_{r.budget}"
+            dest = partial / Path(r.outdir).name
             shutil.copytree(r.outdir, dest, ignore=shutil.ignore_patterns(".work"))
         result = RunResult(
             rundir=str(final),

@@ -96,6 +96,16 @@ def optimize_markdown(r, modeled: dict | None = None) -> str:
     )
 
 
+def result_key(o: dict) -> str:
+    """Return the key a run report files one optimize result under: its ReLU budget, else its folder name."""
+    return str(o["budget"]) if o.get("budget") is not None else Path(o["outdir"]).name
+
+
+def result_label(o: dict) -> str:
+    """Return one optimize result's name in a run report, e.g. "budget 14,425" or "latency 2.8311s"."""
+    return f"budget {o['budget']:,}" if o.get("budget") is not None else Path(o["outdir"]).name.replace("_", " ")
+
+
 def _budget(r) -> str:
     """Return what the result was optimized to, e.g. "budget 12,900" or "rounds 60"."""
     if r.budget is not None:
@@ -358,7 +368,7 @@ def run_markdown(r: dict) -> str:
     ]
     for o in opt:
         lines.append(
-            f"| budget {o['budget']:,} | {o['relu_after']:,} | {o['relu_before'] / max(o['relu_after'], 1):.1f}x"
+            f"| {result_label(o)} | {o['relu_after']:,} | {o['relu_before'] / max(o['relu_after'], 1):.1f}x"
             f" | {o['accuracy_after']:.2f}% |"
         )
     lines += ["", "ReLUs of optimized models are counted on their exported ONNX graphs.", ""]
@@ -368,7 +378,7 @@ def run_markdown(r: dict) -> str:
     nets = b.get("networks", {})
     lan, wan = nets.get("lan", {}), nets.get("wan", {})
     lines += [
-        f"## Encrypted inference (CrypTen, {b['parties']} parties, {b['batch']} test samples in one batch)",
+        f"## Encrypted inference (CrypTen, {b['parties']} parties, {_batch_words(b)})",
         "",
         f"LAN = {lan.get('rtt_ms', '?')} ms RTT, {lan.get('bandwidth_MBps', '?')} MB/s; "
         f"WAN = {wan.get('rtt_ms', '?')} ms RTT, {wan.get('bandwidth_MBps', '?')} MB/s; "
@@ -421,6 +431,15 @@ def run_markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _batch_words(b: dict) -> str:
+    n = b.get("samples") or b["batch"]
+    if b["batch"] == 1:
+        return f"one private query at a time: costs and times per query; accuracy over {n} test samples"
+    if n == b["batch"]:
+        return f"{n} test samples in one batch"
+    return f"batches of {b['batch']}: costs and times per batch; accuracy over {n} test samples"
+
+
 def render_run(rundir: str | Path) -> Path:
     """(Re)write report.md, census.png and pareto.png of a run folder from its report.json; returns report.md."""
     from relu_opt.checked_io import read_json
@@ -440,7 +459,7 @@ def render_run(rundir: str | Path) -> Path:
 
 def _run_modeled_lines(r: dict) -> list[str]:
     """Return the run report's table of modeled cost per budget (none for runs from before it existed)."""
-    modeled = [r.get("modeled", {}).get(str(o["budget"])) for o in r["optimized"]]
+    modeled = [r.get("modeled", {}).get(result_key(o)) for o in r["optimized"]]
     if not modeled or any(m is None for m in modeled):
         return []
     base = modeled[0]["original"]
@@ -461,9 +480,7 @@ def _run_modeled_lines(r: dict) -> list[str]:
         "|---|---|---|---|---|---|---|",
         row("baseline", base, r["baseline"]["test_accuracy"]),
     ]
-    lines += [
-        row(f"budget {o['budget']:,}", m["optimized"], o["accuracy_after"]) for o, m in zip(r["optimized"], modeled)
-    ]
+    lines += [row(result_label(o), m["optimized"], o["accuracy_after"]) for o, m in zip(r["optimized"], modeled)]
     return lines + [""]
 
 
@@ -471,7 +488,7 @@ def _render_run(rundir: Path, r: dict) -> Path:
     census_plot(r["census_before"], r["census_after"], rundir / "census.png")
     label = r["config"]["strategy"]
     points = {label: [(max(o["relu_after"], 1), o["accuracy_after"]) for o in r["optimized"]]}
-    modeled = [r.get("modeled", {}).get(str(o["budget"])) for o in r["optimized"]]
+    modeled = [r.get("modeled", {}).get(result_key(o)) for o in r["optimized"]]
     accuracies = [o["accuracy_after"] for o in r["optimized"]]
     original = modeled[0]["original"] if modeled and modeled[0] else None
     pareto_plot(

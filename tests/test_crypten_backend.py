@@ -91,6 +91,22 @@ def test_two_party_forward_matches_plaintext():
     } <= set(d["models"][0])
 
 
+def test_batches_of_one_cost_one_query_and_cover_every_sample():
+    model = _trained_like(create_model("small_cnn", in_channels=1))
+    x = torch.cat([X, X.flip(0), X * 0.5])  # 6 samples
+    labels = torch.tensor([3, 7, 7, 3, 3, 7])
+    one = bench(model, x, labels, parties=2, runs=1, warmup=0, timeout=120, batch=1)
+    whole = bench(model, x[:2], parties=2, runs=1, warmup=0, timeout=120)
+    assert (one.batch, one.samples, one.to_dict()["samples"]) == (1, 6, 6)
+    for q, w in zip(one.models, whole.models):
+        assert q.rounds == w.rounds  # rounds do not depend on the batch
+        # bytes grow with the batch, but not in proportion: each forward also opens the masked weights
+        assert w.bytes_per_party[0] / 2 < q.bytes_per_party[0] < w.bytes_per_party[0]
+    orig = one.models[0]
+    assert orig.top1_agreement == 1.0 and orig.accuracy == orig.plain_accuracy  # over all 6 samples
+    assert orig.predicted_rounds is None  # no cost model given
+
+
 def test_partial_relu_pays_only_for_kept_elements():
     model = _trained_like(create_model("resnet20", in_channels=1))
     half = _channel_masked(model, 2)

@@ -1,6 +1,7 @@
 """`relu-opt run` end to end on a tiny configuration (digits, 2 CrypTen parties)."""
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -13,8 +14,9 @@ TINY = ["small_cnn", "--data", "digits", "--baseline-epochs", "2", "--epochs", "
 
 
 def test_run_end_to_end_then_cached_rerun(tmp_path):
+    # no budget: the lowest modeled latency within --max-drop (wide here: a 2-epoch digits baseline)
     runner = CliRunner()
-    args = [*TINY, "--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache")]
+    args = [*TINY, "--max-drop", "50", "--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache")]
     r = runner.invoke(app, ["run", *args])
     assert r.exit_code == 0, r.output
     assert "optimized vs original" in r.output
@@ -33,16 +35,21 @@ def test_run_end_to_end_then_cached_rerun(tmp_path):
     size = {n: max(m["bytes_per_party"]) for n, m in models.items()}
     assert size["floor"] < size["optimized"] < size["original"]
     opt = report["optimized"][0]
-    assert opt["relu_after"] <= opt["budget"] == report["baseline"]["relu"] // 10
-    assert (rundir / f"budget_{opt['budget']}" / "model.onnx").is_file()
+    folder = Path(opt["outdir"]).name
+    assert opt["budget"] is None and folder.startswith("latency_")  # the first level, 0.35x, met the limit
+    assert (rundir / folder / "model.onnx").is_file()
+    # one private query at a time: costs per query, accuracy over all 4 samples
+    assert report["bench"]["batch"] == 1 and report["bench"]["samples"] == 4
+    assert len(models["optimized"]["wall_s_runs"]) == 2
     md = (rundir / "report.md").read_text()
-    assert "crypten" in md and "top-1 agreement" in md and "relu-opt" in md
-    # the cost model's price of each budget, and its prediction next to every benched model
-    modeled = report["modeled"][str(opt["budget"])]
+    assert "crypten" in md and "top-1 agreement" in md and "relu-opt" in md and "one private query" in md
+    # the cost model's price of each result, and its prediction next to every benched model
+    modeled = report["modeled"][folder]
+    assert modeled["optimized"]["rounds"] < modeled["original"]["rounds"]
     assert modeled["optimized"]["bytes_per_party"] < modeled["original"]["bytes_per_party"]
     assert "## Accuracy and modeled latency" in md and f"| {modeled['optimized']['wan_s']:.3f} |" in md
     assert all(m["predicted_rounds"] > 0 and m["predicted_bytes"] > 0 for m in models.values())
-    assert (rundir / f"budget_{opt['budget']}" / "modeled_cost.json").is_file()
+    assert (rundir / folder / "modeled_cost.json").is_file()
 
     (rundir / "report.md").unlink()
     assert runner.invoke(app, ["report", str(rundir)]).exit_code == 0
@@ -56,7 +63,8 @@ def test_run_end_to_end_then_cached_rerun(tmp_path):
 
 
 def test_interrupted_run_resumes(tmp_path, monkeypatch):
-    cfg = RunConfig(model="small_cnn", data="digits", baseline_epochs=2, epochs=1, samples=4)
+    # the count selector's default: one budget, 1/10 of the ReLUs
+    cfg = RunConfig(model="small_cnn", data="digits", baseline_epochs=2, epochs=1, samples=4, selector="count")
     real = pipeline.optimize
 
     def interrupted(*a, **k):
@@ -70,6 +78,7 @@ def test_interrupted_run_resumes(tmp_path, monkeypatch):
     logs = []
     r = pipeline.run(cfg, runs_dir=tmp_path / "runs", cache=tmp_path / "cache", log=logs.append)
     assert r.baseline["cached"] is True and any("reusing" in m for m in logs)
+    assert r.optimized[0]["budget"] == r.baseline["relu"] // 10
 
 
 def test_report_needs_a_run_folder(tmp_path):

@@ -94,8 +94,12 @@ def measure(
     timeout: float = 300,
     workdir: str | Path | None = None,
     public_coeffs: bool = False,
+    batch: int | None = None,
 ) -> list[Measurement]:
     """Return each model's Measurement from one run of `parties` CrypTen processes on localhost.
+
+    With `batch`, the samples go through in batches of that size: rounds, bytes and times are those of
+    one batch (the first), the logits those of every sample.
 
     The ONNX files (the owner's weights) and the inputs go to a private 0700 folder that is removed on
     every exit path, unless `workdir` names a folder to keep them in. With `public_coeffs`, polynomials
@@ -110,7 +114,7 @@ def measure(
             path = work / f"{name}.onnx"
             path.write_bytes(data)
             specs.append({"name": name, "onnx": str(path)})
-            feats.append(features(prepared, batch=len(x)))
+            feats.append(features(prepared, batch=_batch(batch, x)))
             counted = onnx_census(onnx.load_from_string(data), tuple(x[:1].shape))
             relus.append(counted.total_relu)
             comparisons.append(counted.total_comparisons)
@@ -126,10 +130,15 @@ def measure(
             inputs=str(work / "inputs.pt"),
             warmup=warmup,
             runs=runs,
+            batch=batch,
             timeout=timeout,
         )
         results = launch_local(job, work, timeout)
     return _measurements(results, [name for name, _ in models], relus, feats, comparisons)
+
+
+def _batch(batch: int | None, x: torch.Tensor) -> int:
+    return min(batch or len(x), len(x))
 
 
 def fixed_point_warnings(gm: fx.GraphModule, x: torch.Tensor, precision_bits: int = 16) -> list[str]:
@@ -186,6 +195,7 @@ def run_one_party(
     link: Network | None = None,
     public_coeffs: bool = False,
     cost_model: CostModel | None = None,
+    batch: int | None = None,
 ) -> BenchResult:
     """Run this process as party `rank` of a bench whose parties are on separate hosts; return the
     BenchResult every party ends with (all parties' traffic and times, shared at the end).
@@ -212,7 +222,14 @@ def run_one_party(
         torch.save(x.clone(), Path(tmp) / "inputs.pt")
         fp = rdv.fingerprint(
             world_size,
-            {"command": "bench", "models": hashes, "input_shape": list(x.shape), "runs": runs, "warmup": warmup},
+            {
+                "command": "bench",
+                "models": hashes,
+                "input_shape": list(x.shape),
+                "runs": runs,
+                "warmup": warmup,
+                "batch": batch,
+            },
         )
         job = PartyJob(
             rank=rank,
@@ -225,6 +242,7 @@ def run_one_party(
             inputs=str(Path(tmp) / "inputs.pt"),
             warmup=warmup,
             runs=runs,
+            batch=batch,
             timeout=timeout,
             ifname=ifname,
             fingerprint=fp,
@@ -232,10 +250,12 @@ def run_one_party(
         start_watchdog(replace(job, timeout=timeout + 10))  # the rendezvous' own errors come first
         result = run_party(job)
     names = [name for name, _ in variants]
-    feats = [features(gm, batch=len(x)) for _, gm in variants]
+    feats = [features(gm, batch=_batch(batch, x)) for _, gm in variants]
     measured = _measurements(result["parties"], names, relus, feats, comparisons)
     reports = [_report(m, None, y, networks, cost_model, link) for m in measured]
-    return _result(world_size, len(x), reports, (), networks, link, interface=result["interface"], rank=rank)
+    return _result(
+        world_size, _batch(batch, x), reports, (), networks, link, len(x), interface=result["interface"], rank=rank
+    )
 
 
 @dataclass(frozen=True)
@@ -275,12 +295,13 @@ class ModelReport:
 @dataclass(frozen=True)
 class BenchResult:
     parties: int
-    batch: int
+    batch: int  # samples per encrypted forward: rounds, bytes and times are per batch
     models: tuple[ModelReport, ...]
     warnings: tuple[str, ...] = ()
     networks: dict = field(default_factory=dict)
     link: dict | None = None  # the --link network predicted_s refers to
     hosts: dict | None = None  # parties on separate hosts: this party's rank and interface
+    samples: int | None = None  # samples the accuracy columns cover (None: one batch)
 
     @property
     def ratios(self) -> dict[str, dict[str, float]]:
@@ -299,6 +320,7 @@ class BenchResult:
         return {
             "parties": self.parties,
             "batch": self.batch,
+            "samples": self.samples or self.batch,
             "models": [m.to_dict() for m in self.models],
             "ratios": self.ratios,
             "warnings": list(self.warnings),
@@ -352,7 +374,7 @@ def _report(
     )
 
 
-def _result(parties, batch, reports, warnings, networks, link, **hosts) -> BenchResult:
+def _result(parties, batch, reports, warnings, networks, link, samples=None, **hosts) -> BenchResult:
     nets = {n.name: _net_dict(n) for n in networks}
     return BenchResult(
         parties,
@@ -362,6 +384,7 @@ def _result(parties, batch, reports, warnings, networks, link, **hosts) -> Bench
         nets,
         None if link is None else {"name": link.name, **_net_dict(link)},
         hosts or None,
+        samples,
     )
 
 
@@ -379,11 +402,13 @@ def bench(
     log: Callable[[str], None] = lambda _msg: None,
     link: Network | None = None,
     public_coeffs: bool = False,
+    batch: int | None = None,
 ) -> BenchResult:
     """Return the BenchResult of running the original, the optimized (when given) and the linear
     floor under CrypTen with `parties` parties on the samples `x` (labels `y` optional); with `link`,
     each model also gets `predicted_s` on that network; with `public_coeffs`, polynomials that cannot be
-    folded keep their coefficients public."""
+    folded keep their coefficients public; with `batch`, the samples run in batches of that size and the
+    costs are one batch's (batch 1: the latency of one private query)."""
     variants = pi_variants(model, x[:1], optimized, public_coeffs)
     warnings = []
     for name, gm in variants:
@@ -393,7 +418,8 @@ def bench(
     with torch.no_grad():
         plain = {name: gm(x).double().numpy() for name, gm in variants}
 
-    log(f"running {len(variants)} models under CrypTen with {parties} parties, batch {len(x)}")
-    measured = measure(variants, x, parties=parties, runs=runs, warmup=warmup, timeout=timeout)
+    b = _batch(batch, x)
+    log(f"running {len(variants)} models under CrypTen with {parties} parties, {len(x)} samples in batches of {b}")
+    measured = measure(variants, x, parties=parties, runs=runs, warmup=warmup, timeout=timeout, batch=b)
     reports = [_report(m, plain[m.name], y, networks, cost_model, link) for m in measured]
-    return _result(parties, len(x), reports, warnings, networks, link)
+    return _result(parties, b, reports, warnings, networks, link, len(x))
