@@ -69,7 +69,7 @@ def test_pareto_markdown_checks_targets_and_keeps_failed_rows():
     assert "shipped pretrained weights" in md
     assert "| 20x | 94.10% | -0.36 | met (20x, <=0.5) |" in md
     assert "| 100x | 93.20% | -1.26 | missed (100x, <=1) |" in md
-    assert "| random | poly | channel | 1,442 | 0 | 1,442 | 100x | failed | - | - |" in md
+    assert "| random | poly | channel | 1 | 1,442 | 0 | 1,442 | 100x | failed | - | - |" in md
     result["rows"].append({**row, "seed": 1, "budget": 7212, "relu": 7212, "test_accuracy": 93.8})
     assert pareto.seed_spread(result["rows"]) == [
         {
@@ -83,3 +83,65 @@ def test_pareto_markdown_checks_targets_and_keeps_failed_rows():
         }
     ]
     assert "| taylor | 7,212 | 2 | 0 | 93.80% | 94.10% | 0.30 |" in pareto.markdown(result)
+    result["rows"].append({**row, "strategy": "random", "budget": 7212, "relu": 7212, "test_accuracy": 93.9})
+    assert pareto.versus_random(result["rows"]) == [
+        {
+            "strategy": "taylor",
+            "granularity": "channel",
+            "budget": 7212,
+            "accuracy": 94.1,
+            "random": 93.9,
+            "difference": 0.2,
+        }
+    ]
+
+
+def _load_script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pareto_results_merge_across_invocations_on_the_same_baseline(tmp_path):
+    pareto = _load_script("pareto")
+    row = {"strategy": "taylor", "replace": "poly", "granularity": "channel", "seed": 0, "epochs": 1.0, "wall_s": 9}
+    base = {"relu": 144256, "test_accuracy": 94.46, "sha256": "abc", "source": "pretrained"}
+    stem = tmp_path / "pareto_fashion_resnet20"
+    pareto.write_results(
+        stem, base, [{**row, "budget": 7212, "relu": 7203, "test_accuracy": 94.0}], 144256, 94.46, complete=False
+    )
+    assert json.loads(stem.with_suffix(".json").read_text())["complete"] is False
+    assert "Incomplete" in stem.with_suffix(".md").read_text() and stem.with_suffix(".png").is_file()
+    assert [r["budget"] for r in pareto.earlier_rows(stem, base)] == [7212]
+    assert pareto.earlier_rows(stem, {**base, "sha256": "other weights"}) == []
+
+
+def test_latency_frontier_compares_at_equal_accuracy_loss_limits():
+    lf = _load_script("latency_frontier")
+
+    def r(selector, budget, level, relu, val, test, rounds, wan):
+        return {
+            "selector": selector,
+            "budget": budget,
+            "level": level,
+            "relu": relu,
+            "val_accuracy": val,
+            "test_accuracy": test,
+            "rounds": rounds,
+            "wan_s": wan,
+        }
+
+    rows = [
+        r("count", 14425, None, 14406, 93.7, 94.0, 170, 6.9),
+        r("count", 7212, None, 7203, 93.6, 93.9, 102, 4.1),
+        r("count", 1442, None, 1440, 92.9, 93.2, 90, 3.7),  # 1.18 below: outside both limits
+        r("latency", None, 0.35, 6272, 93.7, 93.9, 58, 2.4),
+        r("latency", None, 0.3, 3136, 93.3, 93.5, 49, 2.0),  # 0.78 below: within 1 only
+    ]
+    a, b = lf.at_limits(rows, 94.08, [0.5, 1.0])
+    assert (a["latency"], a["count"], a["fewer_rounds"], a["lower_wan"]) == ("0.35x latency", "7,212 ReLUs", 1.76, True)
+    assert (b["latency"], b["count"], b["rounds"]) == ("0.3x latency", "7,212 ReLUs", [49, 102])
+    assert lf.at_limits(rows[:3], 94.08, [0.5])[0]["latency"] is None
