@@ -590,8 +590,7 @@ def modeled_latency(model: nn.Module, example: torch.Tensor, config: OptimizeCon
 
     cost, net = calibrate(), network(config)
     f = features(prepare_for_pi(model, example[:1]))
-    nbytes = cost.bytes(f)
-    return net.latency(0.0, cost.rounds(f), [nbytes / 2], [nbytes / 2])
+    return net.communication_s(cost.rounds(f), cost.bytes(f))
 
 
 def optimize_lowest_latency(

@@ -88,8 +88,7 @@ class Prices:
 
     def latency(self, rounds: float, nbytes: float, network: Network | None = None) -> float:
         """Return the modeled seconds of rounds and bytes per party (both directions, so half each way)."""
-        net = network or self.network
-        return net.latency(0.0, rounds, [nbytes / 2], [nbytes / 2])
+        return (network or self.network).communication_s(rounds, nbytes)
 
 
 @dataclass(frozen=True)

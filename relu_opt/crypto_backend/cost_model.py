@@ -80,6 +80,11 @@ class Network:
         """Return compute time + rounds x RTT + transfer time, in seconds (bytes per party per direction)."""
         return compute_s + rounds * self.rtt_s + self.transfer_s(sent, received)
 
+    def communication_s(self, rounds: float, nbytes: float) -> float:
+        """Return the seconds of `rounds` and of CrypTen's byte count per party (both directions added, so
+        half goes each way on a full-duplex link), without compute: what the cost model prices."""
+        return self.latency(0.0, rounds, [nbytes / 2], [nbytes / 2])
+
 
 LAN = Network("lan", 0.5e-3, 1e9)
 WAN = Network("wan", 40e-3, 100e6)

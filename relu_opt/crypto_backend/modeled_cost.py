@@ -44,8 +44,7 @@ def modeled_cost(
     """Return the ModeledCost of a shape-propagated, CrypTen-prepared GraphModule at `batch`."""
     f = features(prepared, batch=batch)
     rounds, total = cost.rounds(f), cost.bytes(f)
-    one_way = total / 2  # CrypTen counts both directions of each exchange
-    lan, wan = (n.latency(0.0, rounds, [one_way], [one_way]) for n in networks)
+    lan, wan = (n.communication_s(rounds, total) for n in networks)
     return ModeledCost(round(rounds, 2), round(total), lan, wan, batch)
 
 
