@@ -785,6 +785,9 @@ def optimize_cmd(
     latency_budget: LatencyBudgetOpt = None,
     network: NetworkOpt = "wan",
     public_coeffs: PublicCoeffsOpt = False,
+    seed: Annotated[
+        int, typer.Option("--seed", min=0, help="Seed of the ranking's samples and the fine-tuning's data order.")
+    ] = 0,
 ) -> None:
     """Keep the most critical non-linear elements that fit the budgets, replace the rest, fine-tune with KD."""
     from relu_opt.optimizer import OptimizeConfig, optimize_frontier
@@ -826,6 +829,7 @@ def optimize_cmd(
         latency_budget=latency_budget,
         network=network,
         public_coeffs=public_coeffs,
+        seed=seed,
     )
     if auto:  # no budget: the lowest modeled latency within --max-drop (1 point by default)
         from relu_opt.optimizer import optimize_lowest_latency
