@@ -306,7 +306,7 @@ def _bench_table(r) -> Table:
     if all(m.comparisons == m.relu_elements for m in r.models):
         del cols["cmp"]
     n = r.samples or r.batch
-    shown = f"batch {r.batch}" + (f" ({n} samples in accuracy columns)" if n != r.batch else "")
+    shown = f"batch {r.batch}" + (f" of {n} samples" if n != r.batch else "")
     t = _compact_table(f"CrypTen, {r.parties} parties, {shown}, seconds", ("model", *cols))
     if r.hosts:
         t.caption, t.caption_justify = f"party {r.hosts['rank']} over {r.hosts['interface']}", "left"

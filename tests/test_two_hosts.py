@@ -185,6 +185,22 @@ def test_different_models_stop_before_any_encrypted_work():
         assert "CrypTen, 2 parties" not in out
 
 
+def test_two_parties_bench_one_query_at_a_time_and_must_agree_on_the_batch(tmp_path):
+    common = ["bench", "small_cnn", "--input-shape", "1,1,28,28", "--world-size", "2", "--samples", "3"]
+    results = _two_parties(lambda r: [*common, "--batch", str(1 + r), "--timeout", "60"], 120)
+    for code, _, err in results:
+        assert code == 2, err
+        assert "has batch = " in err and "start both alike" in err and "Traceback" not in err
+    args = [*common, "--batch", "1", "--runs", "1", "--warmup", "0", "--timeout", "120"]
+    results = _two_parties(lambda r: [*args, "--json", str(tmp_path / f"{r}.json")], 240)
+    for code, out, err in results:
+        assert code == 0, err
+        assert "batch 1 of 3 samples" in out
+    d = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
+    assert d[0]["batch"] == d[1]["batch"] == 1 and d[0]["samples"] == 3
+    assert d[0]["models"][0]["rounds"] == 3 * 9 + 4  # one query: the same rounds as any batch
+
+
 def test_link_measures_the_local_link(tmp_path):
     results = _two_parties(lambda r: ["link", "--master-addr", "127.0.0.1", "--json", str(tmp_path / f"{r}.json")])
     for code, out, err in results:
