@@ -178,12 +178,9 @@ def run(
     _, test_acc = evaluate(model, data.test, device=cfg.device)
     baseline_info.update(relu=before.total_relu, test_accuracy=100 * test_acc)
     search = not cfg.budgets and cfg.selector == "latency" and cfg.rounds_budget is None and cfg.latency_budget is None
-    if cfg.budgets or search:
-        budgets: list[int | None] = list(cfg.budgets) or [None]
-    elif cfg.selector == "latency":
-        budgets = [None]  # the rounds or latency budget alone
-    else:
-        budgets = [max(1, int(before.total_relu * cfg.fraction))]
+    budgets: list[int | None] = list(cfg.budgets)
+    if not budgets:  # the latency selector: the search, or the rounds/latency budget alone
+        budgets = [None] if cfg.selector == "latency" else [max(1, int(before.total_relu * cfg.fraction))]
 
     t = time.perf_counter()
     weights_key = file_digest(baseline_info["source"])[:10]
