@@ -27,7 +27,14 @@ from relu_opt.checked_io import load_cache, load_torch
 from relu_opt.data import Dataset, load_dataset
 from relu_opt.loading import load_weights, resolve_model
 from relu_opt.models.pretrained import list_pretrained, load_pretrained
-from relu_opt.optimizer import OptimizeConfig, OptimizeResult, check_budget, optimize, optimize_lowest_latency
+from relu_opt.optimizer import (
+    OptimizeConfig,
+    OptimizeResult,
+    check_budget,
+    network,
+    optimize,
+    optimize_lowest_latency,
+)
 from relu_opt.plan import load
 from relu_opt.train import TrainConfig, evaluate, fit
 from relu_opt.validation import check_model_input
@@ -207,7 +214,7 @@ def run(
         if search:
             levels = ", ".join(f"{f:g}" for f in sorted(cfg.latency_levels))
             log(
-                f"optimize: the lowest modeled {cfg.network.split(',')[0]} latency within "
+                f"optimize: the lowest modeled latency on {network(ocfg).name} within "
                 f"{1.0 if cfg.max_drop is None else cfg.max_drop:g} points, trying {levels} x the original's "
                 f"({cfg.strategy}, {cfg.replace}, {cfg.granularity})"
             )

@@ -102,16 +102,16 @@ def result_key(o: dict) -> str:
 
 
 def result_label(o: dict) -> str:
-    """Return one optimize result's name in a run report, e.g. "budget 14,425" or "latency 2.8311s"."""
-    return f"budget {o['budget']:,}" if o.get("budget") is not None else Path(o["outdir"]).name.replace("_", " ")
+    """Return what one optimize result (its to_dict()) was optimized to, e.g. "budget 12,900" or
+    "budget 2.8311 s on wan"."""
+    if o.get("budget") is not None:
+        return f"budget {o['budget']:,}"
+    constraints = (o.get("selection") or {}).get("constraints", "")
+    return f"budget {constraints}" if constraints else "no ReLU budget"
 
 
 def _budget(r) -> str:
-    """Return what the result was optimized to, e.g. "budget 12,900" or "rounds 60"."""
-    if r.budget is not None:
-        return f"budget {r.budget:,}"
-    constraints = (getattr(r, "selection", None) or {}).get("constraints", "")
-    return f"budget {constraints}" if constraints else "no ReLU budget"
+    return result_label({"budget": r.budget, "selection": getattr(r, "selection", None)})
 
 
 def selection_markdown(sel: dict) -> str:
