@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -72,6 +73,13 @@ def main() -> None:
         "--selector", default="count", help="count: accuracy vs ReLUs as the papers count them; latency: priced"
     )
     ap.add_argument("--epochs", type=float, default=1.0, help="fine-tuning epochs, the same for every run")
+    ap.add_argument(
+        "--snl-samples",
+        type=int,
+        default=0,
+        help="training images snl trains masks and weights on (0: the whole training split, as SNL does)",
+    )
+    ap.add_argument("--snl-epochs", type=float, default=1.0, help="epochs of snl's joint mask and weight training")
     ap.add_argument("--baseline-epochs", type=int, default=5)
     ap.add_argument("--work", type=Path, default=CACHE / "bench" / "pareto_fashion_resnet20")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -128,6 +136,8 @@ def _row_key(row: dict) -> tuple:
         row.get("seed", 0),
         row.get("selector", "count"),
         row["epochs"],
+        row.get("rank_samples"),
+        row.get("rank_epochs"),
     )
 
 
@@ -183,6 +193,9 @@ def run_row(model, data, args, strategy: str, granularity: str, budget: int, see
     )
     row = {"strategy": strategy, "replace": args.replace, "granularity": granularity, "budget": budget}
     row.update(seed=seed, epochs=args.epochs, selector=args.selector)
+    if strategy == "snl":  # SNL trains masks and weights together on the training split before fine-tuning
+        cfg = replace(cfg, rank_samples=args.snl_samples or len(data.train), rank_epochs=args.snl_epochs)
+        row.update(rank_samples=cfg.rank_samples, rank_epochs=cfg.rank_epochs)
     suffix = (f"_seed{seed}" if seed else "") + ("" if args.selector == "count" else f"_{args.selector}")
     try:
         r = optimize(
@@ -272,7 +285,9 @@ def markdown(result: dict) -> str:
         f"Baseline: {b['relu']:,} ReLUs, {b['test_accuracy']:.2f}% test accuracy "
         f"({source}). "
         "Replacement, granularity and fine-tuning epochs (distillation from the baseline) as listed; ReLUs "
-        "counted on the exported ONNX graph. Targets: >=20x fewer ReLUs within 0.5 points, >=100x within 1 point."
+        "counted on the exported ONNX graph. Targets: >=20x fewer ReLUs within 0.5 points, >=100x within 1 point. "
+        "snl rows first train masks and weights together (images and epochs in the JSON's rank_samples and "
+        "rank_epochs); their fine-tuning starts from those weights."
         + ("" if result.get("complete", True) else " **Incomplete: the benchmark is still running or was stopped.**"),
         "",
         "| strategy | replace | granularity | epochs | budget | seed | ReLUs | fewer | test acc | change | target "

@@ -278,7 +278,7 @@ def _ranking(
     keys = ("strategy", "granularity", "scores", "unit_elements", "site_scores")
     d = load_cache(path, lambda p: load_torch(p, "cached ranking", keys=keys), note=_note)
     if d is not None:
-        return Criticality(*(d[k] for k in keys))
+        return Criticality(*(d[k] for k in keys), weights=d.get("weights"))
     ctx = RankContext(
         gm,
         data,
@@ -298,6 +298,7 @@ def _ranking(
             "scores": crit.scores,
             "unit_elements": crit.unit_elements,
             "site_scores": crit.site_scores,
+            "weights": crit.weights,
         },
         path,
     )
@@ -383,6 +384,7 @@ class _Planned:
     totals: dict[str, int]
     caps: dict[str, int]
     shared: list[str]
+    start: str = "original"  # which weights fine-tuning starts from: the original's, or a strategy's
 
 
 def _plan(model: nn.Module, data: Dataset, config: OptimizeConfig, work: Path, content: str, progress: bool):
@@ -405,8 +407,12 @@ def _plan(model: nn.Module, data: Dataset, config: OptimizeConfig, work: Path, c
     make_rep, errors, rep_names = _site_replacements(teacher, data, config, site_info)
     crit = _ranking(work, teacher, data, config, make_rep, progress, content, site_info)
     selection = _select(teacher, example, site_info, crit, make_rep, config, caps)
+    base = teacher
+    if crit.weights is not None:  # snl trained the weights with its masks: fine-tuning goes on from them
+        base = copy.deepcopy(teacher)
+        base.load_state_dict(crit.weights, strict=False)
     sites, new_modules = [], {}
-    nodes = {n.name: n for n in teacher.graph.nodes}
+    nodes = {n.name: n for n in base.graph.nodes}
     for site, info in site_info.items():
         kept = int(selection.keep[site].sum()) * crit.unit_elements[site]
         sites.append(
@@ -422,14 +428,15 @@ def _plan(model: nn.Module, data: Dataset, config: OptimizeConfig, work: Path, c
             )
         )
         if kept < info.elements:
-            original = site_op(teacher, nodes[site])
+            original = site_op(base, nodes[site])
             new_modules[site] = MaskedSite(selection.keep[site].float(), make_rep(site), original, info.kind)
-    student = replace_sites(teacher, new_modules)
+    student = replace_sites(base, new_modules)
     student = run_passes(student, [GraphPass(maxpool_to_avgpool)] if config.avgpool else [], example)
     calib = [x for x, _ in batches(data.train.subset(config.calib_samples), 256)]
     errors.update(refit_in_order(student, calib, train_range=config.train_range))
     plan_sites = with_module_names(student, sites)
-    return _Planned(teacher, student, plan_sites, selection, errors, kinds, totals, caps, shared)
+    start = "original" if base is teacher else f"{crit.strategy} (trained with its masks)"
+    return _Planned(teacher, student, plan_sites, selection, errors, kinds, totals, caps, shared, start)
 
 
 def _tune(p: _Planned, data: Dataset, config: OptimizeConfig, checkpoint: Path, progress: bool) -> dict:
@@ -475,7 +482,7 @@ def _tune(p: _Planned, data: Dataset, config: OptimizeConfig, checkpoint: Path, 
         "test_before": test_before,
         "val_after": val_after,
         "test_after": test_after,
-        "finetune": ft.to_dict() if ft else {"epochs": 0, "steps": 0},
+        "finetune": {**(ft.to_dict() if ft else {"epochs": 0, "steps": 0}), "start": p.start},
     }
 
 
@@ -487,7 +494,7 @@ def _save(p: _Planned, tuned: dict, data: Dataset, config: OptimizeConfig, outdi
         tuple(example.shape),
         data.num_classes,
         p.sites,
-        meta={"strategy": config.strategy, "budget": config.budget, "kinds": list(p.kinds)},
+        meta={"strategy": config.strategy, "budget": config.budget, "kinds": list(p.kinds), "weights": p.start},
         avgpool=config.avgpool,
         public_coeffs=config.public_coeffs,
     )

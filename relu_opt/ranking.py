@@ -7,7 +7,8 @@ scores the sites of a RankContext (what every strategy shares), and `cache_key()
 depends on, so no caller needs to know which settings a strategy reads. Strategies:
 - drop-one (DeepReDuce): validation accuracy lost when one site is replaced, per ReLU it removes;
 - taylor: first-order loss change |sum g * (relu(x) - replacement(x))| per unit, per ReLU;
-- snl (SNL + AutoReP): masks learned with a budget-weighted lasso, binarised with hysteresis;
+- snl (SNL + AutoReP): masks and weights trained together with a budget-weighted lasso on the masks,
+  binarised with hysteresis; fine-tuning continues from those weights, as SNL's authors run it;
 - random: the honest baseline, a random order of units.
 """
 
@@ -45,6 +46,9 @@ class Criticality:
     scores: dict[str, Tensor]  # site -> priorities, shaped like the site's mask
     unit_elements: dict[str, int]  # site -> ReLU elements per sample one unit holds
     site_scores: dict[str, float] = field(default_factory=dict)
+    # The base model's state dict as the strategy left it, for strategies that train weights with the
+    # masks (snl): the rewritten model starts from these instead of the original weights.
+    weights: dict[str, Tensor] | None = None
 
     def to_dict(self) -> dict:
         """Return a JSON-ready table: per site, plus per channel at channel granularity."""
@@ -296,17 +300,19 @@ class LearnableMask(MaskedSite):
 @register_strategy("snl")
 @dataclass(frozen=True)
 class Snl(Strategy):
-    """SNL + AutoReP: masks learned for `epochs` with a lasso weighted until they fit `budget` (default:
-    1/10 of the elements), binarised with hysteresis."""
+    """SNL + AutoReP: masks and weights trained together for `epochs` with a lasso weighted until the
+    masks fit `budget` (default: 1/10 of the elements), binarised with hysteresis. With `keep_weights`
+    the trained weights go with the ranking and fine-tuning starts from them."""
 
     budget: int | None = None
     epochs: float = 1.0
+    keep_weights: bool = True
 
     def rank(self, ctx: RankContext) -> Criticality:
-        return _snl(ctx, self.budget, self.epochs)
+        return _snl(ctx, self.budget, self.epochs, self.keep_weights)
 
 
-def _snl(ctx: RankContext, budget: int | None, epochs: float) -> Criticality:
+def _snl(ctx: RankContext, budget: int | None, epochs: float, keep_weights: bool = True) -> Criticality:
     shapes, unit = _units(ctx)
     model, mods = _masked(ctx, shapes, lambda m, r, **kw: LearnableMask(m, r, hysteresis=0.05, **kw))
     sites = dict(model_sites(model, mods))
@@ -350,8 +356,14 @@ def _snl(ctx: RankContext, budget: int | None, epochs: float) -> Criticality:
                 lam = lam * 1.05 if kept() > budget else lam
                 step += 1
                 bar.advance(task)
+    model.eval()
     scores = {s: m.alpha.detach().clone() for s, m in sites.items()}
-    return Criticality("snl", ctx.granularity, scores, unit, {s: float(v.mean()) for s, v in scores.items()})
+    # replace_sites keeps every other module's name, so the base model's keys pick its trained weights
+    # (and BatchNorm statistics) out of the masked model; the masks and fitted replacements stay behind.
+    trained = model.state_dict()
+    weights = {k: v.detach().clone() for k, v in trained.items() if k in ctx.gm.state_dict()} if keep_weights else None
+    site_scores = {s: float(v.mean()) for s, v in scores.items()}
+    return Criticality("snl", ctx.granularity, scores, unit, site_scores, weights)
 
 
 def select(crit: Criticality, budget: int) -> dict[str, Tensor]:

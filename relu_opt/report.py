@@ -43,12 +43,19 @@ def modeled_markdown(modeled: dict | None) -> str:
     return text
 
 
+def _start_words(finetune: dict) -> str:
+    start = finetune.get("start", "original")
+    return "" if start == "original" else f" Fine-tuning started from the weights of {start}."
+
+
 def optimize_markdown(r, modeled: dict | None = None) -> str:
     """Return report.md for one OptimizeResult (with its modeled costs, when known)."""
     fold = r.relu_before / max(r.relu_after, 1)
     head = (
         f"# relu-opt: {_budget(r)}\n\n"
-        f"Strategy `{r.strategy}`, replacement `{r.replace}`, granularity `{r.granularity}`.\n\n"
+        f"Strategy `{r.strategy}`, replacement `{r.replace}`, granularity `{r.granularity}`."
+        + _start_words(getattr(r, "finetune", None) or {})
+        + "\n\n"
         + _md_table(
             ["", "ReLUs per sample", "test accuracy", "validation accuracy"],
             [

@@ -185,6 +185,37 @@ def test_strategies_rank_every_site(trained, synthetic, strategy):
     assert len({float(v.mean()) for v in crit.scores.values()}) > 1  # sites are told apart
 
 
+def test_snl_trains_weights_with_its_masks_and_fine_tuning_starts_from_them(trained, synthetic, tmp_path):
+    gm = propagate_shapes(trace(trained), synthetic.train.x[:1])
+    ctx = RankContext(gm, synthetic, "channel", lambda s: None, samples=128, progress=False)
+    crit = rank(ctx, make_strategy("snl", budget=500, epochs=0.5))
+    base = gm.state_dict()
+    assert set(crit.weights) == set(base)
+    changed = [k for k in base if k.endswith("conv1.weight") and not torch.equal(crit.weights[k], base[k])]
+    assert changed  # the weights were trained beside the masks
+    assert rank(ctx, make_strategy("snl", budget=500, epochs=0.5, keep_weights=False)).weights is None
+    assert rank(ctx, make_strategy("taylor")).weights is None
+
+    from relu_opt.optimizer import _plan, _ranking
+
+    def planned(strategy):
+        cfg = OptimizeConfig(
+            budget=500, strategy=strategy, epochs=0, rank_samples=128, rank_epochs=0.5, calib_samples=100, **_AT_CHANCE
+        )
+        return _plan(trained, synthetic, cfg, tmp_path / strategy, "k", progress=False), cfg
+
+    p, cfg = planned("snl")
+    assert p.start.startswith("snl")
+    student, teacher = p.student.state_dict(), p.teacher.state_dict()
+    ranked = _ranking(tmp_path / "snl", p.teacher, synthetic, cfg, lambda s: None, False, "k")  # from the cache
+    assert ranked.weights is not None
+    for k in changed:
+        assert torch.equal(student[k], ranked.weights[k]) and not torch.equal(student[k], teacher[k])
+    assert torch.equal(teacher[changed[0]], base[changed[0]])  # the distillation teacher is the original
+    p, _ = planned("taylor")
+    assert p.start == "original" and torch.equal(p.student.state_dict()[changed[0]], base[changed[0]])
+
+
 def test_cli_optimize_and_rank(tmp_path):
     runner = CliRunner()
     w = tmp_path / "w.pt"
@@ -234,7 +265,8 @@ def test_strategies_are_objects_keyed_on_their_own_settings():
     # every option goes to every strategy; each keeps the ones it declares, and only those key its cache
     opts = {"budget": 500, "epochs": 0.5, "finetune_steps": 3}
     snl, taylor, drop = (make_strategy(n, **opts) for n in ("snl", "taylor", "drop-one"))
-    assert snl.settings() == {"budget": 500, "epochs": 0.5} and drop.settings() == {"finetune_steps": 3}
+    assert snl.settings() == {"budget": 500, "epochs": 0.5, "keep_weights": True}
+    assert drop.settings() == {"finetune_steps": 3}
     assert make_strategy("snl", budget=100).cache_key() != snl.cache_key()  # snl's masks aim at the budget
     assert make_strategy("taylor", budget=100).cache_key() == taylor.cache_key()  # taylor's scores do not
     assert len({snl.cache_key(), taylor.cache_key(), drop.cache_key(), make_strategy("random").cache_key()}) == 4
