@@ -764,7 +764,18 @@ def optimize_cmd(
             "dataset); other datasets fix their own.",
         ),
     ] = None,
-    rank_samples: Annotated[int, typer.Option("--rank-samples", help="Examples the ranking looks at.")] = 5000,
+    rank_samples: Annotated[
+        int,
+        typer.Option("--rank-samples", help="Examples the ranking looks at (snl trains masks and weights on them)."),
+    ] = 5000,
+    snl_epochs: Annotated[
+        float,
+        typer.Option(
+            "--snl-epochs",
+            help="snl: epochs over --rank-samples that masks and weights train together; fine-tuning goes on "
+            "from those weights (SNL trains on the whole training split: pass --rank-samples 1000000).",
+        ),
+    ] = 1.0,
     max_train: Annotated[int | None, typer.Option("--max-train", help="Fine-tune on the first N examples.")] = None,
     max_drop: MaxDropOpt = None,
     device: DeviceOpt = "cpu",
@@ -801,6 +812,7 @@ def optimize_cmd(
     validation.check_float("--epochs", epochs, above=None, minimum=0.0)
     validation.check_float("--lr", lr)
     validation.check_int("--rank-samples", rank_samples)
+    validation.check_float("--snl-epochs", snl_epochs)
     validation.check_int("--max-train", max_train)
     validation.check_output_dir(output)
     _check_device(device)
@@ -819,6 +831,7 @@ def optimize_cmd(
         epochs=epochs,
         lr=lr,
         rank_samples=rank_samples,
+        rank_epochs=snl_epochs,
         max_train=max_train,
         max_drop=max_drop,
         device=_check_device(device),

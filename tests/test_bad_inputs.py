@@ -667,6 +667,7 @@ NUMBERS = [
     (["train", "small_cnn", *D, "--device", "tpu", "-o", "{tmp}/w.pt"], r"--device 'tpu' is not known"),
     (["train", "small_cnn", "--data", "nope", "-o", "{tmp}/w.pt"], r"unknown dataset 'nope'"),
     (["rank", "small_cnn", *D, "--samples", "0"], r"--samples 0 is out of range"),
+    (["optimize", "small_cnn", *D, "--budget", "9", "--snl-epochs", "0", "-o", "{tmp}/o"], r"--snl-epochs 0 must be"),
     (["rank", "small_cnn", *D, "--strategy", "nope"], r"--strategy 'nope' is not known; choose one of"),
     (["rank", "small_cnn", *D, "--replace", "cube"], r"--replace 'cube' is not known"),
     (["rank", "small_cnn", *D, "--granularity", "row"], r"--granularity 'row' is not known"),
