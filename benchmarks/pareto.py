@@ -221,6 +221,7 @@ def run_row(model, data, args, strategy: str, granularity: str, budget: int, see
         "test_accuracy": round(r.accuracy_after, 2),
         "val_accuracy": round(r.val_accuracy_after, 2),
         "finetune_attempts": len(attempts),
+        "finetune_failures": [a["failure"] for a in attempts if a["failure"]],
         "wall_s": round(r.wall_s, 1),
         "wall_s_this_call": round(time.perf_counter() - t0, 1),
     }
@@ -286,13 +287,15 @@ def markdown(result: dict) -> str:
         f"({source}). "
         "Replacement, granularity and fine-tuning epochs (distillation from the baseline) as listed; ReLUs "
         "counted on the exported ONNX graph. Targets: >=20x fewer ReLUs within 0.5 points, >=100x within 1 point. "
+        "attempts: fine-tuning attempts the row needed (a failed attempt is rolled back and retried at 0.3x "
+        "the learning rate; the JSON's finetune_failures says why, for rows run since it was recorded). "
         "snl rows first train masks and weights together (images and epochs in the JSON's rank_samples and "
         "rank_epochs); their fine-tuning starts from those weights."
         + ("" if result.get("complete", True) else " **Incomplete: the benchmark is still running or was stopped.**"),
         "",
         "| strategy | replace | granularity | epochs | budget | seed | ReLUs | fewer | test acc | change | target "
-        "| wall s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| wall s | attempts |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         fold = b["relu"] / max(r["relu"], 1)
@@ -308,7 +311,8 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {r['strategy']} | {r['replace']} | {r['granularity']} | {r['epochs']:g} | {r['budget']:,} | "
             f"{r.get('seed', 0)} | "
-            f"{r['relu']:,} | {fold:.0f}x | {acc} | {change} | {target} | {r['wall_s']:.0f} |"
+            f"{r['relu']:,} | {fold:.0f}x | {acc} | {change} | {target} | {r['wall_s']:.0f} | "
+            f"{r.get('finetune_attempts', '-')} |"
         )
     spread = seed_spread(result["rows"])
     if spread:

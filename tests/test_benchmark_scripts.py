@@ -67,7 +67,7 @@ def test_pareto_markdown_checks_targets_and_keeps_failed_rows():
     }
     md = pareto.markdown(result)
     assert "shipped pretrained weights" in md
-    assert "| 20x | 94.10% | -0.36 | met (20x, <=0.5) |" in md
+    assert "| 20x | 94.10% | -0.36 | met (20x, <=0.5) | 9 | - |" in md  # no attempts recorded
     assert "| 100x | 93.20% | -1.26 | missed (100x, <=1) |" in md
     assert "| random | poly | channel | 1 | 1,442 | 0 | 1,442 | 100x | failed | - | - |" in md
     result["rows"].append({**row, "seed": 1, "budget": 7212, "relu": 7212, "test_accuracy": 93.8})
