@@ -27,6 +27,7 @@ from rich.table import Table
 from relu_opt import atomic
 from relu_opt.cache import cache_dir
 from relu_opt.data import load_dataset
+from relu_opt.errors import ExportError
 from relu_opt.finetune import FinetuneFailed
 from relu_opt.models import create_model
 from relu_opt.models.pretrained import get_pretrained
@@ -205,7 +206,7 @@ def run_row(model, data, args, strategy: str, granularity: str, budget: int, see
             args.work / f"{strategy}_{args.replace}_{granularity}{suffix}" / f"budget_{budget}",
             base_spec="resnet20",
         )
-    except FinetuneFailed as exc:
+    except (FinetuneFailed, ExportError) as exc:  # a row that fails is a result too, not a crash
         return {
             **row,
             "relu": budget,

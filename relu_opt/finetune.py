@@ -2,10 +2,11 @@
 
 Rewritten networks (many ReLUs replaced by polynomials) can diverge when fine-tuned: compositions of
 polynomials grow without bound once an input leaves the range its polynomial was fitted on, and the loss
-explodes or the network falls to chance. `guarded_fit` runs `train.fit` and treats three outcomes as a
-failed attempt: a non-finite loss, losses lastingly `max_loss_growth` times their earlier median, and a
-validation accuracy that ends near chance. After a failure it restores the weights it started from and
-tries again with the learning rate scaled down, up to `retries` times; if every attempt fails it raises
+explodes or the network falls to chance. `guarded_fit` runs `train.fit` and treats four outcomes as a
+failed attempt: a non-finite loss, losses lastingly `max_loss_growth` times their earlier median, a
+validation accuracy that ends near chance, and an output that overflows on any validation image. After
+a failure it restores the weights it started from and tries again with the learning rate scaled down,
+up to `retries` times; if every attempt fails it raises
 FinetuneFailed, so a collapsed model is never saved as a result.
 
 The guard is the last line. `optimize` first makes collapse unlikely by construction (measured in
@@ -23,11 +24,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from relu_opt.data import Dataset
 from relu_opt.errors import ReluOptError
-from relu_opt.train import TrainConfig, TrainingDiverged, TrainResult, evaluate, fit
+from relu_opt.train import TrainConfig, TrainingDiverged, TrainResult, fit, predict
 
 _CLEARLY_ABOVE_CHANCE = 10.0  # points; below this the baseline itself is near chance and "collapse" means nothing
 
@@ -126,8 +128,14 @@ def guarded_fit(
         else:
             if finalize:
                 finalize(model)
-            val = 100 * evaluate(model, data.val, device=cfg.device)[1]
-            if val < floor and baseline_val - 100.0 / data.num_classes >= _clearly_above_chance(len(data.val)):
+            logits = predict(model, data.val.x, device=cfg.device)
+            val = 100 * float((logits.argmax(1) == data.val.y).float().mean())
+            # A polynomial composition fed far outside its fitted range overflows on a few images while
+            # the accuracy still looks fine; the export's parity check would then refuse the model.
+            overflow = int((~torch.isfinite(logits).all(1)).sum())
+            if overflow:
+                failure = f"the output overflows (NaN or infinite) on {overflow} of {len(logits)} validation images"
+            elif val < floor and baseline_val - 100.0 / data.num_classes >= _clearly_above_chance(len(data.val)):
                 failure = f"validation accuracy {val:.2f}% fell toward chance (below {floor:.2f}%)"
         attempts.append(Attempt(cfg.lr, val, failure))
         if failure is None:
