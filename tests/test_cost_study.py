@@ -21,7 +21,7 @@ def test_epochs_zero_changes_no_weight(tmp_path):
     cfg = OptimizeConfig(budget=100, epochs=0, strategy="random", rank_samples=64, calib_samples=64)
     r = optimize(model, load_dataset("synthetic", n=600), cfg, tmp_path / "o", base_spec="small_cnn", progress=False)
     assert r.relu_after <= 100 < r.relu_before
-    assert r.finetune == {"epochs": 0, "steps": 0}
+    assert r.finetune == {"epochs": 0, "steps": 0, "start": "original"}
     saved = torch.load(tmp_path / "o" / "model.pt", weights_only=True)
     convs = [k for k in before if k.endswith("weight")]
     assert convs
