@@ -6,8 +6,8 @@ explodes or the network falls to chance. `guarded_fit` runs `train.fit` and trea
 failed attempt: a non-finite loss, losses lastingly `max_loss_growth` times their earlier median, a
 validation accuracy that ends near chance, and an output that overflows on any validation image. After
 a failure it restores the weights it started from and tries again with the learning rate scaled down,
-up to `retries` times; if every attempt fails it raises
-FinetuneFailed, so a collapsed model is never saved as a result.
+up to `retries` times; if every attempt fails it raises FinetuneFailed, so a collapsed model is never
+saved as a result.
 
 The guard is the last line. `optimize` first makes collapse unlikely by construction (measured in
 benchmarks/results/finetune_stability.md): BatchNorm statistics stay fixed, so one batch whose polynomial

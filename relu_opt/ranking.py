@@ -360,8 +360,10 @@ def _snl(ctx: RankContext, budget: int | None, epochs: float, keep_weights: bool
     scores = {s: m.alpha.detach().clone() for s, m in sites.items()}
     # replace_sites keeps every other module's name, so the base model's keys pick its trained weights
     # (and BatchNorm statistics) out of the masked model; the masks and fitted replacements stay behind.
-    trained = model.state_dict()
-    weights = {k: v.detach().clone() for k, v in trained.items() if k in ctx.gm.state_dict()} if keep_weights else None
+    weights = None
+    if keep_weights:
+        own = ctx.gm.state_dict().keys()
+        weights = {k: v.detach().clone() for k, v in model.state_dict().items() if k in own}
     site_scores = {s: float(v.mean()) for s, v in scores.items()}
     return Criticality("snl", ctx.granularity, scores, unit, site_scores, weights)
 
