@@ -84,8 +84,14 @@ def main() -> None:
     ap.add_argument("--baseline-epochs", type=int, default=5)
     ap.add_argument("--work", type=Path, default=CACHE / "bench" / "pareto_fashion_resnet20")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument(
+        "--report-only", action="store_true", help="rewrite the JSON, Markdown and plot from the rows measured"
+    )
     args = ap.parse_args()
     console = Console()
+    if args.report_only:
+        rewrite(args.out / "pareto_fashion_resnet20", console)
+        return
     data = load_dataset("fashion-mnist")
     model, base_acc = baseline(data, args.baseline_epochs, console, args.baseline)
     from relu_opt import count
@@ -128,6 +134,17 @@ def main() -> None:
     console.print(f"wrote {stem}.json, .md and .png")
 
 
+def rewrite(stem: Path, console: Console) -> None:
+    """Write the JSON, Markdown and plot again from the rows in the JSON (after the report's format changed)."""
+    path = stem.with_suffix(".json")
+    if not path.is_file():
+        raise SystemExit(f"error: {path} does not exist; run the benchmark first")
+    old = json.loads(path.read_text())
+    b = old["baseline"]
+    write_results(stem, b, old["rows"], b["relu"], b["test_accuracy"], old["complete"], old.get("machine"))
+    console.print(f"rewrote {stem}.json, .md and .png from {len(old['rows'])} rows")
+
+
 def _row_key(row: dict) -> tuple:
     return (
         row["strategy"],
@@ -158,7 +175,15 @@ def earlier_rows(stem: Path, baseline_info: dict) -> list[dict]:
         return []
 
 
-def write_results(stem: Path, baseline_info: dict, rows: list[dict], total: int, base_acc: float, complete: bool):
+def write_results(
+    stem: Path,
+    baseline_info: dict,
+    rows: list[dict],
+    total: int,
+    base_acc: float,
+    complete: bool,
+    machine: dict | None = None,
+):
     """Write the JSON, Markdown and plot for the rows measured so far; `complete` says whether all are in."""
     result = {
         "baseline": baseline_info,
@@ -166,7 +191,7 @@ def write_results(stem: Path, baseline_info: dict, rows: list[dict], total: int,
         "rows": rows,
         "spread": seed_spread(rows),
         "versus_random": versus_random(rows),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+        "machine": machine or {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
     }
     stem.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_json(stem.with_suffix(".json"), result)
@@ -229,12 +254,9 @@ def run_row(model, data, args, strategy: str, granularity: str, budget: int, see
 
 
 def seed_spread(rows: list[dict]) -> list[dict]:
-    """Return min/max test accuracy per (strategy, budget) run with more than one seed."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["strategy"], r["granularity"], r["budget"], r["epochs"]), []).append(r)
+    """Return min, max and mean test accuracy per (strategy, budget) run with more than one seed."""
     out = []
-    for (strategy, granularity, budget, _), rs in groups.items():
+    for (strategy, granularity, budget, _), rs in _by_setting(rows).items():
         if len(rs) < 2:
             continue
         accs = [r["test_accuracy"] for r in rs if r["test_accuracy"] is not None]
@@ -245,35 +267,55 @@ def seed_spread(rows: list[dict]) -> list[dict]:
                 "budget": budget,
                 "seeds": len(rs),
                 "failed": len(rs) - len(accs),
+                "retried": sum(r.get("finetune_attempts", 1) > 1 for r in rs),
                 "min": min(accs) if accs else None,
                 "max": max(accs) if accs else None,
+                "mean": round(sum(accs) / len(accs), 2) if accs else None,
             }
         )
     return out
 
 
+def _by_setting(rows: list[dict]) -> dict[tuple, list[dict]]:
+    """Group rows that differ only in seed (count selector rows and others are kept apart)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r.get("selector", "count") == "count":
+            groups.setdefault((r["strategy"], r["granularity"], r["budget"], r["epochs"]), []).append(r)
+    return groups
+
+
 def versus_random(rows: list[dict]) -> list[dict]:
-    """Return each strategy's seed-0 accuracy beside random's at the same granularity, budget and epochs."""
+    """Return each strategy's accuracy beside random's at the same setting: seed 0, and the seed means."""
 
     def key(r):
         return (r["granularity"], r["budget"], r["epochs"], r.get("selector", "count"))
 
     random = {key(r): r["test_accuracy"] for r in rows if r["strategy"] == "random" and r.get("seed", 0) == 0}
+    means = {(s["strategy"], s["granularity"], s["budget"]): s for s in seed_spread(rows)}
     out = []
     for r in rows:
         ref = random.get(key(r))
         if r["strategy"] == "random" or r.get("seed", 0) != 0 or ref is None or r["test_accuracy"] is None:
             continue
-        out.append(
-            {
-                "strategy": r["strategy"],
-                "granularity": r["granularity"],
-                "budget": r["budget"],
-                "accuracy": r["test_accuracy"],
-                "random": ref,
-                "difference": round(r["test_accuracy"] - ref, 2),
-            }
-        )
+        entry = {
+            "strategy": r["strategy"],
+            "granularity": r["granularity"],
+            "budget": r["budget"],
+            "accuracy": r["test_accuracy"],
+            "random": ref,
+            "difference": round(r["test_accuracy"] - ref, 2),
+        }
+        mine = means.get((r["strategy"], r["granularity"], r["budget"]))
+        theirs = means.get(("random", r["granularity"], r["budget"]))
+        if r.get("selector", "count") == "count" and mine and theirs and mine["mean"] and theirs["mean"]:
+            entry.update(
+                mean=mine["mean"],
+                random_mean=theirs["mean"],
+                mean_difference=round(mine["mean"] - theirs["mean"], 2),
+                seeds=[mine["seeds"] - mine["failed"], theirs["seeds"] - theirs["failed"]],
+            )
+        out.append(entry)
     return out
 
 
@@ -318,21 +360,43 @@ def markdown(result: dict) -> str:
     spread = seed_spread(result["rows"])
     if spread:
         lines += ["", "Spread over seeds (rows run with more than one seed):", ""]
-        lines += ["| strategy | budget | seeds | failed | min | max | spread |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "| strategy | budget | seeds | failed | retried | min | max | mean | spread |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for s in spread:
             lo, hi = s["min"], s["max"]
             lines.append(
-                f"| {s['strategy']} | {s['budget']:,} | {s['seeds']} | {s['failed']} | "
-                + (f"{lo:.2f}% | {hi:.2f}% | {hi - lo:.2f} |" if lo is not None else "- | - | - |")
+                f"| {s['strategy']} | {s['budget']:,} | {s['seeds']} | {s['failed']} | {s.get('retried', 0)} | "
+                + (
+                    f"{lo:.2f}% | {hi:.2f}% | {s['mean']:.2f}% | {hi - lo:.2f} |"
+                    if lo is not None
+                    else "- | - | - | - |"
+                )
             )
     versus = versus_random(result["rows"])
     if versus:
-        lines += ["", "Each strategy against random (same granularity, budget, epochs; seed 0):", ""]
-        lines += ["| strategy | granularity | budget | accuracy | random | difference |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Each strategy against random (same granularity, budget, epochs): seed 0, and the means over the "
+            "seeds both were run with (successful runs counted as strategy/random):",
+            "",
+        ]
+        lines += [
+            "| strategy | granularity | budget | accuracy | random | difference | mean | random mean | "
+            "mean difference | runs |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for v in versus:
+            mean = (
+                f"{v['mean']:.2f}% | {v['random_mean']:.2f}% | {v['mean_difference']:+.2f} | "
+                f"{v['seeds'][0]}/{v['seeds'][1]} |"
+                if "mean" in v
+                else "- | - | - | - |"
+            )
             lines.append(
                 f"| {v['strategy']} | {v['granularity']} | {v['budget']:,} | {v['accuracy']:.2f}% | "
-                f"{v['random']:.2f}% | {v['difference']:+.2f} |"
+                f"{v['random']:.2f}% | {v['difference']:+.2f} | {mean}"
             )
     m = result["machine"]
     lines += ["", f"Measured on {m['cpus']} CPU cores, {m['platform']}, torch {m['torch']}.", ""]

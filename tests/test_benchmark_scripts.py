@@ -78,22 +78,25 @@ def test_pareto_markdown_checks_targets_and_keeps_failed_rows():
             "budget": 7212,
             "seeds": 2,
             "failed": 0,
+            "retried": 0,
             "min": 93.8,
             "max": 94.1,
+            "mean": 93.95,
         }
     ]
-    assert "| taylor | 7,212 | 2 | 0 | 93.80% | 94.10% | 0.30 |" in pareto.markdown(result)
+    assert "| taylor | 7,212 | 2 | 0 | 0 | 93.80% | 94.10% | 93.95% | 0.30 |" in pareto.markdown(result)
     result["rows"].append({**row, "strategy": "random", "budget": 7212, "relu": 7212, "test_accuracy": 93.9})
-    assert pareto.versus_random(result["rows"]) == [
-        {
-            "strategy": "taylor",
-            "granularity": "channel",
-            "budget": 7212,
-            "accuracy": 94.1,
-            "random": 93.9,
-            "difference": 0.2,
-        }
+    seed0 = {"strategy": "taylor", "granularity": "channel", "budget": 7212, "accuracy": 94.1, "random": 93.9}
+    assert pareto.versus_random(result["rows"]) == [{**seed0, "difference": 0.2}]
+    # with seeds on both sides the means are compared too; a failed seed is left out of the mean, not zero
+    result["rows"] += [
+        {**row, "strategy": "random", "seed": 1, "budget": 7212, "relu": 7212, "test_accuracy": 93.5},
+        {**row, "strategy": "random", "seed": 2, "budget": 7212, "relu": 7212, "test_accuracy": None},
     ]
+    assert pareto.versus_random(result["rows"]) == [
+        {**seed0, "difference": 0.2, "mean": 93.95, "random_mean": 93.7, "mean_difference": 0.25, "seeds": [2, 2]}
+    ]
+    assert "| +0.20 | 93.95% | 93.70% | +0.25 | 2/2 |" in pareto.markdown(result)
 
 
 def _load_script(name: str):
