@@ -108,6 +108,7 @@ class Strategy:
     """A ranking strategy: settings in `__init__` (dataclass fields), `rank(ctx)` returns the Criticality."""
 
     name: ClassVar[str] = ""
+    version: ClassVar[int] = 1  # raised when the algorithm changes, so rankings cached by the old one are redone
 
     def rank(self, ctx: RankContext) -> Criticality:
         """Return the Criticality of every site of `ctx`."""
@@ -119,7 +120,9 @@ class Strategy:
 
     def cache_key(self) -> str:
         """Return a short hash of the name and settings, which keys cached rankings."""
-        blob = json.dumps({"strategy": self.name, **self.settings()}, sort_keys=True, default=str)
+        blob = json.dumps(
+            {"strategy": self.name, "version": self.version, **self.settings()}, sort_keys=True, default=str
+        )
         return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
@@ -301,9 +304,12 @@ class LearnableMask(MaskedSite):
 @dataclass(frozen=True)
 class Snl(Strategy):
     """SNL + AutoReP: masks and weights trained together for `epochs` with a lasso weighted until the
-    masks fit `budget` (default: 1/10 of the elements), binarised with hysteresis. With `keep_weights`
-    the trained weights go with the ranking and fine-tuning starts from them."""
+    masks fit `budget` (default: 1/10 of the elements), binarised with hysteresis. The masks stop there
+    (their alphas are the ranking) and the weights train on with the budget's selection for the rest of
+    the epochs. With `keep_weights` the trained weights go with the ranking and fine-tuning starts from
+    them."""
 
+    version: ClassVar[int] = 2  # 1 kept training the masks past the budget, until every alpha was 0
     budget: int | None = None
     epochs: float = 1.0
     keep_weights: bool = True
@@ -330,8 +336,20 @@ def _snl(ctx: RankContext, budget: int | None, epochs: float, keep_weights: bool
     def kept() -> int:
         return sum(int((m.state > 0.5).sum()) * unit[s] for s, m in sites.items())
 
+    def freeze() -> dict[str, Tensor]:
+        # SNL stops the mask search at the budget: the lasso would otherwise push every alpha to 0 (all of
+        # them move at Adam's step size), leaving no ranking and weights trained for no ReLUs at all.
+        # The alphas now are the ranking; the weights train on with exactly what `select` keeps.
+        scores = {s: m.alpha.detach().clone() for s, m in sites.items()}
+        keep = select(Criticality("snl", ctx.granularity, scores, unit), budget)
+        for s, m in sites.items():
+            m.alpha.requires_grad_(False)
+            m.alpha.copy_(keep[s].float())
+            m.state.copy_(keep[s].float())
+        return scores
+
     model.train()
-    step = 0
+    step, scores = 0, None
     with Progress(disable=not ctx.progress, transient=True) as bar:
         task = bar.add_task("snl masks", total=steps)
         while step < steps:
@@ -341,23 +359,27 @@ def _snl(ctx: RankContext, budget: int | None, epochs: float, keep_weights: bool
                 logits = model(x)
                 with torch.no_grad():
                     t = predict(ctx.gm, x)
-                kd = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(t, 1), reduction="batchmean", log_target=True)
-                lasso = sum((m.alpha.clamp(0, 1) * unit[s]).sum() for s, m in sites.items()) / total
-                loss = kd + lam * lasso
+                loss = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(t, 1), reduction="batchmean", log_target=True)
+                if scores is None:
+                    loss = loss + lam * sum((m.alpha.clamp(0, 1) * unit[s]).sum() for s, m in sites.items()) / total
                 opt_w.zero_grad()
                 opt_a.zero_grad()
                 loss.backward()
                 opt_w.step()
-                opt_a.step()
-                with torch.no_grad():
-                    for a in alphas:
-                        a.clamp_(0, 1)
-                # Raise the penalty until the binarised masks fit the budget (SNL's schedule).
-                lam = lam * 1.05 if kept() > budget else lam
+                if scores is None:
+                    opt_a.step()
+                    with torch.no_grad():
+                        for a in alphas:
+                            a.clamp_(0, 1)
+                        if kept() <= budget:
+                            scores = freeze()
+                        else:  # raise the penalty until the binarised masks fit the budget (SNL's schedule)
+                            lam *= 1.05
                 step += 1
                 bar.advance(task)
     model.eval()
-    scores = {s: m.alpha.detach().clone() for s, m in sites.items()}
+    if scores is None:  # the budget was not reached in `epochs`: the alphas as they are rank the units
+        scores = {s: m.alpha.detach().clone() for s, m in sites.items()}
     # replace_sites keeps every other module's name, so the base model's keys pick its trained weights
     # (and BatchNorm statistics) out of the masked model; the masks and fitted replacements stay behind.
     weights = None
