@@ -19,7 +19,9 @@ composition of polynomials stays bounded; eval and export compute the bare polyn
 from __future__ import annotations
 
 import copy
+import math
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from relu_opt import atomic
 from relu_opt.data import Dataset
 from relu_opt.errors import ReluOptError
 from relu_opt.train import TrainConfig, TrainingDiverged, TrainResult, fit, predict
@@ -45,6 +48,7 @@ class Attempt:
     lr: float
     val_accuracy: float | None
     failure: str | None
+    from_epoch: int = 0  # the epoch it went on from (0: the start)
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,38 @@ def _attempt_checkpoint(checkpoint: Path | None, attempt: int) -> Path | None:
     return checkpoint.with_name(f"{checkpoint.stem}.retry{attempt}{checkpoint.suffix}")
 
 
+def _snapshot(checkpoint: Path) -> Path:
+    return checkpoint.with_name(f"{checkpoint.stem}.last-epoch{checkpoint.suffix}")
+
+
+def _good_epoch(snapshot: Path | None, floor: float) -> int:
+    """Return the epoch saved in `snapshot` if its validation was finite and above `floor` (%), else 0."""
+    if snapshot is None or not snapshot.is_file():
+        return 0
+    try:
+        state = torch.load(snapshot, map_location="cpu", weights_only=False)
+        last = state["history"][-1]
+        good = math.isfinite(last["val_loss"]) and 100 * last["val_acc"] >= floor
+        return int(state["epoch"]) if good and not state.get("step") else 0
+    except (OSError, RuntimeError, KeyError, IndexError, TypeError, ValueError, EOFError):
+        return 0
+
+
+def _scaled_checkpoint(snapshot: Path, target: Path, factor: float) -> None:
+    """Write `snapshot` to `target` with every learning rate of its optimizer and schedule times `factor`."""
+    state = torch.load(snapshot, map_location="cpu", weights_only=False)
+    for group in state["optimizer"]["param_groups"]:
+        for key in ("lr", "initial_lr", "max_lr", "min_lr"):
+            if key in group:
+                group[key] *= factor
+    sched = state.get("scheduler") or {}
+    for key in ("base_lrs", "_last_lr"):
+        if key in sched:
+            sched[key] = [lr * factor for lr in sched[key]]
+    state["recent_losses"] = []  # the loss-explosion reference starts again at the new rate
+    atomic.save_torch(state, target)
+
+
 def guarded_fit(
     model: nn.Module,
     data: Dataset,
@@ -111,6 +147,8 @@ def guarded_fit(
     start = copy.deepcopy(model.state_dict())
     floor = collapse_threshold(baseline_val, data.num_classes, collapse_fraction)
     attempts: list[Attempt] = []
+    user_epoch_start = fit_kwargs.pop("on_epoch_start", None)
+    good: tuple[Path, int, int] | None = None  # (copy of a good epoch's checkpoint, its epoch, its attempt)
     for attempt in range(retries + 1):
         scale = lr_factor**attempt
         cfg = copy.copy(config)
@@ -120,9 +158,31 @@ def guarded_fit(
             [{**g, "lr": g["lr"] * scale} if "lr" in g else dict(g) for g in param_groups] if param_groups else None
         )
         path = _attempt_checkpoint(ckpt, attempt)
+        snap = _snapshot(path) if path is not None else None
+        from_epoch = 0
+        if good is not None and path is not None:
+            _scaled_checkpoint(good[0], path, lr_factor ** (attempt - good[2]))
+            from_epoch = good[1]
+
+        def on_epoch_start(epoch: int, frac: float, path=path, snap=snap) -> None:
+            # the checkpoint on disk now holds the epoch just finished; keep it in case a later one collapses
+            if epoch > 0 and snap is not None and path.is_file():
+                shutil.copyfile(path, snap)
+            if user_epoch_start:
+                user_epoch_start(epoch, frac)
+
         failure, val = None, None
         try:
-            result = fit(model, data, cfg, checkpoint=path, resume=True, param_groups=groups, **fit_kwargs)
+            result = fit(
+                model,
+                data,
+                cfg,
+                checkpoint=path,
+                resume=True,
+                param_groups=groups,
+                on_epoch_start=on_epoch_start,
+                **fit_kwargs,
+            )
         except TrainingDiverged as exc:
             failure = str(exc)
         else:
@@ -137,13 +197,25 @@ def guarded_fit(
                 failure = f"the output overflows (NaN or infinite) on {overflow} of {len(logits)} validation images"
             elif val < floor and baseline_val - 100.0 / data.num_classes >= _clearly_above_chance(len(data.val)):
                 failure = f"validation accuracy {val:.2f}% fell toward chance (below {floor:.2f}%)"
-        attempts.append(Attempt(cfg.lr, val, failure))
+        attempts.append(Attempt(cfg.lr, val, failure, from_epoch))
         if failure is None:
+            for old in {g for g in (snap, good and good[0]) if g is not None}:
+                old.unlink(missing_ok=True)
             return GuardedResult(result, tuple(attempts), val)
-        log(f"fine-tuning attempt {attempt + 1} at lr {cfg.lr:.3g} failed ({failure}); rolling back")
+        epoch = _good_epoch(snap, floor)
+        if epoch:
+            if good is not None:
+                good[0].unlink(missing_ok=True)
+            good = (snap, epoch, attempt)
+        elif snap is not None:
+            snap.unlink(missing_ok=True)
+        where = f"epoch {good[1]}" if good else "the start"
+        log(f"fine-tuning attempt {attempt + 1} at lr {cfg.lr:.3g} failed ({failure}); rolling back to {where}")
         model.load_state_dict(start)
         if path is not None:
             path.unlink(missing_ok=True)
+    if good is not None:
+        good[0].unlink(missing_ok=True)
     tried = ", ".join(f"lr {a.lr:.3g}: {a.failure}" for a in attempts)
     raise FinetuneFailed(
         f"fine-tuning diverged on all {len(attempts)} attempts ({tried}); nothing was saved. "

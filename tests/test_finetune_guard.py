@@ -60,6 +60,42 @@ def test_rollback_then_retry_at_a_lower_lr_succeeds(synthetic, tmp_path):
     assert result.to_dict()["attempts"][0]["failure"]
 
 
+def test_a_collapse_after_a_good_epoch_rolls_back_to_that_epoch_not_the_start(synthetic, tmp_path):
+    def linear():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(144, 4))
+
+    cfg = TrainConfig(epochs=3, lr=0.05)
+    clean = fit(linear(), synthetic, cfg, progress=False)
+    steps_per_epoch = len(synthetic.train) // cfg.batch_size + 1
+    calls = []
+
+    def nan_in_epoch_2_once(logits, x, y):
+        calls.append(1)
+        ce = torch.nn.functional.cross_entropy(logits, y)
+        return ce * float("nan") if len(calls) == steps_per_epoch + 2 else ce
+
+    logged = []
+    result = guarded_fit(
+        linear(),
+        synthetic,
+        cfg,
+        baseline_val=60.0,
+        checkpoint=tmp_path / "ft.ckpt",
+        loss_fn=nan_in_epoch_2_once,
+        log=logged.append,
+        progress=False,
+    )
+    first, second = result.attempts
+    assert "nan" in first.failure and first.from_epoch == 0
+    assert second.failure is None and second.from_epoch == 1 and "rolling back to epoch 1" in logged[0]
+    assert [e.epoch for e in result.train.history] == [1, 2, 3] and result.train.resumed_from == 1
+    # epoch 1 is kept as the first attempt trained it
+    assert dataclasses.replace(result.train.history[0], seconds=0) == dataclasses.replace(clean.history[0], seconds=0)
+    assert result.train.history[1].lr == pytest.approx(0.3 * clean.history[1].lr)  # the rest at 0.3x the rate
+    assert [p.name for p in tmp_path.iterdir()] == ["ft.retry1.ckpt"]  # the epoch's copy is gone
+
+
 def test_every_attempt_failing_raises_and_restores_the_weights(synthetic, tmp_path):
     model = create_model("small_cnn", num_classes=4, in_channels=1)
     start = {k: v.clone() for k, v in model.state_dict().items()}
