@@ -205,6 +205,7 @@ def test_snl_trains_weights_with_its_masks_and_fine_tuning_starts_from_them(trai
     assert set(crit.weights) == set(base)
     changed = [k for k in base if k.endswith("conv1.weight") and not torch.equal(crit.weights[k], base[k])]
     assert changed  # the weights were trained beside the masks
+    assert all(torch.equal(crit.weights[k], base[k]) for k in base if "running_" in k)  # statistics stay fixed
     assert rank(ctx, make_strategy("snl", budget=500, epochs=0.5, keep_weights=False)).weights is None
     assert rank(ctx, make_strategy("taylor")).weights is None
 
