@@ -309,8 +309,9 @@ class Snl(Strategy):
     the epochs. With `keep_weights` the trained weights go with the ranking and fine-tuning starts from
     them."""
 
-    # 1 kept training the masks past the budget, until every alpha was 0; 2 let BatchNorm statistics move
-    version: ClassVar[int] = 3
+    # 1 kept training the masks past the budget, until every alpha was 0; 2 let BatchNorm statistics move;
+    # 3 distilled without the labels' loss, so all masks flipped at once
+    version: ClassVar[int] = 4
     budget: int | None = None
     epochs: float = 1.0
     keep_weights: bool = True
@@ -359,18 +360,27 @@ def _snl(ctx: RankContext, budget: int | None, epochs: float, keep_weights: bool
     with Progress(disable=not ctx.progress, transient=True) as bar:
         task = bar.add_task("snl masks", total=steps)
         while step < steps:
-            for x, _y in batches(train, 128, shuffle=True, generator=gen):
+            for x, y in batches(train, 128, shuffle=True, generator=gen):
                 if step >= steps:
                     break
                 logits = model(x)
                 with torch.no_grad():
                     t = predict(ctx.gm, x)
+                # The student starts as the teacher, so distillation alone gives the masks no gradient: every
+                # alpha then moved at Adam's step and all crossed together (144,256 ReLUs kept, then none, and
+                # the weights went NaN). The labels' loss tells the channels apart from the first step.
                 loss = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(t, 1), reduction="batchmean", log_target=True)
+                loss = loss + F.cross_entropy(logits, y)
                 if scores is None:
                     loss = loss + lam * sum((m.alpha.clamp(0, 1) * unit[s]).sum() for s, m in sites.items()) / total
                 opt_w.zero_grad()
                 opt_a.zero_grad()
+                if not torch.isfinite(loss):  # a batch that overflows while masks flip is skipped, not learned
+                    step += 1
+                    bar.advance(task)
+                    continue
                 loss.backward()
+                nn.utils.clip_grad_norm_(weights, 5.0)
                 opt_w.step()
                 if scores is None:
                     opt_a.step()
@@ -392,6 +402,8 @@ def _snl(ctx: RankContext, budget: int | None, epochs: float, keep_weights: bool
     if keep_weights:
         own = ctx.gm.state_dict().keys()
         weights = {k: v.detach().clone() for k, v in model.state_dict().items() if k in own}
+        if not all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()):
+            weights = None  # training overflowed: fine-tuning starts from the original weights instead
     site_scores = {s: float(v.mean()) for s, v in scores.items()}
     return Criticality("snl", ctx.granularity, scores, unit, site_scores, weights)
 

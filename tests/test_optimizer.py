@@ -191,10 +191,10 @@ def test_snl_stops_its_masks_at_the_budget_so_they_still_rank_the_units(trained,
     gm = propagate_shapes(trace(trained), synthetic.train.x[:1])
     ctx = RankContext(gm, synthetic, "channel", lambda s: None, samples=64, progress=False)
     crit = rank(ctx, make_strategy("snl", budget=1000, epochs=150))  # 150 steps; the budget is met near 60
-    flat = torch.cat([v.reshape(-1) for v in crit.scores.values()])
-    assert int((flat == 0).sum()) < len(flat) // 10 and len(torch.unique(flat)) > len(flat) // 2
     keep = select(crit, 1000)
     assert 900 < sum(int(k.sum()) * crit.unit_elements[s] for s, k in keep.items()) <= 1000
+    kept_scores = torch.cat([crit.scores[s][k] for s, k in keep.items()])
+    assert (kept_scores > 0).all()  # the budget is filled by the masks' order, not by ties at 0
 
 
 def test_snl_trains_weights_with_its_masks_and_fine_tuning_starts_from_them(trained, synthetic, tmp_path):
