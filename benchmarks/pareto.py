@@ -330,8 +330,9 @@ def markdown(result: dict) -> str:
         f"({source}). "
         "Replacement, granularity and fine-tuning epochs (distillation from the baseline) as listed; ReLUs "
         "counted on the exported ONNX graph. Targets: >=20x fewer ReLUs within 0.5 points, >=100x within 1 point. "
-        "attempts: fine-tuning attempts the row needed (a failed attempt is rolled back and retried at 0.3x "
-        "the learning rate; the JSON's finetune_failures says why, for rows run since it was recorded). "
+        "attempts: fine-tuning attempts the row needed (a failed attempt is rolled back to its last good epoch, "
+        "or the start when none was good, and goes on at 0.3x the learning rate; rows measured before "
+        "2026-12-01 restarted from the start; the JSON's finetune_failures says why, where recorded). "
         "snl rows first train masks and weights together (images and epochs in the JSON's rank_samples and "
         "rank_epochs); their fine-tuning starts from those weights."
         + ("" if result.get("complete", True) else " **Incomplete: the benchmark is still running or was stopped.**"),
