@@ -30,8 +30,9 @@ import torch
 from torch import nn
 
 from relu_opt import atomic
+from relu_opt.checked_io import load_torch
 from relu_opt.data import Dataset
-from relu_opt.errors import ReluOptError
+from relu_opt.errors import CorruptFileError, ReluOptError
 from relu_opt.train import TrainConfig, TrainingDiverged, TrainResult, fit, predict
 
 _CLEARLY_ABOVE_CHANCE = 10.0  # points; below this the baseline itself is near chance and "collapse" means nothing
@@ -94,22 +95,25 @@ def _snapshot(checkpoint: Path) -> Path:
     return checkpoint.with_name(f"{checkpoint.stem}.last-epoch{checkpoint.suffix}")
 
 
-def _good_epoch(snapshot: Path | None, floor: float) -> int:
-    """Return the epoch saved in `snapshot` if its validation was finite and above `floor` (%), else 0."""
+def _good_epoch(snapshot: Path | None, floor: float) -> dict | None:
+    """Return the checkpoint in `snapshot` (removing the file) if its epoch's validation loss was finite
+    and its accuracy above `floor` (%), else None."""
     if snapshot is None or not snapshot.is_file():
-        return 0
+        return None
     try:
-        state = torch.load(snapshot, map_location="cpu", weights_only=False)
-        last = state["history"][-1]
-        good = math.isfinite(last["val_loss"]) and 100 * last["val_acc"] >= floor
-        return int(state["epoch"]) if good and not state.get("step") else 0
-    except (OSError, RuntimeError, KeyError, IndexError, TypeError, ValueError, EOFError):
-        return 0
+        state = load_torch(snapshot, "epoch checkpoint", keys=("history", "epoch", "optimizer"))
+    except CorruptFileError:
+        return None
+    finally:
+        snapshot.unlink(missing_ok=True)
+    last = state["history"][-1] if state["history"] else None
+    good = last is not None and math.isfinite(last["val_loss"]) and 100 * last["val_acc"] >= floor
+    return state if good and not state.get("step") else None
 
 
-def _scaled_checkpoint(snapshot: Path, target: Path, factor: float) -> None:
-    """Write `snapshot` to `target` with every learning rate of its optimizer and schedule times `factor`."""
-    state = torch.load(snapshot, map_location="cpu", weights_only=False)
+def _scaled_checkpoint(state: dict, target: Path, factor: float) -> None:
+    """Write checkpoint `state` to `target` with every learning rate of its optimizer and schedule times `factor`."""
+    state = copy.deepcopy(state)  # a later retry may scale the same epoch again
     for group in state["optimizer"]["param_groups"]:
         for key in ("lr", "initial_lr", "max_lr", "min_lr"):
             if key in group:
@@ -148,7 +152,7 @@ def guarded_fit(
     floor = collapse_threshold(baseline_val, data.num_classes, collapse_fraction)
     attempts: list[Attempt] = []
     user_epoch_start = fit_kwargs.pop("on_epoch_start", None)
-    good: tuple[Path, int, int] | None = None  # (copy of a good epoch's checkpoint, its epoch, its attempt)
+    good: tuple[dict, int] | None = None  # (a good epoch's checkpoint, the attempt that wrote it)
     for attempt in range(retries + 1):
         scale = lr_factor**attempt
         cfg = copy.copy(config)
@@ -161,8 +165,8 @@ def guarded_fit(
         snap = _snapshot(path) if path is not None else None
         from_epoch = 0
         if good is not None and path is not None:
-            _scaled_checkpoint(good[0], path, lr_factor ** (attempt - good[2]))
-            from_epoch = good[1]
+            _scaled_checkpoint(good[0], path, lr_factor ** (attempt - good[1]))
+            from_epoch = int(good[0]["epoch"])
 
         def on_epoch_start(epoch: int, frac: float, path=path, snap=snap) -> None:
             # the checkpoint on disk now holds the epoch just finished; keep it in case a later one collapses
@@ -199,23 +203,17 @@ def guarded_fit(
                 failure = f"validation accuracy {val:.2f}% fell toward chance (below {floor:.2f}%)"
         attempts.append(Attempt(cfg.lr, val, failure, from_epoch))
         if failure is None:
-            for old in {g for g in (snap, good and good[0]) if g is not None}:
-                old.unlink(missing_ok=True)
+            if snap is not None:
+                snap.unlink(missing_ok=True)
             return GuardedResult(result, tuple(attempts), val)
-        epoch = _good_epoch(snap, floor)
-        if epoch:
-            if good is not None:
-                good[0].unlink(missing_ok=True)
-            good = (snap, epoch, attempt)
-        elif snap is not None:
-            snap.unlink(missing_ok=True)
-        where = f"epoch {good[1]}" if good else "the start"
+        state = _good_epoch(snap, floor)
+        if state is not None:
+            good = (state, attempt)
+        where = f"epoch {good[0]['epoch']}" if good else "the start"
         log(f"fine-tuning attempt {attempt + 1} at lr {cfg.lr:.3g} failed ({failure}); rolling back to {where}")
         model.load_state_dict(start)
         if path is not None:
             path.unlink(missing_ok=True)
-    if good is not None:
-        good[0].unlink(missing_ok=True)
     tried = ", ".join(f"lr {a.lr:.3g}: {a.failure}" for a in attempts)
     raise FinetuneFailed(
         f"fine-tuning diverged on all {len(attempts)} attempts ({tried}); nothing was saved. "
