@@ -34,7 +34,7 @@ from relu_opt.graph import eval_mode, register_leaf
 from relu_opt.passes.replace import replace_sites, site_op
 from relu_opt.plan import mask_shape
 from relu_opt.sites import SiteInfo, find_sites
-from relu_opt.train import evaluate, predict
+from relu_opt.train import evaluate, freeze_batchnorm, predict
 
 
 @dataclass(frozen=True)
@@ -351,11 +351,9 @@ def _snl(ctx: RankContext, budget: int | None, epochs: float, keep_weights: bool
         return scores
 
     model.train()
-    for m in model.modules():
-        # Fixed statistics, as in fine-tuning: in training mode a batch whose polynomial inputs left their
-        # range raised running variances 100-fold (measured on ResNet-20), and evaluation fell to chance.
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
+    # Fixed statistics, as in fine-tuning: in training mode a batch whose polynomial inputs left their
+    # range raised running variances 100-fold (measured on ResNet-20), and evaluation fell to chance.
+    freeze_batchnorm(model)
     step, scores = 0, None
     with Progress(disable=not ctx.progress, transient=True) as bar:
         task = bar.add_task("snl masks", total=steps)

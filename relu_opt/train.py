@@ -173,6 +173,13 @@ def _ce(logits: Tensor, x: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(logits, y)
 
 
+def freeze_batchnorm(model: nn.Module) -> None:
+    """Put every BatchNorm layer of `model` in eval mode, so training leaves its running statistics as they are."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
 def fit(
     model: nn.Module,
     data: Dataset,
@@ -299,9 +306,7 @@ def fit(
                     on_epoch_start(epoch, epoch / config.epochs)
                 model.train()
                 if config.freeze_bn:
-                    for m in model.modules():
-                        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                            m.eval()
+                    freeze_batchnorm(model)
                 for step, (x, y) in enumerate(
                     batches(train, config.batch_size, shuffle=True, generator=gen, augment=data.augment)
                 ):
