@@ -308,7 +308,7 @@ def versus_random(rows: list[dict]) -> list[dict]:
         }
         mine = means.get((r["strategy"], r["granularity"], r["budget"]))
         theirs = means.get(("random", r["granularity"], r["budget"]))
-        if r.get("selector", "count") == "count" and mine and theirs and mine["mean"] and theirs["mean"]:
+        if r.get("selector", "count") == "count" and mine and theirs and None not in (mine["mean"], theirs["mean"]):
             entry.update(
                 mean=mine["mean"],
                 random_mean=theirs["mean"],
