@@ -80,6 +80,12 @@ def main() -> None:
         default=0,
         help="training images snl trains masks and weights on (0: the whole training split, as SNL does)",
     )
+    ap.add_argument(
+        "--range-weight",
+        type=float,
+        default=0.0,
+        help="fine-tuning loss weight of polynomial inputs past their fitted range (OptimizeConfig.range_weight)",
+    )
     ap.add_argument("--snl-epochs", type=float, default=1.0, help="epochs of snl's joint mask and weight training")
     ap.add_argument("--baseline-epochs", type=int, default=5)
     ap.add_argument("--work", type=Path, default=CACHE / "bench" / "pareto_fashion_resnet20")
@@ -156,6 +162,7 @@ def _row_key(row: dict) -> tuple:
         row["epochs"],
         row.get("rank_samples"),
         row.get("rank_epochs"),
+        row.get("range_weight", 0.0),
     )
 
 
@@ -216,13 +223,17 @@ def run_row(model, data, args, strategy: str, granularity: str, budget: int, see
         seed=seed,
         max_drop=args.max_drop,
         selector=args.selector,
+        range_weight=args.range_weight,
     )
     row = {"strategy": strategy, "replace": args.replace, "granularity": granularity, "budget": budget}
     row.update(seed=seed, epochs=args.epochs, selector=args.selector)
+    if args.range_weight:
+        row.update(range_weight=args.range_weight)
     if strategy == "snl":  # SNL trains masks and weights together on the training split before fine-tuning
         cfg = replace(cfg, rank_samples=args.snl_samples or len(data.train), rank_epochs=args.snl_epochs)
         row.update(rank_samples=cfg.rank_samples, rank_epochs=cfg.rank_epochs)
     suffix = (f"_seed{seed}" if seed else "") + ("" if args.selector == "count" else f"_{args.selector}")
+    suffix += f"_range{args.range_weight:g}" if args.range_weight else ""
     try:
         r = optimize(
             model,

@@ -33,7 +33,7 @@ from relu_opt import atomic
 from relu_opt.checked_io import load_torch
 from relu_opt.data import Dataset
 from relu_opt.errors import CorruptFileError, ReluOptError
-from relu_opt.train import TrainConfig, TrainingDiverged, TrainResult, fit, predict
+from relu_opt.train import LossFn, TrainConfig, TrainingDiverged, TrainResult, fit, predict
 
 _CLEARLY_ABOVE_CHANCE = 10.0  # points; below this the baseline itself is near chance and "collapse" means nothing
 
@@ -50,6 +50,7 @@ class Attempt:
     val_accuracy: float | None
     failure: str | None
     from_epoch: int = 0  # the epoch it went on from (0: the start)
+    retry_loss: bool = False  # trained with guarded_fit's `retry_loss_fn` (e.g. with a range penalty)
 
 
 @dataclass(frozen=True)
@@ -140,9 +141,12 @@ def guarded_fit(
     max_loss_growth: float = 50.0,
     collapse_fraction: float = 0.25,
     log: Callable[[str], None] = lambda _m: None,
+    retry_loss_fn: LossFn | None = None,
     **fit_kwargs,
 ) -> GuardedResult:
     """Fine-tune `model` in place with rollback and retries; returns the GuardedResult.
+
+    Retries train with `retry_loss_fn` where given (a safer loss than the first attempt's `loss_fn`).
 
     `finalize(model)` runs after each attempt's training and before its evaluation (e.g. to end an
     annealing schedule). Checkpoints of failed attempts are removed, so a resumed run does not pick up a
@@ -176,6 +180,7 @@ def guarded_fit(
                 user_epoch_start(epoch, frac)
 
         failure, val = None, None
+        safer = attempt > 0 and retry_loss_fn is not None
         try:
             result = fit(
                 model,
@@ -185,7 +190,7 @@ def guarded_fit(
                 resume=True,
                 param_groups=groups,
                 on_epoch_start=on_epoch_start,
-                **fit_kwargs,
+                **({**fit_kwargs, "loss_fn": retry_loss_fn} if safer else fit_kwargs),
             )
         except TrainingDiverged as exc:
             failure = str(exc)
@@ -201,7 +206,7 @@ def guarded_fit(
                 failure = f"the output overflows (NaN or infinite) on {overflow} of {len(logits)} validation images"
             elif val < floor and baseline_val - 100.0 / data.num_classes >= _clearly_above_chance(len(data.val)):
                 failure = f"validation accuracy {val:.2f}% fell toward chance (below {floor:.2f}%)"
-        attempts.append(Attempt(cfg.lr, val, failure, from_epoch))
+        attempts.append(Attempt(cfg.lr, val, failure, from_epoch, safer))
         if failure is None:
             if snap is not None:
                 snap.unlink(missing_ok=True)

@@ -60,6 +60,33 @@ def test_rollback_then_retry_at_a_lower_lr_succeeds(synthetic, tmp_path):
     assert result.to_dict()["attempts"][0]["failure"]
 
 
+def test_retries_train_with_the_safer_loss(synthetic, tmp_path):
+    # The first attempt's loss is NaN from the first step; the retry's loss is the plain one.
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(144, 4))
+    calls = {"first": 0, "retry": 0}
+
+    def first(logits, x, y):
+        calls["first"] += 1
+        return torch.nn.functional.cross_entropy(logits, y) * float("nan")
+
+    def retry(logits, x, y):
+        calls["retry"] += 1
+        return torch.nn.functional.cross_entropy(logits, y)
+
+    result = guarded_fit(
+        model,
+        synthetic,
+        TrainConfig(epochs=1, max_train=64, batch_size=16),
+        baseline_val=30.0,
+        checkpoint=tmp_path / "ft.ckpt",
+        loss_fn=first,
+        retry_loss_fn=retry,
+        progress=False,
+    )
+    assert calls == {"first": 1, "retry": 4}  # one step of the first attempt, the retry's whole epoch
+    assert [(a.failure is None, a.retry_loss) for a in result.attempts] == [(False, False), (True, True)]
+
+
 def test_a_collapse_after_a_good_epoch_rolls_back_to_that_epoch_not_the_start(synthetic, tmp_path):
     def linear():
         torch.manual_seed(0)
