@@ -5,9 +5,10 @@ polynomials grow without bound once an input leaves the range its polynomial was
 explodes or the network falls to chance. `guarded_fit` runs `train.fit` and treats four outcomes as a
 failed attempt: a non-finite loss, losses lastingly `max_loss_growth` times their earlier median, a
 validation accuracy that ends near chance, and an output that overflows on any validation image. After
-a failure it restores the weights it started from and tries again with the learning rate scaled down,
-up to `retries` times; if every attempt fails it raises FinetuneFailed, so a collapsed model is never
-saved as a result.
+a failure it goes back to the last good epoch (or the start) and tries again with the learning rate scaled
+down and, where the caller gives one, a safer loss (`optimize`: with the range penalty of
+relu_opt/range_penalty.py), up to `retries` times; if every attempt fails it raises FinetuneFailed, so a
+collapsed model is never saved as a result.
 
 The guard is the last line. `optimize` first makes collapse unlikely by construction (measured in
 benchmarks/results/finetune_stability.md): BatchNorm statistics stay fixed, so one batch whose polynomial
