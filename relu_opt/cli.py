@@ -777,6 +777,14 @@ def optimize_cmd(
         ),
     ] = 1.0,
     max_train: Annotated[int | None, typer.Option("--max-train", help="Fine-tune on the first N examples.")] = None,
+    range_weight: Annotated[
+        float,
+        typer.Option(
+            "--range-weight",
+            help="Loss weight of polynomial inputs past the range they were fitted on, from the first "
+            "fine-tuning attempt (default 0: only retries add it, at 1.0; see README, fine-tuning guard).",
+        ),
+    ] = 0.0,
     max_drop: MaxDropOpt = None,
     device: DeviceOpt = "cpu",
     kinds: Annotated[
@@ -814,6 +822,7 @@ def optimize_cmd(
     validation.check_int("--rank-samples", rank_samples)
     validation.check_float("--snl-epochs", snl_epochs)
     validation.check_int("--max-train", max_train)
+    validation.check_float("--range-weight", range_weight, above=None, minimum=0.0)
     validation.check_output_dir(output)
     _check_device(device)
     ds, net, name, _ = _data_and_model(model, data, data_dir, weights, pretrained, input_shape)
@@ -833,6 +842,7 @@ def optimize_cmd(
         rank_samples=rank_samples,
         rank_epochs=snl_epochs,
         max_train=max_train,
+        range_weight=range_weight,
         max_drop=max_drop,
         device=_check_device(device),
         kinds=_parse_kinds(kinds),

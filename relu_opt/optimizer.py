@@ -187,6 +187,7 @@ def check_config(config: OptimizeConfig) -> None:
         v.check_float(name, getattr(config, name))
     v.check_float("kd_alpha", config.kd_alpha, above=None, maximum=1.0)
     v.check_float("anneal", config.anneal, above=None, maximum=1.0)
+    v.check_float("range_weight", config.range_weight, above=None, minimum=0.0)
     for name in ("batch_size", "rank_samples", "calib_samples", "max_train"):
         v.check_int(name, getattr(config, name))
     from relu_opt.selection import SELECTORS

@@ -50,3 +50,15 @@ def test_the_option_leaves_cached_work_keys_alone_until_it_is_set():
     assert base.range_weight == 0.0
     assert base.key() == "91e7115732"  # the key before the option existed: finished rows are not redone
     assert OptimizeConfig(budget=100, range_weight=1.0).key() != base.key()
+
+
+def test_a_negative_range_weight_is_refused_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from relu_opt.cli import app
+
+    args = ["optimize", "resnet20", "-o", str(tmp_path / "o"), "--budget", "100", "--data", "synthetic"]
+    r = CliRunner().invoke(app, [*args, "--input-shape", "1,1,12,12", "--range-weight", "-1"])
+    assert r.exit_code != 0
+    assert "--range-weight -1 must be at least 0" in r.output
+    assert not (tmp_path / "o").exists()
