@@ -267,7 +267,7 @@ def run_row(model, data, args, strategy: str, granularity: str, budget: int, see
 def seed_spread(rows: list[dict]) -> list[dict]:
     """Return min, max and mean test accuracy per (strategy, budget) run with more than one seed."""
     out = []
-    for (strategy, granularity, budget, _), rs in _by_setting(rows).items():
+    for (strategy, granularity, budget, *_), rs in _by_setting(rows).items():
         if len(rs) < 2:
             continue
         accs = [r["test_accuracy"] for r in rs if r["test_accuracy"] is not None]
@@ -288,11 +288,12 @@ def seed_spread(rows: list[dict]) -> list[dict]:
 
 
 def _by_setting(rows: list[dict]) -> dict[tuple, list[dict]]:
-    """Group rows that differ only in seed (count selector rows and others are kept apart)."""
+    """Group count-selector rows that differ only in seed (latency-selector rows are left out)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if r.get("selector", "count") == "count":
-            groups.setdefault((r["strategy"], r["granularity"], r["budget"], r["epochs"]), []).append(r)
+            key = (r["strategy"], r["granularity"], r["budget"], r["epochs"], r.get("range_weight", 0.0))
+            groups.setdefault(key, []).append(r)
     return groups
 
 
@@ -300,7 +301,7 @@ def versus_random(rows: list[dict]) -> list[dict]:
     """Return each strategy's accuracy beside random's at the same setting: seed 0, and the seed means."""
 
     def key(r):
-        return (r["granularity"], r["budget"], r["epochs"], r.get("selector", "count"))
+        return (r["granularity"], r["budget"], r["epochs"], r.get("selector", "count"), r.get("range_weight", 0.0))
 
     random = {key(r): r["test_accuracy"] for r in rows if r["strategy"] == "random" and r.get("seed", 0) == 0}
     means = {(s["strategy"], s["granularity"], s["budget"]): s for s in seed_spread(rows)}

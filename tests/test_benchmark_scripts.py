@@ -97,6 +97,9 @@ def test_pareto_markdown_checks_targets_and_keeps_failed_rows():
         {**seed0, "difference": 0.2, "mean": 93.95, "random_mean": 93.7, "mean_difference": 0.25, "seeds": [2, 2]}
     ]
     assert "| +0.20 | 93.95% | 93.70% | +0.25 | 2/2 |" in pareto.markdown(result)
+    # a row fine-tuned with the range penalty is another setting: not a seed of the plain rows
+    result["rows"].append({**row, "seed": 2, "budget": 7212, "relu": 7212, "test_accuracy": 90.0, "range_weight": 1.0})
+    assert [s["seeds"] for s in pareto.seed_spread(result["rows"]) if s["strategy"] == "taylor"] == [2]
 
 
 def _load_script(name: str):
