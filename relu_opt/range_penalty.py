@@ -42,7 +42,8 @@ def range_penalty(model: nn.Module, train_range: float) -> Iterator[Callable[[],
         r = rep.input_range / train_range
         if r.numel() > 1:
             r = r.reshape((-1,) + (1,) * (x.dim() - 2))
-        over = torch.relu(x.abs() / r - 1) * (1 - site.mask)
+        # a channel that was all zeros in calibration has no range to keep to (its clamp is 0 anyway)
+        over = torch.where(r > 0, torch.relu(x.abs() / r.clamp_min(1e-30) - 1), 0.0) * (1 - site.mask)
         # Each image's worst element: an overflow starts at one element of one image, which a mean over
         # all elements (tried first, weight 1) diluted until it moved nothing.
         excess.append(over.flatten(1).amax(1).square().mean())

@@ -30,6 +30,10 @@ def test_only_replaced_elements_past_their_fitted_range_count():
         assert float(excess()) == 0.0  # evaluation is not penalised
     assert abs(float(got) - (3.0 / 1.0 - 1) ** 2) < 1e-6  # the image's worst replaced element
     assert not site._forward_pre_hooks  # the hooks go with the context
+    dead = _site([0.0, 0.0], clamp=[0.0, 2.0]).train()  # channel 0 was all zeros in calibration
+    with range_penalty(dead, train_range=2.0) as excess:
+        dead(torch.tensor([5.0, 2.0]).view(1, 2, 1, 1))
+        assert float(excess()) == 1.0  # channel 1 is 2x its range; channel 0 is not penalised (nor NaN)
 
 
 def test_an_input_past_the_clamp_still_gets_a_gradient_back_into_range():
