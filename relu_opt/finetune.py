@@ -51,7 +51,7 @@ class Attempt:
     val_accuracy: float | None
     failure: str | None
     from_epoch: int = 0  # the epoch it went on from (0: the start)
-    retry_loss: bool = False  # trained with guarded_fit's `retry_loss_fn` (e.g. with a range penalty)
+    retry_loss: bool = False  # trained with the loss of guarded_fit's `retry_loss_fn` (e.g. a range penalty)
 
 
 @dataclass(frozen=True)
@@ -142,12 +142,14 @@ def guarded_fit(
     max_loss_growth: float = 50.0,
     collapse_fraction: float = 0.25,
     log: Callable[[str], None] = lambda _m: None,
-    retry_loss_fn: LossFn | None = None,
+    retry_loss_fn: Callable[[], LossFn] | None = None,
     **fit_kwargs,
 ) -> GuardedResult:
     """Fine-tune `model` in place with rollback and retries; returns the GuardedResult.
 
-    Retries train with `retry_loss_fn` where given (a safer loss than the first attempt's `loss_fn`).
+    Retries train with the loss `retry_loss_fn()` returns where given (a safer loss than the first attempt's
+    `loss_fn`); it is called once, when the first retry starts, so what it sets up costs the first attempt
+    nothing.
 
     `finalize(model)` runs after each attempt's training and before its evaluation (e.g. to end an
     annealing schedule). Checkpoints of failed attempts are removed, so a resumed run does not pick up a
@@ -158,6 +160,7 @@ def guarded_fit(
     attempts: list[Attempt] = []
     user_epoch_start = fit_kwargs.pop("on_epoch_start", None)
     good: tuple[dict, int] | None = None  # (a good epoch's checkpoint, the attempt that wrote it)
+    retry_loss: LossFn | None = None
     for attempt in range(retries + 1):
         scale = lr_factor**attempt
         cfg = copy.copy(config)
@@ -181,7 +184,9 @@ def guarded_fit(
                 user_epoch_start(epoch, frac)
 
         failure, val = None, None
-        safer = attempt > 0 and retry_loss_fn is not None
+        if attempt > 0 and retry_loss_fn is not None and retry_loss is None:
+            retry_loss = retry_loss_fn()
+        safer = attempt > 0 and retry_loss is not None
         try:
             result = fit(
                 model,
@@ -191,7 +196,7 @@ def guarded_fit(
                 resume=True,
                 param_groups=groups,
                 on_epoch_start=on_epoch_start,
-                **({**fit_kwargs, "loss_fn": retry_loss_fn} if safer else fit_kwargs),
+                **({**fit_kwargs, "loss_fn": retry_loss} if safer else fit_kwargs),
             )
         except TrainingDiverged as exc:
             failure = str(exc)

@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -39,7 +39,7 @@ from relu_opt.range_penalty import penalized, range_penalty
 from relu_opt.ranking import STRATEGIES, Criticality, RankContext, make_strategy
 from relu_opt.replacements import REPLACEMENTS, SiteContext, replacement_for
 from relu_opt.sites import SiteInfo, find_sites
-from relu_opt.train import TrainConfig, _note, evaluate, kd_loss, recalibrate_bn
+from relu_opt.train import LossFn, TrainConfig, _note, evaluate, kd_loss, recalibrate_bn
 
 # Fine-tuning retries add the range penalty (relu_opt/range_penalty.py) at this weight. Measured on the
 # Fashion-MNIST ResNet-20, snl at 20x fewer ReLUs, seed 0, 2 epochs: without it every attempt's output
@@ -469,10 +469,17 @@ def _tune(p: _Planned, data: Dataset, config: OptimizeConfig, checkpoint: Path, 
         [{"params": poly_params, "lr": config.lr * 0.1, "weight_decay": 0.0}] if poly_params else []
     )
     kd = kd_loss(p.teacher, config.temperature, config.kd_alpha)
-    weights = (config.range_weight, max(config.range_weight, RETRY_RANGE_WEIGHT))
-    guard = range_penalty(p.student, config.train_range) if config.train_range and weights[1] else nullcontext()
-    with guard as excess:
-        first, retry = (kd, kd) if excess is None else (penalized(kd, excess, w) for w in weights)
+    with ExitStack() as hooks:
+        excess = []  # the range penalty's hooks, set up once and only when a loss uses them
+
+        def with_penalty(weight: float) -> LossFn:
+            if not excess:
+                excess.append(hooks.enter_context(range_penalty(p.student, config.train_range)))
+            return penalized(kd, excess[0], weight)
+
+        first = with_penalty(config.range_weight) if config.train_range and config.range_weight else kd
+        retry_weight = max(config.range_weight, RETRY_RANGE_WEIGHT)
+        retry = (lambda: with_penalty(retry_weight)) if config.train_range else None
         ft = _finetune(
             p.student,
             data,

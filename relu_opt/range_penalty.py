@@ -63,11 +63,9 @@ def range_penalty(model: nn.Module, train_range: float) -> Iterator[Callable[[],
 
 
 def penalized(loss_fn: LossFn, excess: Callable[[], Tensor], weight: float) -> LossFn:
-    """Return `loss_fn` plus `weight` times the range excess `excess()` of the same forward (taken, and so
-    reset, even at weight 0)."""
+    """Return `loss_fn` plus `weight` times the range excess `excess()` of the same forward."""
 
     def loss(logits: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        over = excess()
-        return loss_fn(logits, x, y) + weight * over if weight else loss_fn(logits, x, y)
+        return loss_fn(logits, x, y) + weight * excess()
 
     return loss

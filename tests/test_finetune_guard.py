@@ -64,6 +64,7 @@ def test_retries_train_with_the_safer_loss(synthetic, tmp_path):
     # The first attempt's loss is NaN from the first step; the retry's loss is the plain one.
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(144, 4))
     calls = {"first": 0, "retry": 0}
+    made = []  # the first attempt's steps when the retry's loss was made
 
     def first(logits, x, y):
         calls["first"] += 1
@@ -80,10 +81,11 @@ def test_retries_train_with_the_safer_loss(synthetic, tmp_path):
         baseline_val=30.0,
         checkpoint=tmp_path / "ft.ckpt",
         loss_fn=first,
-        retry_loss_fn=retry,
+        retry_loss_fn=lambda: made.append(calls["first"]) or retry,
         progress=False,
     )
     assert calls == {"first": 1, "retry": 4}  # one step of the first attempt, the retry's whole epoch
+    assert made == [1]  # made once, after the first attempt (its set-up costs that attempt nothing)
     assert [(a.failure is None, a.retry_loss) for a in result.attempts] == [(False, False), (True, True)]
 
 
