@@ -20,9 +20,9 @@ import torch
 from rich.console import Console
 
 from relu_opt import atomic, load
+from relu_opt.backends import Pricing
+from relu_opt.bench import bench
 from relu_opt.cache import cache_dir
-from relu_opt.crypto_backend.bench import bench
-from relu_opt.crypto_backend.cost_calibration import calibrate
 from relu_opt.data import load_dataset
 from relu_opt.models import create_model
 from relu_opt.pipeline import versions
@@ -42,11 +42,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
     console = Console()
-    cost = calibrate(2)
+    pricing = Pricing()
+    cost = pricing.cost_model()
     results = {
         "parties": 2,
+        "priced_by": pricing.describe(),
         "cost_model": cost.to_dict(),
-        "versions": versions(),
+        "versions": versions(pricing),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "benches": {},
     }

@@ -239,11 +239,11 @@ def earlier_rows(stem: Path, base: dict) -> list[dict]:
 
 def baseline_cost(model, example) -> dict:
     """Return the cost model's rounds, MB and LAN/WAN seconds of the unoptimized model at batch 1."""
-    from relu_opt.crypto_backend.cost_calibration import calibrate
-    from relu_opt.crypto_backend.modeled_cost import modeled_cost
-    from relu_opt.passes.pi import prepare_for_pi
+    from relu_opt.backends import Pricing
+    from relu_opt.modeled_cost import modeled_cost
 
-    m = modeled_cost(prepare_for_pi(model, example[:1]), calibrate())
+    pricing = Pricing()
+    m = modeled_cost(pricing.engine().prepare(model, example[:1]), pricing.cost_model())
     return {"rounds": m.rounds, "mb_per_party": round(m.mb_per_party, 3), "wan_s": m.wan_s, "lan_s": m.lan_s}
 
 

@@ -130,7 +130,7 @@ SelectorOpt = Annotated[
     str,
     typer.Option(
         "--selector",
-        help="How kept elements are placed: 'latency' (priced by the CrypTen cost model: few sites, fewest "
+        help="How kept elements are placed: 'latency' (priced by the backend's cost model: few sites, fewest "
         "rounds) or 'count' (highest criticality anywhere: the ReLU-count objective).",
     ),
 ]
@@ -144,6 +144,20 @@ LatencyBudgetOpt = Annotated[
 ]
 NetworkOpt = Annotated[
     str, typer.Option("--network", help="Network the latency selector prices: lan, wan or RTT_MS,MB_PER_S.")
+]
+DealerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--dealer",
+        help="Who deals the correlated randomness (Beaver triples). Default 'third-party': a dealer process that "
+        "is neither party (on separate hosts, a third host started with --role dealer); its traffic is reported "
+        "as offline cost. 'party0': party 0 deals (the engine's own default), so party 0 can read the client's "
+        "input: INSECURE, labelled so in every table, JSON and report; only to compare with old figures.",
+    ),
+]
+CacheDirOpt = Annotated[
+    Path | None,
+    typer.Option("--cache-dir", help="Cost-model cache (default $RELU_OPT_CACHE, else ~/.cache/relu-opt)."),
 ]
 
 
@@ -171,6 +185,10 @@ def _load(
     if weights is not None:
         load_weights(loaded.model, weights)
     return loaded.model.eval(), loaded.name, shape
+
+
+def _opt_str(path: Path | None) -> str | None:
+    return None if path is None else str(path)
 
 
 def _write_json(path: Path | None, obj) -> None:
@@ -292,10 +310,12 @@ def _bench_table(r) -> Table:
         "cmp": lambda m: f"{m.comparisons:,}",
         "rounds": lambda m: str(m.rounds),
         "MB/party": lambda m: f"{max(m.bytes_per_party) / 1e6:.1f}",
+        "off MB": lambda m: f"{m.offline_bytes / 1e6:.1f}",
         "wall": lambda m: f"{m.wall_s_median:.2f}",
         "link": lambda m: f"{m.predicted_s:.2f}",
         "LAN": lambda m: f"{m.lan_s:.2f}",
         "WAN": lambda m: f"{m.wan_s:.2f}",
+        "+off": lambda m: f"{m.wan_total_s:.2f}",
         "err": lambda m: f"{m.max_abs_err:.1g}",
         "top-1": lambda m: f"{m.top1_agreement:.2f}",
         "acc": lambda m: f"{m.accuracy:.0%}",
@@ -305,11 +325,19 @@ def _bench_table(r) -> Table:
     cols = {k: f for k, f in cols.items() if not all(_is_none(m, k) for m in r.models)}
     if all(m.comparisons == m.relu_elements for m in r.models):
         del cols["cmp"]
+    if not any(m.offline_bytes for m in r.models):  # no dealer traffic crosses a link
+        del cols["off MB"], cols["+off"]
     n = r.samples or r.batch
     shown = f"batch {r.batch}" + (f" of {n} samples" if n != r.batch else "")
-    t = _compact_table(f"CrypTen, {r.parties} parties, {shown}, seconds", ("model", *cols))
-    if r.hosts:
-        t.caption, t.caption_justify = f"party {r.hosts['rank']} over {r.hosts['interface']}", "left"
+    title = f"{r.title}, {r.parties} parties, dealer {r.dealer}, {shown}, seconds"
+    t = _compact_table(title, ("model", *cols))
+    captions = [f"party {r.hosts['rank']} over {r.hosts['interface']}"] if r.hosts else []
+    if "+off" in cols:
+        captions.append("off MB: to and from the dealer; +off: WAN with it on the same link")
+    if r.insecure:
+        captions.append(f"[bold red]{r.insecure}[/] (--dealer {r.dealer})")
+    if captions:
+        t.caption, t.caption_justify = "\n".join(captions), "left"
     for m in r.models:
         t.add_row(m.name, *("-" if _is_none(m, k) else f(m) for k, f in cols.items()))
     return t
@@ -321,17 +349,14 @@ def _is_none(m, column: str) -> bool:
 
 
 def _parse_link(text: str | None):
-    from relu_opt.crypto_backend.link import load_link
+    from relu_opt.backends import load_link
 
     if text is None:
         return None
     try:
-        net = load_link(text)
+        return load_link(text)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    validation.check_float("--link round-trip time", net.rtt_s, above=None, minimum=0.0)
-    validation.check_float("--link bandwidth", net.bandwidth_Bps)
-    return net
 
 
 @command("bench")
@@ -341,7 +366,7 @@ def bench_cmd(
         Path | None, typer.Option("--optimized", help="An `relu-opt optimize` output folder to compare.")
     ] = None,
     parties: Annotated[int, typer.Option("--parties", min=2, help="Number of parties.")] = 2,
-    samples: Annotated[int, typer.Option("--samples", min=1, help="Test samples run under CrypTen.")] = 2,
+    samples: Annotated[int, typer.Option("--samples", min=1, help="Test samples run encrypted.")] = 2,
     batch: Annotated[
         int | None,
         typer.Option(
@@ -366,6 +391,14 @@ def bench_cmd(
     num_classes: NumClassesOpt = None,
     pretrained: PretrainedOpt = False,
     rank: Annotated[int | None, typer.Option("--rank", help="Run only this party (one per host); see README.")] = None,
+    role: Annotated[
+        str | None,
+        typer.Option(
+            "--role",
+            help="On separate hosts: 'party' (with --rank) or 'dealer' (the third host that deals the triples; "
+            "give it the parties' --world-size, --master-addr and --master-port).",
+        ),
+    ] = None,
     world_size: Annotated[int | None, typer.Option("--world-size", help="Parties in a multi-host run.")] = None,
     master_addr: Annotated[str, typer.Option("--master-addr", help="Party 0's address.")] = "127.0.0.1",
     master_port: Annotated[int, typer.Option("--master-port", help="Party 0's rendezvous port.")] = 29500,
@@ -384,65 +417,80 @@ def bench_cmd(
             "--optimized folder's plan.json says so.",
         ),
     ] = False,
+    dealer: DealerOpt = None,
+    cache_dir: CacheDirOpt = None,
 ) -> None:
-    """Run the original, optimized and linear-floor models under CrypTen; report rounds, bytes, latency."""
-    from relu_opt.crypto_backend import bench as cb
-    from relu_opt.crypto_backend.cost_calibration import calibrate, load_cached
-    from relu_opt.crypto_backend.cost_model import parse_network
+    """Run the original, optimized and linear-floor models with real parties (and the dealer); report online
+    rounds and bytes, offline (dealer) bytes, and latency."""
+    from relu_opt.backends import Pricing, parse_network
+    from relu_opt.bench import bench, bench_host
 
     try:
         networks = (parse_network("lan", lan), parse_network("wan", wan))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    for n in networks:
-        validation.check_float(f"--{n.name} round-trip time", n.rtt_s, above=None, minimum=0.0)
-        validation.check_float(f"--{n.name} bandwidth", n.bandwidth_Bps)
     validation.check_float("--timeout", timeout)
     validation.check_output_file(json_path, "--json")
+    validation.check_output_dir(cache_dir, "--cache-dir")
     if world_size is not None:
         validation.check_int("--world-size", world_size, 2)
-    if rank is not None:
-        validation.check_int("--rank", rank, 0, (world_size or parties) - 1)
+    host = _host_role(role, rank, world_size or parties, master_addr, master_port, ifname)
     validation.check_int("--master-port", master_port, 1, 65535)
-    net, _, shape = _load(model, input_shape, weights, num_classes, pretrained=(data or True) if pretrained else False)
+    pricing = Pricing(dealer=dealer or "", parties=world_size or parties, cache=_opt_str(cache_dir))
+    if host is not None and host.is_dealer and not pricing.dealer_info().extra_process:
+        raise ConfigError(f"--dealer {pricing.dealer_name} has no dealer process; start only the parties (--rank)")
+    dealer_only = host is not None and host.is_dealer  # the dealer needs the architecture, not the weights
+    net, _, shape = _load(
+        model,
+        input_shape,
+        None if dealer_only else weights,
+        num_classes,
+        pretrained=(data or True) if pretrained and not dealer_only else False,
+    )
     opt = api.load(optimized) if optimized else None
     if opt is not None:
         validation.check_optimized_fits(opt, net, shape, str(optimized))
         public_coeffs = public_coeffs or _plan_public_coeffs(optimized)
     link_net = _parse_link(link)
-    x, y = _samples(data, data_dir, samples, shape)
-    if rank is not None:
-        with out.status(f"party {rank} of {world_size or parties}: waiting for the others, then running"):
-            r = cb.run_one_party(
+    if dealer_only:
+        x, y = torch.zeros(samples, *shape[1:]), None  # the dealer never sees a sample
+    else:
+        x, y = _samples(data, data_dir, samples, shape)
+    if pricing.insecure:
+        err.print(f"[bold red]warning:[/] --dealer {pricing.dealer_name}: {pricing.insecure}", soft_wrap=True)
+    if host is not None:
+        who = "the dealer" if host.is_dealer else f"party {host.rank} of {host.world_size}"
+        with out.status(f"{who}: waiting for the others, then running"):
+            r = bench_host(
                 net,
                 x,
-                rank,
-                world_size or parties,
-                master_addr,
-                master_port,
+                host,
+                pricing,
                 optimized=opt,
                 y=y,
                 runs=runs,
                 warmup=warmup,
                 timeout=timeout,
-                ifname=ifname,
                 networks=networks,
                 link=link_net,
                 public_coeffs=public_coeffs,
-                cost_model=load_cached(world_size or parties),  # never measured here: it would start parties
+                cost_model=pricing.cost_model(measure=False),  # never measured here: it would start parties
                 batch=batch,
             )
-        _print_bench(r, json_path)
+        if host.is_dealer:
+            out.print(f"the dealer served the run over {r.hosts['interface']} and stopped")
+        else:
+            _print_bench(r, json_path)
         return
-    with out.status("calibrating the cost model (cached after the first run)"):
-        cost = calibrate(parties, timeout=timeout)
-    with out.status(f"running {parties} CrypTen parties"):
-        r = cb.bench(
+    with out.status(f"calibrating the cost model ({pricing.describe()}; cached after the first run)"):
+        cost = pricing.cost_model(timeout=timeout)
+    with out.status(f"running {pricing.describe()}"):
+        r = bench(
             net,
             x,
             y,
             optimized=opt,
-            parties=parties,
+            pricing=pricing,
             runs=runs,
             warmup=warmup,
             timeout=timeout,
@@ -454,6 +502,23 @@ def bench_cmd(
             batch=batch,
         )
     _print_bench(r, json_path)
+
+
+def _host_role(role: str | None, rank: int | None, world_size: int, addr: str, port: int, ifname: str | None):
+    """Return the HostRole of a separate-hosts run from --role/--rank, or None for a local bench."""
+    from relu_opt.backends import HostRole
+
+    if role is None and rank is None:
+        return None
+    validation.check_choice("--role", role or "party", ("party", "dealer"))
+    if role == "dealer":
+        if rank is not None:
+            raise ConfigError("--role dealer takes no --rank (the dealer is not a party); leave --rank out")
+        return HostRole("dealer", world_size, world_size, addr, port, ifname)
+    if rank is None:
+        raise ConfigError("--role party needs --rank N (0 owns the model, 1 the input)")
+    validation.check_int("--rank", rank, 0, world_size - 1)
+    return HostRole("party", rank, world_size, addr, port, ifname)
 
 
 def _plan_public_coeffs(optimized: Path) -> bool:
@@ -468,12 +533,15 @@ def _prediction_table(r) -> Table | None:
     models = [m for m in r.models if m.predicted_rounds is not None]
     if not models:
         return None
-    t = _compact_table("cost model vs measured", ("model", "rounds", "predicted", "MB/party", "predicted"))
+    offline = any(m.offline_bytes or m.predicted_offline_bytes for m in models)
+    cols = ("model", "rounds", "predicted", "MB/party", "predicted") + (("off MB", "predicted") if offline else ())
+    t = _compact_table("cost model vs measured", cols)
     for m in models:
-        measured_mb = max(m.bytes_per_party) / 1e6
-        t.add_row(
-            m.name, str(m.rounds), f"{m.predicted_rounds:.0f}", f"{measured_mb:.2f}", f"{m.predicted_bytes / 1e6:.2f}"
-        )
+        row = [m.name, str(m.rounds), f"{m.predicted_rounds:.0f}"]
+        row += [f"{max(m.bytes_per_party) / 1e6:.2f}", f"{m.predicted_bytes / 1e6:.2f}"]
+        if offline:
+            row += [f"{m.offline_bytes / 1e6:.2f}", f"{(m.predicted_offline_bytes or 0) / 1e6:.2f}"]
+        t.add_row(*row)
     return t
 
 
@@ -482,11 +550,10 @@ def _print_bench(r, json_path: Path | None) -> None:
     predictions = _prediction_table(r)
     if predictions is not None:
         out.print(predictions)
+    from relu_opt.report import ratio_line
+
     for name, ratio in r.ratios.items():
-        out.print(
-            f"{name} / original: rounds x{ratio['rounds']:.2f}, bytes x{ratio['bytes_per_party']:.2f}, "
-            f"LAN x{ratio['lan_s']:.2f}, WAN x{ratio['wan_s']:.2f}"
-        )
+        out.print(ratio_line(name, ratio))
     _write_json(json_path, r.to_dict())
 
 
@@ -504,16 +571,17 @@ def link_cmd(
         Path | None, typer.Option("--json", help="Write the measurement here (`bench --link FILE` reads it).")
     ] = None,
 ) -> None:
-    """Measure RTT and bandwidth per direction between the parties, over the group CrypTen would use."""
-    from relu_opt.crypto_backend.link import measure_link
+    """Measure RTT and bandwidth per direction between the parties, over the backend's own transport."""
+    from relu_opt.backends import HostRole, Pricing
 
     validation.check_int("--rank", rank, 0, world_size - 1)
     validation.check_int("--master-port", master_port, 1, 65535)
     validation.check_float("--timeout", timeout)
     validation.check_output_file(json_path, "--json")
 
+    host = HostRole("party", rank, world_size, master_addr, master_port, ifname)
     with out.status(f"party {rank}: measuring the link to party 0 at {master_addr}"):
-        m = measure_link(rank, world_size, master_addr, master_port, timeout=timeout, ifname=ifname)
+        m = Pricing().engine().measure_link(host, timeout)
     t = _compact_table(f"link from party {rank} over {m.interface}", ("direction", "alone MB/s", "both at once MB/s"))
     for d, v in m.one_way_MBps.items():
         t.add_row(d, f"{v:.2f}", f"{m.duplex_MBps[d]:.2f}")
@@ -631,8 +699,7 @@ def _print_choices(sel: dict) -> None:
 
 def _check_selection(selector: str, rounds_budget: float | None, latency_budget: float | None, network: str) -> None:
     """Raise ConfigError for a bad --selector, --rounds-budget, --latency-budget or --network."""
-    from relu_opt.optimizer import OptimizeConfig
-    from relu_opt.optimizer import network as parse_network
+    from relu_opt.backends import Pricing
     from relu_opt.selection import SELECTORS
 
     validation.check_choice("--selector", selector, SELECTORS)
@@ -642,7 +709,7 @@ def _check_selection(selector: str, rounds_budget: float | None, latency_budget:
         raise ConfigError(
             "--rounds-budget and --latency-budget need --selector latency (the count selector ignores costs)"
         )
-    parse_network(OptimizeConfig(budget=None, network=network))
+    Pricing(network=network)
 
 
 def _check_method(strategy: str, replace: str, granularity: str, poly_per: str = "channel") -> None:
@@ -731,7 +798,7 @@ def rank_cmd(
 @command(
     "optimize",
     epilog="Budgets: --budget (ReLU elements per sample, exact on the ONNX graph), --rounds-budget and "
-    "--latency-budget (modeled by the CrypTen cost model on --network); give any of them. With none, it looks "
+    "--latency-budget (modeled by the backend's cost model on --network); give any of them. With none, it looks "
     "for the lowest modeled latency (0.25, 0.35, 0.5, 0.7 of the original's) whose validation accuracy stays "
     "within --max-drop (default 1 point). The latency selector (default) places kept ReLUs in few sites, "
     "since a site that keeps any ReLU pays all of its rounds.",
@@ -804,11 +871,17 @@ def optimize_cmd(
     latency_budget: LatencyBudgetOpt = None,
     network: NetworkOpt = "wan",
     public_coeffs: PublicCoeffsOpt = False,
+    parties: Annotated[
+        int, typer.Option("--parties", min=2, help="Computing parties the cost model prices (the dealer on top).")
+    ] = 2,
+    dealer: DealerOpt = None,
+    cache_dir: CacheDirOpt = None,
     seed: Annotated[
         int, typer.Option("--seed", min=0, help="Seed of the ranking's samples and the fine-tuning's data order.")
     ] = 0,
 ) -> None:
     """Keep the most critical non-linear elements that fit the budgets, replace the rest, fine-tune with KD."""
+    from relu_opt.backends import Pricing
     from relu_opt.optimizer import OptimizeConfig, optimize_frontier
 
     levels = _parse_budgets(budget, budgets, required=False) or [None]
@@ -824,6 +897,7 @@ def optimize_cmd(
     validation.check_int("--max-train", max_train)
     validation.check_float("--range-weight", range_weight, above=None, minimum=0.0)
     validation.check_output_dir(output)
+    validation.check_output_dir(cache_dir, "--cache-dir")
     _check_device(device)
     ds, net, name, _ = _data_and_model(model, data, data_dir, weights, pretrained, input_shape)
     if weights is None and not pretrained:
@@ -850,7 +924,7 @@ def optimize_cmd(
         selector=selector,
         rounds_budget=rounds_budget,
         latency_budget=latency_budget,
-        network=network,
+        pricing=Pricing(dealer=dealer or "", parties=parties, network=network, cache=_opt_str(cache_dir)),
         public_coeffs=public_coeffs,
         seed=seed,
     )
@@ -890,12 +964,14 @@ def optimize_cmd(
 
 
 def _summary(r) -> None:
+    from relu_opt.report import bench_title, insecure_label
+
     base, opt, b = r.baseline, r.optimized[-1], r.bench
     models = {m["name"]: m for m in b["models"]}
-    t = _compact_table(
-        f"relu-opt run: {r.config['model']} on {r.config['data']}",
-        ("model", "ReLUs", "test acc", "rounds", "MB/party", "wall s", "LAN s", "WAN s", "top-1"),
-    )
+    cols = ("model", "ReLUs", "test acc", "rounds", "MB/party", "off MB", "wall s", "WAN s", "+off", "top-1")
+    t = _compact_table(f"relu-opt run: {r.config['model']} on {r.config['data']}; {bench_title(b)}", cols)
+    t.caption = "MB/party, WAN s: online; off MB: to and from the dealer; +off: WAN with it on the same link"
+    t.caption_justify = "left"
     accs = {"original": base["test_accuracy"], "optimized": opt["accuracy_after"], "floor": None}
     for name in ("original", "optimized", "floor"):
         m = models.get(name)
@@ -908,9 +984,10 @@ def _summary(r) -> None:
             "-" if acc is None else f"{acc:.2f}%",
             str(m["rounds"]),
             f"{max(m['bytes_per_party']) / 1e6:.2f}",
+            f"{m['offline_bytes'] / 1e6:.2f}",
             f"{m['wall_s_median']:.3f}",
-            f"{m['lan_s']:.3f}",
             f"{m['wan_s']:.3f}",
+            f"{m['wan_total_s']:.3f}",
             f"{m['top1_agreement']:.2f}",
         )
     out.print(t)
@@ -919,8 +996,11 @@ def _summary(r) -> None:
         out.print(
             f"optimized vs original: {base['relu'] / max(opt['relu_after'], 1):.1f}x fewer ReLUs, "
             f"{opt['accuracy_after'] - base['test_accuracy']:+.2f} points test accuracy, "
-            f"rounds x{ratio['rounds']:.2f}, bytes x{ratio['bytes_per_party']:.2f}, WAN latency x{ratio['wan_s']:.2f}"
+            f"rounds x{ratio['rounds']:.2f}, bytes x{ratio['bytes_per_party']:.2f}, WAN latency x{ratio['wan_s']:.2f} "
+            f"online, x{ratio['wan_total_s']:.2f} with offline"
         )
+    if insecure_label(b):
+        err.print(f"[bold red]{insecure_label(b)}[/]: not private inference (--dealer {b['dealer']})")
     out.print(f"report: {r.rundir}/report.md")
 
 
@@ -957,19 +1037,20 @@ def run_cmd(
         float, typer.Option("--epochs", help="Fine-tuning epochs per budget (fractions: a subset).")
     ] = 1.0,
     max_train: Annotated[int | None, typer.Option("--max-train", help="Use the first N train examples.")] = None,
-    samples: Annotated[int, typer.Option("--samples", min=1, help="Test samples run under CrypTen.")] = 8,
+    samples: Annotated[int, typer.Option("--samples", min=1, help="Test samples run encrypted.")] = 8,
     batch: Annotated[
         int,
         typer.Option(
             "--batch", min=1, help="Samples per encrypted forward; costs and times are one batch's (1: one query)."
         ),
     ] = 1,
-    parties: Annotated[int, typer.Option("--parties", min=2, help="CrypTen parties.")] = 2,
+    parties: Annotated[int, typer.Option("--parties", min=2, help="Computing parties (the dealer comes on top).")] = 2,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds before stuck parties are stopped.")] = 300,
     runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where report folders go.")] = Path("runs"),
     cache_dir: Annotated[
         Path | None, typer.Option("--cache-dir", help="Cache (default $RELU_OPT_CACHE, else ~/.cache/relu-opt).")
     ] = None,
+    dealer: DealerOpt = None,
     device: DeviceOpt = "cpu",
     public_coeffs: PublicCoeffsOpt = False,
     selector: SelectorOpt = "latency",
@@ -977,7 +1058,8 @@ def run_cmd(
     latency_budget: LatencyBudgetOpt = None,
     network: NetworkOpt = "wan",
 ) -> None:
-    """The main job: baseline, optimize, verified ONNX, 2-party CrypTen bench, and a report folder."""
+    """The main job: baseline, optimize, verified ONNX, an encrypted bench with real parties and a dealer that
+    is neither of them, and a report folder."""
     import sys
 
     from relu_opt.pipeline import RunConfig, run
@@ -1016,6 +1098,7 @@ def run_cmd(
         rounds_budget=rounds_budget,
         latency_budget=latency_budget,
         network=network,
+        dealer=dealer or "",
     )
     command_line = "relu-opt " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("relu-opt") else "relu-opt run"
     r = run(

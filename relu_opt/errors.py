@@ -35,8 +35,8 @@ class BudgetError(ReluOptError):
     """A ReLU budget is out of range."""
 
 
-class CryptenError(ReluOptError):
-    """CrypTen is missing, a model cannot be converted, or a party failed."""
+class BackendError(ReluOptError):
+    """A backend's engine is missing, a model cannot run on it, or a party or the dealer failed."""
 
 
 class ConfigError(ReluOptError):

@@ -3,8 +3,8 @@
 For each kind: its PyTorch spellings (module classes, functions, tensor methods), the ONNX ops an export
 turns it into, its elements per sample (the output elements, one unit everywhere; max-pool counts its
 comparisons, k-1 per output), the plaintext function it computes, its secure comparisons per element,
-and its cost category under MPC. The fx census, the ONNX census, the cost model, calibration and the
-CrypTen lowering all read this table, so adding a kind is one `register_kind(OpKind(...))`.
+and its cost category under MPC. The fx census, the ONNX census, the cost models, calibration and the
+backends' lowerings all read this table, so adding a kind is one `register_kind(OpKind(...))`.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class OpKind:
     comparisons: int = 0  # secure comparisons per element (per counted comparison for max-pool)
     elementwise: bool = True  # y_i depends on x_i only: polynomials can be fitted, masks can split it
     exact_onnx: bool = False  # the exported ONNX graph must count exactly what the fx census counts
-    crypten_fix: str = ""  # what to do when CrypTen cannot run it (empty: CrypTen runs it as lowered)
+    fix: str = ""  # what to do where a backend cannot run it (empty: optimize it away, see `fix_for`)
     description: str = ""
 
     @property
@@ -87,6 +87,12 @@ def all_kinds() -> list[OpKind]:
 def kind_names(polynomial: bool | None = None) -> list[str]:
     """Return the registered kind names; only (non-)polynomial ones when `polynomial` is given."""
     return [k.name for k in _KINDS.values() if polynomial is None or k.polynomial == polynomial]
+
+
+def fix_for(name: str) -> str:
+    """Return what a user does where a backend cannot run kind `name`: the table's fix, else optimize it."""
+    entry = _KINDS.get(name)
+    return (entry.fix if entry else "") or f"replace it: relu-opt optimize --kinds {name}"
 
 
 def find_kind(name: str) -> OpKind | None:
@@ -276,7 +282,7 @@ for _k in (
         modules=(nn.Mish,),
         functions=(F.mish,),
         onnx_ops=("Mish",),  # or Softplus -> Tanh -> Mul, fused by the ONNX census
-        crypten_fix=_FIX_POLY.format(name="mish"),
+        fix=_FIX_POLY.format(name="mish"),
     ),
     OpKind(
         "elu",
@@ -285,7 +291,7 @@ for _k in (
         modules=(nn.ELU, nn.SELU, nn.CELU),
         functions=(F.elu, F.selu, F.celu),
         onnx_ops=("Elu", "Selu", "Celu"),
-        crypten_fix=_FIX_POLY.format(name="elu"),
+        fix=_FIX_POLY.format(name="elu"),
     ),
     OpKind(
         "softplus",
@@ -294,7 +300,7 @@ for _k in (
         modules=(nn.Softplus,),
         functions=(F.softplus,),
         onnx_ops=("Softplus",),
-        crypten_fix=_FIX_POLY.format(name="softplus"),
+        fix=_FIX_POLY.format(name="softplus"),
     ),
     OpKind(
         "sigmoid",

@@ -22,6 +22,7 @@ from torch import nn
 
 from relu_opt import atomic, ops
 from relu_opt.activations import MaskedSite, Poly, Square
+from relu_opt.backends import Pricing
 from relu_opt.cache import state_digest
 from relu_opt.calibration import collect_stats, collect_variances, fit_error, fit_poly, refit_in_order
 from relu_opt.checked_io import load_cache, load_torch, read_json
@@ -85,8 +86,8 @@ class OptimizeConfig:
     kind_budgets: tuple[tuple[str, int], ...] = ()  # per-kind budgets; `budget` covers the other kinds
     selector: str = "latency"  # relu_opt/selection.py: "latency" (priced by the cost model) or "count"
     rounds_budget: float | None = None  # modeled communication rounds of one forward
-    latency_budget: float | None = None  # modeled seconds of one forward on `network`
-    network: str = "wan"  # lan, wan or RTT_MS,MB_PER_S
+    latency_budget: float | None = None  # modeled seconds of one forward on pricing.network
+    pricing: Pricing = field(default_factory=Pricing)  # backend, dealer, parties, network, cost-model cache
 
     @property
     def label(self) -> str:
@@ -114,6 +115,10 @@ class OptimizeConfig:
         for k in ("kinds", "kind_budgets", "public_coeffs", "range_weight"):  # unset, older keys stay as they were
             if not d[k]:
                 del d[k]
+        del d["pricing"]  # the network was a field of its own before, and the default prices keep their keys
+        d["network"] = self.pricing.network
+        if self.pricing.key() != Pricing(network=self.pricing.network).key():
+            d["pricing"] = self.pricing.key()
         blob = json.dumps({k: d[k] for k in (fields or d) if k in d}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
@@ -200,20 +205,9 @@ def check_config(config: OptimizeConfig) -> None:
         raise ConfigError("give a budget: --budget (ReLUs), --rounds-budget or --latency-budget")
     if config.selector == "count" and config.budget is None:
         raise ConfigError("--selector count needs --budget (ReLUs); rounds and latency budgets need --selector latency")
-    network(config)
-
-
-def network(config: OptimizeConfig):
-    """Return the Network profile `config.network` names (ConfigError if malformed)."""
-    from relu_opt.crypto_backend.cost_model import LAN, WAN, parse_network
-
-    named = {"lan": LAN, "wan": WAN}
-    if config.network in named:
-        return named[config.network]
-    try:
-        return parse_network("network", config.network)
-    except ValueError as exc:
-        raise ConfigError(f"{exc}, or lan / wan") from None
+    if not isinstance(config.pricing, Pricing):
+        raise ConfigError(f"pricing must be a relu_opt.backends.Pricing, not {type(config.pricing).__name__}")
+    config.pricing.net()
 
 
 def _replacement_factory(kind: str, coeffs: dict[str, torch.Tensor], poly_per: str):
@@ -362,7 +356,7 @@ def optimize(
     result = _save(p, tuned, data, config, outdir, base_spec or type(model).__name__, t0)
     from relu_opt.report import write_optimize_report
 
-    write_optimize_report(result, outdir)
+    write_optimize_report(result, outdir, config.pricing)
     atomic.write_json(
         outdir / "report.json", {"config_key": run_key, "config": asdict(config), "result": result.to_dict()}
     )
@@ -582,20 +576,20 @@ def _finetune(student: nn.Module, data: Dataset, cfg: TrainConfig, *, epochs: fl
 
 
 def _select(teacher, example, sites: dict[str, SiteInfo], crit: Criticality, make_rep, config, caps):
-    """Return the Selection of config.selector under the config's budgets, priced by the cost model (the
-    latency selector measures it once when none is cached; the count selector uses a cached one only)."""
-    from relu_opt.crypto_backend.cost_calibration import calibrate, load_cached
+    """Return the Selection of config.selector under the config's budgets, priced by config.pricing's cost
+    model (the latency selector measures it once when none is cached; the count selector uses a cached
+    one only)."""
     from relu_opt.selection import Constraints, get_selector, price_sites
 
-    net = network(config)
+    pricing = config.pricing
+    net = pricing.net()
     selector = get_selector(config.selector)
     constraints = Constraints(config.budget, tuple(caps.items()), config.rounds_budget, config.latency_budget, net)
-    cost = load_cached(2)
-    if cost is None and selector.needs_prices:
-        _note("note: measuring the CrypTen cost model once (about a minute; cached for later runs)")
-        cost = calibrate(2)
+    cost = pricing.cost_model(measure=selector.needs_prices, note=_note)
     prices = (
-        None if cost is None else price_sites(teacher, example, sites, crit, make_rep, cost, net, config.public_coeffs)
+        None
+        if cost is None
+        else price_sites(teacher, example, sites, crit, make_rep, cost, pricing, config.public_coeffs)
     )
     try:
         return selector.select(crit, sites, constraints, prices)
@@ -614,13 +608,11 @@ AUTO_LATENCY_FRACTIONS = (0.25, 0.35, 0.5, 0.7)  # of the original's modeled lat
 
 
 def modeled_latency(model: nn.Module, example: torch.Tensor, config: OptimizeConfig) -> float:
-    """Return the cost model's seconds for one forward of `model` at batch 1 on config.network."""
-    from relu_opt.crypto_backend.cost_calibration import calibrate
-    from relu_opt.crypto_backend.cost_model import features
-
-    cost, net = calibrate(), network(config)
-    f = features(prepare_for_pi(model, example[:1]))
-    return net.communication_s(cost.rounds(f), cost.bytes(f))
+    """Return the cost model's online seconds for one forward of `model` at batch 1 on config.pricing's
+    network, priced by config.pricing's cost model (measured once when none is cached)."""
+    pricing = config.pricing
+    c = pricing.cost_model(note=_note).cost(pricing.engine().prepare(model, example[:1]))
+    return pricing.net().communication_s(c.rounds, c.bytes)
 
 
 def optimize_lowest_latency(
@@ -677,7 +669,7 @@ def optimize_frontier(
     outdir = Path(outdir)
     results = [
         optimize(model, data, c, outdir / c.dirname, base_spec, progress)
-        for c in (OptimizeConfig(**{**asdict(config), "budget": b}) for b in budgets)
+        for c in (replace(config, budget=b) for b in budgets)
     ]
     from relu_opt.report import write_pareto
 

@@ -1,8 +1,9 @@
 """The main job: from a model to an optimized ONNX graph and its measured encrypted cost, in one call.
 
 Stages: baseline (trained once, cached), census, optimize (one or more budgets), export and verify, a
-CrypTen bench of original vs optimized vs linear floor, and a report folder. Heavy stages keep their
-state in the cache, so an interrupted run resumes where it stopped, and a rerun reuses the baseline.
+bench of original vs optimized vs linear floor with real parties and dealer, and a report folder. Heavy
+stages keep their state in the cache, so an interrupted run resumes where it stopped, and a rerun reuses
+the baseline.
 """
 
 from __future__ import annotations
@@ -22,19 +23,13 @@ import torch
 
 from relu_opt import atomic
 from relu_opt.api import count
+from relu_opt.backends import DEFAULT_BACKEND, Pricing
 from relu_opt.cache import cache_dir, file_digest
 from relu_opt.checked_io import load_cache, load_torch
 from relu_opt.data import Dataset, load_dataset
 from relu_opt.loading import load_weights, resolve_model
 from relu_opt.models.pretrained import list_pretrained, load_pretrained
-from relu_opt.optimizer import (
-    OptimizeConfig,
-    OptimizeResult,
-    check_budget,
-    network,
-    optimize,
-    optimize_lowest_latency,
-)
+from relu_opt.optimizer import OptimizeConfig, OptimizeResult, check_budget, optimize, optimize_lowest_latency
 from relu_opt.plan import load
 from relu_opt.train import TrainConfig, evaluate, fit
 from relu_opt.validation import check_model_input
@@ -75,6 +70,12 @@ class RunConfig:
     rounds_budget: float | None = None  # modeled rounds, on top of the ReLU budget (latency selector)
     latency_budget: float | None = None  # modeled seconds on `network` (latency selector)
     network: str = "wan"
+    backend: str = DEFAULT_BACKEND
+    dealer: str = ""  # "" = the backend's honest default; "party0" is insecure, labelled everywhere
+
+    def pricing(self, cache: str | os.PathLike | None = None) -> Pricing:
+        """Return the Pricing this run selects with and benches under."""
+        return Pricing(self.backend, self.dealer, self.parties, self.network, None if cache is None else str(cache))
 
 
 @dataclass(frozen=True)
@@ -95,17 +96,17 @@ class RunResult:
         return asdict(self)
 
 
-def versions() -> dict[str, str]:
-    """Return the versions of the libraries a result depends on."""
+def versions(pricing: Pricing) -> dict[str, str]:
+    """Return the versions of the libraries a result depends on (the backend's engine included)."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": sys.version.split()[0]}
-    for pkg in ("relu-opt", "torch", "crypten", "onnx", "onnxruntime"):
+    for pkg in ("relu-opt", "torch", "onnx", "onnxruntime"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
             out[pkg] = "not installed"
-    return out
+    return {**out, **pricing.engine().versions()}
 
 
 def _key(*parts) -> str:
@@ -169,12 +170,12 @@ def run(
     log: Callable[[str], None] = lambda _m: None,
 ) -> RunResult:
     """Run the main job and write runs/<timestamp>/; returns the RunResult (also in report.json)."""
-    from relu_opt.crypto_backend.bench import bench
-    from relu_opt.crypto_backend.cost_calibration import calibrate
-    from relu_opt.crypto_backend.modeled_cost import read_folder_costs
+    from relu_opt.bench import bench
+    from relu_opt.modeled_cost import read_folder_costs
     from relu_opt.report import result_key, result_label, write_optimize_report
 
     cache = Path(cache) if cache else cache_dir()
+    pricing = cfg.pricing(cache)
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     data = load_dataset(cfg.data, cfg.data_dir)
@@ -208,13 +209,13 @@ def run(
             selector=cfg.selector,
             rounds_budget=cfg.rounds_budget,
             latency_budget=cfg.latency_budget,
-            network=cfg.network,
+            pricing=pricing,
         )
         folder = work / f"{cfg.strategy}_{cfg.replace}_{cfg.granularity}_{cfg.selector}"
         if search:
             levels = ", ".join(f"{f:g}" for f in sorted(cfg.latency_levels))
             log(
-                f"optimize: the lowest modeled latency on {network(ocfg).name} within "
+                f"optimize: the lowest modeled latency on {pricing.net().name} within "
                 f"{1.0 if cfg.max_drop is None else cfg.max_drop:g} points, trying {levels} x the original's "
                 f"({cfg.strategy}, {cfg.replace}, {cfg.granularity})"
             )
@@ -234,18 +235,18 @@ def run(
     t = time.perf_counter()
     test = data.test.subset(cfg.samples)
     per = "one query at a time" if cfg.bench_batch == 1 else f"batches of {cfg.bench_batch or len(test)}"
-    log(f"bench: {cfg.parties} CrypTen parties, {len(test)} test samples, {per}")
-    cost = calibrate(cfg.parties, timeout=cfg.timeout, cache=cache)
+    log(f"bench: {pricing.describe()}, {len(test)} test samples, {per}")
+    cost = pricing.cost_model(timeout=cfg.timeout, note=log)
     modeled = {}
     for r in results:  # each budget's report.md and modeled_cost.json, priced by this run's cost model
-        write_optimize_report(r, Path(r.outdir), cost)
+        write_optimize_report(r, Path(r.outdir), pricing, cost)
         modeled[result_key(r.to_dict())] = read_folder_costs(r.outdir)
     bench_result = bench(
         model,
         test.x,
         test.y,
         optimized=optimized,
-        parties=cfg.parties,
+        pricing=pricing,
         runs=cfg.bench_runs,
         warmup=1,
         timeout=cfg.timeout,
@@ -273,7 +274,7 @@ def run(
             optimized=[r.to_dict() for r in results],
             bench=bench_result.to_dict(),
             command=command,
-            versions=versions(),
+            versions=versions(pricing),
             seconds=seconds,
             modeled=modeled,
         )

@@ -15,26 +15,42 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _costs(modeled: dict | None) -> dict[str, dict]:
+    """Return the per-model entries of a modeled_cost.json dict (without what priced them)."""
+    return {k: v for k, v in (modeled or {}).items() if isinstance(v, dict)}
+
+
 def modeled_markdown(modeled: dict | None) -> str:
     """Return the report section of modeled costs (`modeled_cost.json`'s dict), or how to get them."""
-    if not modeled:
+    costs = _costs(modeled)
+    if not costs:
         return (
             "\n## Modeled encrypted cost\n\nNo cost model is cached yet: `relu-opt bench` (or `relu-opt run`) "
-            "measures it once under CrypTen, then every report shows rounds, bytes and latency.\n"
+            "measures it once with real parties, then every report shows rounds, bytes and latency.\n"
         )
     rows = [
-        [name, f"{m['rounds']:.0f}", f"{m['bytes_per_party'] / 1e6:.2f}", f"{m['lan_s']:.3f}", f"{m['wan_s']:.3f}"]
-        for name, m in modeled.items()
+        [
+            name,
+            f"{m['rounds']:.0f}",
+            f"{m['bytes_per_party'] / 1e6:.2f}",
+            f"{m.get('offline_bytes', 0) / 1e6:.2f}",
+            f"{m['lan_s']:.3f}",
+            f"{m['wan_s']:.3f}",
+            f"{m.get('wan_total_s', m['wan_s']):.3f}",
+        ]
+        for name, m in costs.items()
     ]
+    priced = (modeled or {}).get("priced_by")
     text = (
-        f"\n## Modeled encrypted cost\n\nPredicted by the fitted cost model (2 parties, batch "
-        f"{next(iter(modeled.values())).get('batch', 1)}), before any bench. LAN/WAN seconds are communication "
-        "only: rounds x RTT + the bytes each party sends one way / bandwidth (LAN 0.5 ms, 1000 MB/s; WAN 40 ms, "
-        "100 MB/s); `relu-opt bench` measures compute too.\n\n"
-        + _md_table(["model", "rounds", "MB per party", "LAN s", "WAN s"], rows)
+        f"\n## Modeled encrypted cost\n\nPredicted by the fitted cost model ({priced or '2 parties'}, batch "
+        f"{next(iter(costs.values())).get('batch', 1)}), before any bench. LAN/WAN seconds are communication "
+        "only: online = rounds x RTT + the bytes each party sends one way / bandwidth (LAN 0.5 ms, 1000 MB/s; "
+        "WAN 40 ms, 100 MB/s); +offline adds the dealer's bytes and one RTT per request to it on the same "
+        "link. `relu-opt bench` measures compute too.\n\n"
+        + _md_table(["model", "rounds", "MB per party", "offline MB", "LAN s", "WAN s", "WAN s +offline"], rows)
     )
-    if "original" in modeled and "optimized" in modeled:
-        o, b = modeled["optimized"], modeled["original"]
+    if "original" in costs and "optimized" in costs:
+        o, b = costs["optimized"], costs["original"]
         text += (
             f"\noptimized / original: rounds x{o['rounds'] / max(b['rounds'], 1):.2f}, "
             f"bytes x{o['bytes_per_party'] / max(b['bytes_per_party'], 1):.2f}, "
@@ -155,23 +171,22 @@ def choice_rows(sel: dict) -> list[list[str]]:
     ]
 
 
-def _modeled_costs(outdir: Path, cost) -> dict | None:
-    """Write and return an optimize folder's modeled costs, with `cost` or the cached 2-party cost model
+def _modeled_costs(outdir: Path, pricing, cost) -> dict | None:
+    """Write and return an optimize folder's modeled costs, with `cost` or `pricing`'s cached cost model
     (None when there is none: nothing is measured here)."""
-    from relu_opt.crypto_backend.cost_calibration import load_cached
-    from relu_opt.crypto_backend.modeled_cost import write_folder_costs
     from relu_opt.errors import ReluOptError
+    from relu_opt.modeled_cost import write_folder_costs
 
     try:
-        costs = write_folder_costs(outdir, cost if cost is not None else load_cached(2))
+        return write_folder_costs(outdir, cost if cost is not None else pricing.cost_model(measure=False), pricing)
     except ReluOptError:  # a base model given as an object: its structure is not on file to rebuild
         return None
-    return None if costs is None else {k: v.to_dict() for k, v in costs.items()}
 
 
-def write_optimize_report(r, outdir: Path, cost=None) -> None:
-    """Write report.md (and modeled_cost.json, when a cost model is known) for one OptimizeResult."""
-    modeled = _modeled_costs(Path(outdir), cost)
+def write_optimize_report(r, outdir: Path, pricing, cost=None) -> None:
+    """Write report.md (and modeled_cost.json, when `pricing` has a cost model, or `cost` is given) for
+    one OptimizeResult."""
+    modeled = _modeled_costs(Path(outdir), pricing, cost)
     atomic.write_text(Path(outdir) / "report.md", optimize_markdown(r, modeled))
 
 
@@ -244,7 +259,7 @@ def _modeled_fields(m: dict | None) -> dict:
 def write_pareto(results, outdir: Path) -> None:
     """Write pareto.json, pareto.md and pareto.png for the budgets of one optimize run; with modeled costs
     in the budget folders (modeled_cost.json), the frontier in modeled LAN/WAN latency too."""
-    from relu_opt.crypto_backend.modeled_cost import read_folder_costs
+    from relu_opt.modeled_cost import read_folder_costs
 
     outdir = Path(outdir)
     if not results:
@@ -385,24 +400,34 @@ def run_markdown(r: dict) -> str:
     nets = b.get("networks", {})
     lan, wan = nets.get("lan", {}), nets.get("wan", {})
     lines += [
-        f"## Encrypted inference (CrypTen, {b['parties']} parties, {_batch_words(b)})",
+        f"## Encrypted inference ({bench_title(b)}, {_batch_words(b)})",
         "",
+        *(
+            [f"**{insecure_label(b)}** (dealer {b.get('dealer', 'party0')}): not private inference.", ""]
+            if insecure_label(b)
+            else []
+        ),
         f"LAN = {lan.get('rtt_ms', '?')} ms RTT, {lan.get('bandwidth_MBps', '?')} MB/s; "
-        f"WAN = {wan.get('rtt_ms', '?')} ms RTT, {wan.get('bandwidth_MBps', '?')} MB/s; "
-        "latency = measured compute + rounds x RTT + bytes each party sends one way / bandwidth per direction "
-        "(a full-duplex link).",
+        f"WAN = {wan.get('rtt_ms', '?')} ms RTT, {wan.get('bandwidth_MBps', '?')} MB/s. Online latency = "
+        "measured compute + rounds x RTT + the bytes each party sends one way / bandwidth per direction (a "
+        "full-duplex link); +offline adds the dealer's traffic on the same link (its bytes, and one RTT per "
+        "request made to it during the forward).",
         "",
-        "| model | ReLUs | rounds | MB per party | wall s (median) | LAN s | WAN s | predicted rounds | predicted MB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | ReLUs | rounds | MB per party | offline MB | dealer requests | wall s (median) | LAN s | "
+        "WAN s | WAN s +offline | predicted rounds | predicted MB | predicted offline MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in b["models"]:
         pred = "-" if m.get("predicted_rounds") is None else f"{m['predicted_rounds']:.0f}"
         pred_mb = "-" if m.get("predicted_bytes") is None else f"{m['predicted_bytes'] / 1e6:.2f}"
+        pred_off = "-" if m.get("predicted_offline_bytes") is None else f"{m['predicted_offline_bytes'] / 1e6:.2f}"
         lines.append(
             f"| {m['name']} | {m['relu_elements']:,} | {m['rounds']} | {max(m['bytes_per_party']) / 1e6:.2f} | "
-            f"{m['wall_s_median']:.3f} | {m['lan_s']:.3f} | {m['wan_s']:.3f} | {pred} | {pred_mb} |"
+            f"{m.get('offline_bytes', 0) / 1e6:.2f} | {m.get('offline_requests', 0)} | "
+            f"{m['wall_s_median']:.3f} | {m['lan_s']:.3f} | {m['wan_s']:.3f} | "
+            f"{m.get('wan_total_s', m['wan_s']):.3f} | {pred} | {pred_mb} | {pred_off} |"
         )
-    lines += ["", "Predicted rounds and MB: the cost model, for what was benched (same batch)."]
+    lines += ["", "Predicted: the cost model, for what was benched (same batch)."]
     lines += [
         "",
         "### Agreement with plaintext",
@@ -417,11 +442,7 @@ def run_markdown(r: dict) -> str:
     if b.get("warnings"):
         lines += ["", "Warnings:", ""] + [f"- {w}" for w in b["warnings"]]
     for name, ratio in b.get("ratios", {}).items():
-        lines += [
-            "",
-            f"{name} / original: rounds x{ratio['rounds']:.2f}, bytes x{ratio['bytes_per_party']:.2f}, "
-            f"LAN x{ratio['lan_s']:.2f}, WAN x{ratio['wan_s']:.2f}.",
-        ]
+        lines += ["", ratio_line(name, ratio) + "."]
     lines += [
         "",
         "## Reproduce",
@@ -436,6 +457,36 @@ def run_markdown(r: dict) -> str:
     lines += [f"| {k} | {v} |" for k, v in r["versions"].items()]
     lines += ["", "Stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in r.get("seconds", {}).items()), ""]
     return "\n".join(lines)
+
+
+def insecure_label(b: dict) -> str | None:
+    """Return a bench JSON's INSECURE label: its own, or for a bench from before dealers were chosen
+    (party 0 dealt every triple then) the label it would have had."""
+    from relu_opt.backends import INSECURE_LABEL
+
+    return b.get("insecure") if "dealer" in b else INSECURE_LABEL
+
+
+def bench_title(b: dict) -> str:
+    """Return how a bench's JSON names what ran it, e.g. "CrypTen, 2 parties, dealer third-party"."""
+    from relu_opt.backends import Pricing
+
+    engine = b.get("title") or Pricing().engine().title  # a bench from before backends had names ran on it
+    title = f"{engine}, {b['parties']} parties, dealer {b.get('dealer', 'party0')}"
+    label = insecure_label(b)
+    return title + (f", {label}" if label else "")
+
+
+def ratio_line(name: str, ratio: dict) -> str:
+    """Return one line of a model's cost against the original's (a bench's `ratios` entry)."""
+    text = (
+        f"{name} / original: rounds x{ratio['rounds']:.2f}, bytes x{ratio['bytes_per_party']:.2f}, "
+        f"LAN x{ratio['lan_s']:.2f}, WAN x{ratio['wan_s']:.2f}"
+    )
+    off = ratio.get("offline_bytes")
+    if off is not None and off == off:  # NaN: no offline traffic (a dealer inside party 0), or an old file
+        text += f"; offline bytes x{off:.2f}, WAN with offline x{ratio['wan_total_s']:.2f}"
+    return text
 
 
 def _batch_words(b: dict) -> str:
@@ -472,19 +523,25 @@ def _run_modeled_lines(r: dict) -> list[str]:
     base = modeled[0]["original"]
 
     def row(name: str, m: dict, acc: float) -> str:
+        total = m.get("wan_total_s", m["wan_s"])
         return (
-            f"| {name} | {acc:.2f}% | {m['rounds']:.0f} | {m['bytes_per_party'] / 1e6:.2f} | {m['lan_s']:.3f} | "
-            f"{m['wan_s']:.3f} | x{m['wan_s'] / base['wan_s']:.2f} |"
+            f"| {name} | {acc:.2f}% | {m['rounds']:.0f} | {m['bytes_per_party'] / 1e6:.2f} | "
+            f"{m.get('offline_bytes', 0) / 1e6:.2f} | {m['lan_s']:.3f} | {m['wan_s']:.3f} | "
+            f"x{m['wan_s'] / base['wan_s']:.2f} | {total:.3f} | x{total / base.get('wan_total_s', base['wan_s']):.2f} |"
         )
 
+    priced = modeled[0].get("priced_by")
     lines = [
         "## Accuracy and modeled latency",
         "",
-        "The cost model's prediction per sample (batch 1), before the bench: LAN/WAN seconds are communication "
-        "only (rounds x RTT + bytes one way / bandwidth).",
+        "The cost model's prediction per sample (batch 1)"
+        + (f", priced for {priced}" if priced else "")
+        + ", before the bench: LAN/WAN seconds are communication only (online: rounds x RTT + bytes one way / "
+        "bandwidth; +offline: the dealer's bytes and one RTT per request to it on the same link).",
         "",
-        "| model | test accuracy | rounds | MB per party | LAN s | WAN s | WAN vs baseline |",
-        "|---|---|---|---|---|---|---|",
+        "| model | test accuracy | rounds | MB per party | offline MB | LAN s | WAN s | WAN vs baseline | "
+        "WAN s +offline | vs baseline |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         row("baseline", base, r["baseline"]["test_accuracy"]),
     ]
     lines += [row(result_label(o), m["optimized"], o["accuracy_after"]) for o, m in zip(r["optimized"], modeled)]

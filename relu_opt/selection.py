@@ -20,8 +20,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from relu_opt.activations import MaskedSite
-from relu_opt.crypto_backend.cost_model import LAN, WAN, CostModel, Network, cost_category, features, node_features
-from relu_opt.passes.pi import prepare_for_pi
+from relu_opt.backends import LAN, WAN, CostModel, Network, Pricing
 from relu_opt.passes.replace import replace_sites, site_op
 from relu_opt.ranking import Criticality, select
 from relu_opt.sites import SiteInfo
@@ -341,21 +340,25 @@ def price_sites(
     crit: Criticality,
     make_rep: Callable[[str], nn.Module | None],
     cost_model: CostModel,
-    network: Network = WAN,
+    pricing: Pricing,
     public_coeffs: bool = False,
 ) -> Prices:
-    """Return each site's prices, measured on the PI-prepared graph as the site is, fully replaced and
-    partial (one unit kept), and the cost of the rest of the model, from `cost_model` at batch 1 (with
-    `public_coeffs`, unfoldable polynomials priced as the plan will run them: powers only)."""
+    """Return each site's prices, measured on the graph `pricing`'s backend runs as the site is, fully
+    replaced and partial (one unit kept), and the cost of the rest of the model, from `cost_model` at
+    batch 1 (with `public_coeffs`, unfoldable polynomials priced as the plan will run them: powers only)."""
     nodes = {n.name: n for n in teacher.graph.nodes}
     example = example[:1]
+    engine = pricing.engine()
 
     def site_costs(model: nn.Module) -> tuple[dict[str, tuple[float, float]], float, float]:
-        gm = prepare_for_pi(model, example, public_coeffs=public_coeffs)
-        feats = {n.name: node_features(gm, n) for n in gm.graph.nodes if n.name in sites}
-        per_site = {s: (cost_model.rounds(f), cost_model.bytes(f)) for s, f in feats.items()}
-        total = features(gm)
-        return per_site, cost_model.rounds(total), cost_model.bytes(total)
+        gm = engine.prepare(model, example, public_coeffs=public_coeffs)
+        per_site = {}
+        for n in gm.graph.nodes:
+            if n.name in sites:
+                c = cost_model.node_cost(gm, n)
+                per_site[n.name] = (c.rounds, c.bytes)
+        total = cost_model.cost(gm)
+        return per_site, total.rounds, total.bytes
 
     def rewritten(one_unit: bool) -> fx.GraphModule:
         new = {}
@@ -373,7 +376,7 @@ def price_sites(
     for s, info in sites.items():
         kr, kb = keep.get(s, (0.0, 0.0))
         rr, rb = replaced.get(s, (0.0, 0.0))
-        bpe = cost_model.bytes_per_element.get(cost_category(info.kind), 0.0)
+        bpe = cost_model.element_bytes(info.kind)
         u = crit.unit_elements[s]
         if s in partial and u < info.elements:
             pr, pb = partial[s]
@@ -383,7 +386,7 @@ def price_sites(
         prices[s] = SitePrice(info.kind, info.elements, kr, kb, rr, rb, pr, bpe, rest_bpe)
     other_r = rounds_all - sum(p.keep_rounds for p in prices.values())
     other_b = bytes_all - sum(p.keep_bytes for p in prices.values())
-    return Prices(prices, other_r, other_b, network)
+    return Prices(prices, other_r, other_b, pricing.net())
 
 
 _NETWORKS = (WAN, LAN)

@@ -14,13 +14,13 @@ from torch import nn
 import relu_opt
 from relu_opt import ops
 from relu_opt.activations import Poly
-from relu_opt.crypto_backend.convert import check_supported, crypten_onnx
-from relu_opt.crypto_backend.cost_model import features
+from relu_opt.backends.crypten.convert import check_supported, crypten_onnx
+from relu_opt.backends.crypten.convert import prepare as prepare_for_crypten
+from relu_opt.backends.crypten.cost_model import features
 from relu_opt.data import load_dataset
 from relu_opt.export import onnx_census
 from relu_opt.models import create_model
 from relu_opt.optimizer import OptimizeConfig, optimize
-from relu_opt.passes.pi import prepare_for_crypten
 from relu_opt.plan import Plan, apply_plan
 from relu_opt.replacements import REPLACEMENTS, register_replacement
 from relu_opt.train import TrainConfig, fit
@@ -126,7 +126,7 @@ def own_kind_and_replacement():
             functions=(F.softplus,),
             onnx_ops=("Softplus",),
             exact_onnx=True,
-            crypten_fix="optimize it: --kinds my_softplus",
+            fix="optimize it: --kinds my_softplus",
         )
     )
 
@@ -183,7 +183,7 @@ class Mixed(nn.Module):
 
 
 def test_gelu_silu_sigmoid_rsqrt_model_through_count_optimize_export_and_bench(tmp_path):
-    from relu_opt.crypto_backend.bench import bench
+    from relu_opt.bench import bench
 
     tokens = load_dataset("synthetic", shape=(6, 16), n=360)
     model = Mixed()
@@ -197,7 +197,7 @@ def test_gelu_silu_sigmoid_rsqrt_model_through_count_optimize_export_and_bench(t
     optimized = apply_plan(Mixed(), plan)
     optimized.load_state_dict(torch.load(tmp_path / "mixed" / "model.pt", weights_only=True))
     x = tokens.test.x[:4]
-    b = bench(model, x, optimized=optimized.eval(), parties=2, runs=1, warmup=0, timeout=240)
+    b = bench(model, x, optimized=optimized.eval(), runs=1, warmup=0, timeout=240)
     original, opt, floor = b.models
     assert opt.rounds < original.rounds and opt.bytes_per_party[0] < original.bytes_per_party[0]
     assert original.top1_agreement >= 0.75 and opt.top1_agreement == 1.0  # polynomials are exact in MPC

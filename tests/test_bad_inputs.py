@@ -370,8 +370,8 @@ def test_damaged_report_ranking_and_checkpoint_are_redone(optimized_dir, tmp_pat
 
 
 def test_damaged_cost_model_cache_is_measured_again(tmp_path, monkeypatch):
-    from relu_opt.crypto_backend import bench, cost_calibration, cost_model
-    from relu_opt.crypto_backend.convert import prepare_for_pi
+    from relu_opt.backends.crypten import calibration as cal
+    from relu_opt.backends.crypten import cost_model, measure
 
     calls = []
 
@@ -379,20 +379,27 @@ def test_damaged_cost_model_cache_is_measured_again(tmp_path, monkeypatch):
         """Stand-in for CrypTen: 1 round per op plus 8 more per ReLU op, 464 bytes per ReLU element."""
         calls.append(len(models))
         out = []
-        for _, m in models:
-            f = cost_model.features(prepare_for_pi(m, x))
+        for _, gm in models:
+            f = cost_model.features(gm)
             rounds = sum(f.ops.get(c, 0) for c in cost_model.CATEGORIES) + 8 * f.ops.get("relu", 0)
-            out.append(SimpleNamespace(features=f, rounds=rounds, bytes_per_party=[464 * f.elements.get("relu", 0)]))
+            out.append(
+                SimpleNamespace(
+                    rounds=rounds,
+                    bytes_per_party=[464 * f.elements.get("relu", 0)],
+                    offline_sent_per_party=[0],
+                    offline_received_per_party=[0],
+                    offline_requests=0,
+                )
+            )
         return out
 
-    monkeypatch.setattr(bench, "measure", fake_measure)
-    cal = cost_calibration
-    path = tmp_path / f"cost_model_2p_crypten{cal._crypten_version()}_{cal.suite_key()}.json"
+    monkeypatch.setattr(measure, "measure", fake_measure)
+    path = tmp_path / f"cost_model_2p_third-party_crypten{cal._crypten_version()}_{cal.suite_key()}.json"
     path.write_text('{"parties": 2, "rounds_per_op": {"relu": 9')
     fitted = cal.calibrate(2, cache=tmp_path)
     assert calls == [len(cal.calibration_suite())]  # measured again, not read from the damaged file
     assert 8.0 < fitted.rounds_per_op["relu"] < 10.0  # the fake's 9 per ReLU op, shared with co-occurring kinds
-    assert cost_model.CostModel.from_dict(json.loads(path.read_text())) == fitted
+    assert cost_model.CrypTenCostModel.from_dict(json.loads(path.read_text())) == fitted
 
 
 REPORTS = [
@@ -696,11 +703,17 @@ NUMBERS = [
     (["export", "small_cnn", "--leaf", "Nope", "-o", "{tmp}/m.onnx"], r"--leaf 'Nope'"),
     (["bench", "small_cnn", "--timeout", "0"], r"--timeout 0 must be above 0"),
     (["bench", "small_cnn", "--lan", "1"], r"--lan '1' must be RTT_MS,MB_PER_S"),
-    (["bench", "small_cnn", "--wan", "40,0"], r"--wan bandwidth 0 must be above 0"),
+    (["bench", "small_cnn", "--wan", "40,0"], r"--wan '40,0' needs a round-trip time >= 0 and a bandwidth > 0"),
     (["bench", "small_cnn", "--rank", "5", "--world-size", "2"], r"--rank 5 is out of range"),
     (["bench", "small_cnn", "--master-port", "70000"], r"--master-port 70000 is out of range"),
-    (["bench", "small_cnn", "--link", "1,-5"], r"--link bandwidth -5e\+06 must be above 0"),
-    (["bench", "small_cnn", "--lan", "-1,100"], r"--lan round-trip time -0.001 must be at least 0"),
+    (["bench", "small_cnn", "--link", "1,-5"], r"--link '1,-5' needs a round-trip time >= 0 and a bandwidth > 0"),
+    (["bench", "small_cnn", "--lan", "-1,100"], r"--lan '-1,100' needs a round-trip time >= 0"),
+    (["bench", "small_cnn", "--wan", "nan,100"], r"--wan 'nan,100' needs a round-trip time >= 0"),
+    (["bench", "small_cnn", "--dealer", "party1"], r"--dealer party1 is not a dealer of the crypten backend"),
+    (["bench", "small_cnn", "--role", "dealer", "--rank", "0"], r"--role dealer takes no --rank"),
+    (["bench", "small_cnn", "--role", "host"], r"--role 'host'"),
+    (["bench", "small_cnn", "--role", "party"], r"--role party needs --rank N"),
+    (["bench", "small_cnn", "--role", "dealer", "--dealer", "party0"], r"--dealer party0 has no dealer process"),
     (["bench", "small_cnn", "--link", "{tmp}/none.json"], r"--link .*none.json is not a JSON file"),
     (["link", "--rank", "2", "--master-addr", "127.0.0.1"], r"--rank 2 is out of range; .* at most 1"),
     (["link", "--rank", "0", "--master-addr", "127.0.0.1", "--timeout", "-1"], r"--timeout -1 must be above 0"),
@@ -806,7 +819,7 @@ def test_every_cache_folder_follows_relu_opt_cache(tmp_path, monkeypatch):
 
     with pytest.raises(DataError, match=re.escape(str(tmp_path / "c" / "data" / "cifar-10-batches-py"))):
         load_dataset("cifar10")
-    from relu_opt.crypto_backend import cost_calibration
+    from relu_opt.backends.crypten import calibration as cost_calibration
 
     assert cost_calibration.cache_dir() == tmp_path / "c"
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from relu_opt.crypto_backend import compat
+from relu_opt.backends.crypten import compat
 
 crypten = compat.import_crypten()
 
@@ -34,7 +34,7 @@ def test_registration_alias_is_needed_and_fixes_import():
     bare = subprocess.run([sys.executable, "-c", "import crypten"], capture_output=True, text=True)
     assert bare.returncode != 0 and "torch.onnx._internal.registration" in bare.stderr
     fixed = subprocess.run(
-        [sys.executable, "-c", "from relu_opt.crypto_backend.compat import import_crypten; import_crypten()"],
+        [sys.executable, "-c", "from relu_opt.backends.crypten.compat import import_crypten; import_crypten()"],
         capture_output=True,
         text=True,
     )

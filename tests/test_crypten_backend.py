@@ -15,15 +15,18 @@ import torch
 from torch import nn
 
 from relu_opt.activations import MaskedReLU, Poly
-from relu_opt.crypto_backend.bench import bench, fixed_point_warnings, measure
-from relu_opt.crypto_backend.convert import check_supported, crypten_onnx, prepare_for_pi
-from relu_opt.crypto_backend.cost_calibration import calibrate
-from relu_opt.errors import CryptenError
+from relu_opt.backends.crypten.calibration import calibrate
+from relu_opt.backends.crypten.convert import check_supported, crypten_onnx, prepare
+from relu_opt.backends.crypten.measure import fixed_point_warnings
+from relu_opt.bench import bench
+from relu_opt.errors import BackendError
 from relu_opt.export import to_onnx_bytes
 from relu_opt.graph import propagate_shapes, trace
 from relu_opt.models import create_model
+from relu_opt.passes.pi import prepare_for_pi
 from relu_opt.passes.replace import relu_nodes, replace_sites
 from relu_opt.private_tmp import private_root
+from tests.crypten_helpers import measure_models as measure
 
 X = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(1))
 
@@ -57,7 +60,7 @@ def _channel_masked(model, keep_every: int | None, replacement=None):
 def test_two_party_forward_matches_plaintext():
     model = _trained_like(create_model("small_cnn", in_channels=1))
     labels = torch.tensor([3, 7])
-    r = bench(model, X, labels, parties=2, runs=1, warmup=0, timeout=120)
+    r = bench(model, X, labels, runs=1, warmup=0, timeout=120)
     orig, floor = r.models
     assert (orig.name, floor.name) == ("original", "floor")
     assert orig.relu_elements == 16 * 28 * 28 + 32 * 14 * 14 + 64 * 7 * 7
@@ -95,8 +98,8 @@ def test_batches_of_one_cost_one_query_and_cover_every_sample():
     model = _trained_like(create_model("small_cnn", in_channels=1))
     x = torch.cat([X, X.flip(0), X * 0.5])  # 6 samples
     labels = torch.tensor([3, 7, 7, 3, 3, 7])
-    one = bench(model, x, labels, parties=2, runs=1, warmup=0, timeout=120, batch=1)
-    whole = bench(model, x[:2], parties=2, runs=1, warmup=0, timeout=120)
+    one = bench(model, x, labels, runs=1, warmup=0, timeout=120, batch=1)
+    whole = bench(model, x[:2], runs=1, warmup=0, timeout=120)
     assert (one.batch, one.samples, one.to_dict()["samples"]) == (1, 6, 6)
     for q, w in zip(one.models, whole.models):
         assert q.rounds == w.rounds  # rounds do not depend on the batch
@@ -124,17 +127,18 @@ def test_cost_model_predicts_measured_rounds_and_bytes():
     cost = calibrate(2, timeout=120)
     assert cost.rounds_per_op["relu"] == pytest.approx(9, abs=0.01)
     assert cost.bytes_per_element["relu"] == pytest.approx(464, rel=0.01)
+    assert cost.requests_per_op["relu"] == pytest.approx(9, abs=0.01)  # one triple from the dealer per round
     model = _trained_like(create_model("resnet20", in_channels=1))
     poly_half = _channel_masked(model, 2, lambda c: Poly(torch.randn(3, c) * 0.1))
-    for m in measure(
-        [("small", create_model("small_cnn", in_channels=1)), ("poly_half", poly_half)],
-        X,
-        runs=1,
-        warmup=0,
-        timeout=300,
-    ):
-        assert cost.rounds(m.features) == pytest.approx(m.rounds, abs=1)
-        assert cost.bytes(m.features) == pytest.approx(m.bytes_per_party[0], rel=0.03)
+    models = [("small", create_model("small_cnn", in_channels=1)), ("poly_half", poly_half)]
+    for (_, net), m in zip(models, measure(models, X, runs=1, warmup=0, timeout=300)):
+        predicted = cost.cost(prepare(net, X[:1]), batch=len(X))
+        assert predicted.rounds == pytest.approx(m.rounds, abs=1)
+        assert predicted.bytes == pytest.approx(m.bytes_per_party[0], rel=0.03)
+        assert predicted.requests == pytest.approx(m.offline_requests, abs=1)
+        assert predicted.offline_bytes == pytest.approx(
+            sum(m.offline_sent_per_party) + sum(m.offline_received_per_party), rel=0.05
+        )
 
 
 def test_polynomials_export_without_relu_and_unsupported_ops_are_named():
@@ -150,7 +154,7 @@ def test_polynomials_export_without_relu_and_unsupported_ops_are_named():
             return torch.nn.functional.interpolate(x, scale_factor=2.0)
 
     bad = onnx.load_from_string(to_onnx_bytes(Odd(), X[:1]))
-    with pytest.raises(CryptenError, match=r"CrypTen cannot run ONNX op 'Resize' \(node '.*Resize.*'\)"):
+    with pytest.raises(BackendError, match=r"CrypTen cannot run ONNX op 'Resize' \(node '.*Resize.*'\)"):
         check_supported(bad)
 
 
@@ -191,7 +195,7 @@ def _party_pids(parent: int, deadline: float) -> dict[int, int]:
     """Wait until `parent` has started both parties; return {rank: pid}."""
     while time.monotonic() < deadline:
         found = {}
-        for pid in _children_of(parent, "relu_opt.crypto_backend.party"):
+        for pid in _children_of(parent, "relu_opt.backends.crypten.party"):
             for rank in (0, 1):
                 if f"party{rank}.job.json" in _cmdline(pid):
                     found[rank] = pid
@@ -207,7 +211,7 @@ def test_failed_party_stops_the_bench(how, tmp_path):
     env = {**os.environ, "RELU_OPT_CACHE": str(tmp_path)}
     # Warm the cost-model cache so the parties below are the bench's own.
     subprocess.run(
-        [sys.executable, "-c", "from relu_opt.crypto_backend.cost_calibration import calibrate; calibrate(2)"],
+        [sys.executable, "-c", "from relu_opt.backends.crypten.calibration import calibrate; calibrate(2)"],
         env=env,
         check=True,
         capture_output=True,
@@ -238,58 +242,45 @@ def test_failed_party_stops_the_bench(how, tmp_path):
         assert f"did not finish within --timeout {timeout}s" in stderr
     assert time.monotonic() - start < timeout + 60
     time.sleep(1)
-    assert [p for p in parties.values() if "relu_opt.crypto_backend.party" in _cmdline(p)] == []
+    assert [p for p in parties.values() if "relu_opt.backends.crypten.party" in _cmdline(p)] == []
     assert list(private_root().glob(f"bench-{proc.pid}-*")) == []  # the ONNX weights and inputs are gone
 
 
 def test_one_party_per_host_mode(tmp_path):
-    from relu_opt.crypto_backend.launch import free_port
+    from relu_opt.backends.crypten.launch import free_port
 
     port = free_port()
+    common = ["bench", "small_cnn", "--input-shape", "1,1,28,28", "--world-size", "2", "--master-port", str(port)]
+    common += ["--runs", "1", "--timeout", "120"]
+    roles = [["--rank", "0"], ["--rank", "1"], ["--role", "dealer"]]
     procs = [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "relu_opt.cli",
-                "bench",
-                "small_cnn",
-                "--input-shape",
-                "1,1,28,28",
-                "--rank",
-                str(rank),
-                "--world-size",
-                "2",
-                "--master-port",
-                str(port),
-                "--runs",
-                "1",
-                "--json",
-                str(tmp_path / f"p{rank}.json"),
-                "--timeout",
-                "120",
-            ],
+            [sys.executable, "-m", "relu_opt.cli", *common, *role, "--json", str(tmp_path / f"p{i}.json")],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for rank in (0, 1)
+        for i, role in enumerate(roles)
     ]
     outs = []
     for p in procs:
         out, err = p.communicate(timeout=180)
         assert p.returncode == 0, err
         outs.append(out)
+    assert not (tmp_path / "p2.json").exists() and "the dealer served the run over lo" in outs[2]
     results = [json.loads((tmp_path / f"p{r}.json").read_text()) for r in (0, 1)]
     for rank, (r, out) in enumerate(zip(results, outs)):
-        assert "CrypTen, 2 parties, batch 2" in out and f"party {rank} over lo" in out  # the local bench's table
+        assert "CrypTen, 2 parties, dealer third-party, batch 2" in out and f"party {rank} over lo" in out
         assert [m["name"] for m in r["models"]] == ["original", "floor"]
         assert r["models"][0]["rounds"] == 31 and r["models"][1]["rounds"] == 4
-        assert r["hosts"] == {"rank": rank, "interface": "lo"}
+        assert r["hosts"] == {"role": "party", "rank": rank, "interface": "lo"}
     # the parties share their measurements at the end, so both report the same numbers
     assert results[0]["models"] == results[1]["models"]
     orig = results[0]["models"][0]
     assert orig["sent_per_party"] == [b // 2 for b in orig["bytes_per_party"]]
+    # party 0 asks the dealer for one triple per round; party 1 never talks to it during a forward
+    assert orig["offline_requests"] == 31 and orig["offline_sent_per_party"][1] == 0
+    assert orig["offline_received_per_party"][0] > 0 == orig["offline_received_per_party"][1]
 
 
 @pytest.mark.parametrize("how", ["term", "kill"])
@@ -314,7 +305,7 @@ def test_stopped_bench_leaves_no_weights_or_inputs(how, tmp_path):
     os.kill(proc.pid, signal.SIGTERM if how == "term" else signal.SIGKILL)
     _, stderr = proc.communicate(timeout=60)
     deadline = time.monotonic() + 15
-    while any("relu_opt.crypto_backend.party" in _cmdline(p) for p in parties.values()):
+    while any("relu_opt.backends.crypten.party" in _cmdline(p) for p in parties.values()):
         assert time.monotonic() < deadline, "parties outlived the bench"
         time.sleep(0.1)
     if how == "term":

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from relu_opt.activations import ChannelAffine, Poly, Square
-from relu_opt.crypto_backend.cost_model import features
+from relu_opt.backends.crypten.cost_model import features
 from relu_opt.graph import propagate_shapes, trace
 from relu_opt.passes.base import GraphPass, run_passes
 from relu_opt.passes.fold_poly import OffsetSquare, fold_poly
@@ -88,7 +88,7 @@ def test_pi_preparation_folds_polys():
 
 
 def test_folded_poly_costs_the_square_under_crypten():
-    from relu_opt.crypto_backend.bench import measure
+    from tests.crypten_helpers import measure_models as measure
 
     torch.manual_seed(0)
     x = torch.randn(1, 3, 8, 8)
@@ -131,7 +131,7 @@ def test_public_coefficients_keep_the_outputs(degree):
 
 
 def test_public_coefficients_are_onnx_constants_and_cost_like_a_square():
-    from relu_opt.crypto_backend.convert import crypten_onnx
+    from relu_opt.backends.crypten.convert import crypten_onnx
 
     x = torch.randn(1, 3, 6, 6)
     public = prepare_for_pi(_ReadTwice(_poly(8)).eval(), x, public_coeffs=True)
@@ -174,7 +174,7 @@ def test_export_with_public_coeffs_writes_them_as_constants(tmp_path):
 
 
 def test_public_poly_costs_the_square_under_crypten():
-    from relu_opt.crypto_backend.bench import measure
+    from tests.crypten_helpers import measure_models as measure
 
     torch.manual_seed(0)
     x = torch.randn(1, 3, 8, 8)
@@ -201,8 +201,8 @@ def test_public_coeffs_is_recorded_in_the_plan_and_bench_follows_it(tmp_path, mo
 
     from typer.testing import CliRunner
 
+    from relu_opt import bench
     from relu_opt.cli import app
-    from relu_opt.crypto_backend import bench
     from relu_opt.errors import ReluOptError
 
     runner = CliRunner()
@@ -227,6 +227,6 @@ def test_public_coeffs_is_recorded_in_the_plan_and_bench_follows_it(tmp_path, mo
         raise ReluOptError("stop")
 
     monkeypatch.setattr(bench, "bench", fake_bench)
-    monkeypatch.setattr("relu_opt.crypto_backend.cost_calibration.calibrate", lambda *a, **k: None)
+    monkeypatch.setattr("relu_opt.backends.pricing.Pricing.cost_model", lambda *a, **k: None)
     r = runner.invoke(app, ["bench", "small_cnn", "--input-shape", "1,3,16,16", "--optimized", str(folder)])
     assert r.exit_code == 2 and seen["public_coeffs"] is True  # from plan.json, without the flag

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from relu_opt.activations import MaskedSite, Poly, Square
+from relu_opt.backends.crypten.cost_model import features
 from relu_opt.calibration import collect_stats, fit_poly, refit_in_order
-from relu_opt.crypto_backend.cost_model import features
 from relu_opt.graph import propagate_shapes, trace
 from relu_opt.models import create_model
 from relu_opt.passes.fold_poly import OffsetSquare
@@ -103,7 +103,7 @@ def test_resnet20_with_every_site_replaced_is_all_squares_but_the_stem():
 
 def test_post_add_poly_costs_the_square_under_crypten():
     """Measured: the folded post-add site's rounds and bytes are those of the same block with a square."""
-    from relu_opt.crypto_backend.bench import measure
+    from tests.crypten_helpers import measure_models as measure
 
     class Block(nn.Module):
         def __init__(self, post):

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from relu_opt.activations import ChannelAffine, MaskedSite
-from relu_opt.crypto_backend.cost_model import features
+from relu_opt.backends.crypten.cost_model import features
 from relu_opt.graph import propagate_shapes, trace
 from relu_opt.passes.base import GraphPass, run_passes
 from relu_opt.passes.fuse_linear import fuse_linear

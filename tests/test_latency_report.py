@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from relu_opt import atomic
-from relu_opt.crypto_backend import cost_calibration
-from relu_opt.crypto_backend.cost_model import LAN, WAN, CostModel
+from relu_opt.backends import LAN, WAN
+from relu_opt.backends.crypten import calibration as cost_calibration
+from relu_opt.backends.crypten.cost_model import CrypTenCostModel as CostModel
 from relu_opt.data import load_dataset
 from relu_opt.models import create_model
 from relu_opt.optimizer import OptimizeConfig, optimize_frontier
@@ -24,7 +25,7 @@ COST = CostModel(
 @pytest.fixture
 def frontier(tmp_path, monkeypatch):
     monkeypatch.setenv("RELU_OPT_CACHE", str(tmp_path / "cache"))
-    atomic.write_json(cost_calibration._cache_path(2, None), COST.to_dict())
+    atomic.write_json(cost_calibration._cache_path(2, "third-party", None), COST.to_dict())
     torch.manual_seed(0)
     model = create_model("small_cnn", num_classes=4, in_channels=1)
     cfg = OptimizeConfig(budget=0, epochs=0, strategy="random", rank_samples=64, calib_samples=64)
@@ -41,9 +42,12 @@ def test_each_budget_reports_its_modeled_cost(frontier):
     out, results = frontier
     for r in results:
         costs = json.loads((out / f"budget_{r.budget}" / "modeled_cost.json").read_text())
+        assert costs.pop("priced_by") == "CrypTen, 2 parties, dealer third-party"
         assert set(costs) == {"original", "optimized", "floor"}
         for m in costs.values():  # communication only, the full-duplex model: half the bytes each way
             assert m["lan_s"] == pytest.approx(_latency(m, LAN)) and m["wan_s"] == pytest.approx(_latency(m, WAN))
+            # the stand-in prices no dealer traffic: with the offline part the latency is the same
+            assert m["offline_bytes"] == 0 and m["wan_total_s"] == pytest.approx(m["wan_s"])
         orig, opt, floor = costs["original"], costs["optimized"], costs["floor"]
         assert floor["bytes_per_party"] < opt["bytes_per_party"] < orig["bytes_per_party"]
         assert floor["rounds"] < orig["rounds"]
@@ -88,8 +92,8 @@ def test_no_cost_model_means_no_modeled_numbers(tmp_path, monkeypatch):
 def test_bench_prints_predicted_next_to_measured():
     from rich.console import Console
 
+    from relu_opt.bench import BenchResult, ModelReport
     from relu_opt.cli import _prediction_table
-    from relu_opt.crypto_backend.bench import BenchResult, ModelReport
 
     def report(name, rounds, mb, pred_rounds, pred_mb):
         return ModelReport(

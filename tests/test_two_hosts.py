@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from relu_opt.crypto_backend import rendezvous as rdv
-from relu_opt.crypto_backend.convert import crypten_onnx, prepare_for_pi
-from relu_opt.crypto_backend.cost_model import Network
-from relu_opt.crypto_backend.launch import free_port
-from relu_opt.crypto_backend.link import load_link
-from relu_opt.crypto_backend.traffic import TrafficCounter
+from relu_opt.backends import Network, Pricing, load_link
+from relu_opt.backends import rendezvous as rdv
+from relu_opt.backends.crypten.convert import crypten_onnx
+from relu_opt.backends.crypten.launch import free_port
+from relu_opt.backends.crypten.traffic import TrafficCounter
 from relu_opt.models import create_model
+from relu_opt.passes.pi import prepare_for_pi
 
 ROOT = Path(__file__).parent.parent
 X = torch.randn(1, 1, 28, 28)
@@ -105,7 +105,8 @@ def test_structure_hash_ignores_weights_but_not_architecture():
 
 
 def test_fingerprint_mismatches_are_one_line_and_name_the_fix():
-    fp = rdv.fingerprint(2, {"command": "bench", "models": {"original": "aa", "floor": "bb"}, "runs": 3})
+    versions = Pricing().engine().versions()
+    fp = rdv.fingerprint(2, {"command": "bench", "models": {"original": "aa", "floor": "bb"}, "runs": 3}, versions)
     assert rdv.mismatch(fp, json.loads(json.dumps(fp)), 0, 1) is None
     other = {**fp, "world_size": 3}
     assert "--world-size 3" in rdv.mismatch(fp, other, 0, 1)
@@ -117,6 +118,8 @@ def test_fingerprint_mismatches_are_one_line_and_name_the_fix():
     assert "--optimized" in rdv.mismatch(fp, other, 0, 1)
     other = {**fp, "job": {**fp["job"], "runs": 1}}
     assert "runs = 1" in rdv.mismatch(fp, other, 0, 1)
+    other = {**fp, "job": {**fp["job"], "dealer": "party0"}}
+    assert rdv.mismatch(fp, other, 0, rdv.DEALER).startswith("the dealer has dealer = party0 and party 0 has")
     for why in [rdv.mismatch(fp, o, 0, 1) for o in ({**fp, "world_size": 3},)]:
         assert "\n" not in why
 
@@ -144,7 +147,7 @@ def test_busy_port_and_missing_party_0_are_clean_errors():
 def test_a_rank_given_twice_is_refused():
     port = free_port()
     store = rdv.open_store(0, "127.0.0.1", port, 5)  # party 0's store, as party 0 opens it
-    fp = rdv.fingerprint(2, {"command": "link"})
+    fp = rdv.fingerprint(2, {"command": "link"}, {"relu-opt": "0"})
     store.set(f"{rdv.PREFIX}fp/0", json.dumps(fp))
     store.set(f"{rdv.PREFIX}checked", "1")
     rdv.check_in(rdv.open_store(1, "127.0.0.1", port, 5), 1, fp, 5)
@@ -152,18 +155,21 @@ def test_a_rank_given_twice_is_refused():
         rdv.check_in(rdv.open_store(1, "127.0.0.1", port, 5), 1, fp, 5)
 
 
-def _two_parties(args_of, timeout=180):
+def _two_parties(args_of, timeout=180, dealer=False):
+    """Run `relu-opt ARGS` as party 0 and 1 (and the dealer, with `dealer`) on localhost; return each
+    process's (exit code, stdout, stderr)."""
     port = str(free_port())
     env = {k: v for k, v in os.environ.items() if k != "GLOO_SOCKET_IFNAME"}
+    roles = [["--rank", "0"], ["--rank", "1"]] + ([["--role", "dealer"]] if dealer else [])
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "relu_opt.cli", *args_of(rank), "--rank", str(rank), "--master-port", port],
+            [sys.executable, "-m", "relu_opt.cli", *args_of(i), *role, "--master-port", port],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             env=env,
         )
-        for rank in (0, 1)
+        for i, role in enumerate(roles)
     ]
     return [(p.returncode, *p.communicate(timeout=timeout)) for p in procs if p.wait(timeout=timeout) is not None]
 
@@ -192,8 +198,8 @@ def test_two_parties_bench_one_query_at_a_time_and_must_agree_on_the_batch(tmp_p
         assert code == 2, err
         assert "has batch = " in err and "start both alike" in err and "Traceback" not in err
     args = [*common, "--batch", "1", "--runs", "1", "--warmup", "0", "--timeout", "120"]
-    results = _two_parties(lambda r: [*args, "--json", str(tmp_path / f"{r}.json")], 240)
-    for code, out, err in results:
+    results = _two_parties(lambda r: [*args, "--json", str(tmp_path / f"{r}.json")], 240, dealer=True)
+    for code, out, err in results[:2]:
         assert code == 0, err
         assert "batch 1 of 3 samples" in out
     d = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
@@ -215,7 +221,9 @@ SHAPED_MBIT = 50
 
 
 @pytest.mark.skipif(_shaped_link().available() is not None, reason="needs root with ip and tc")
-def test_two_namespaces_on_a_shaped_link_match_the_latency_model(tmp_path):
+def test_three_namespaces_on_a_shaped_link_match_the_latency_model(tmp_path):
+    """Party 0, party 1 and the dealer each on a host of their own (network namespaces on a bridge), links
+    shaped to 50 Mbit/s: the latency model with the dealer's traffic on the same link predicts the wall."""
     sl = _shaped_link()
     try:
         res = sl.measure_rate(SHAPED_MBIT, tmp_path, runs=2, nice=-5 if os.geteuid() == 0 else 0)
@@ -226,13 +234,16 @@ def test_two_namespaces_on_a_shaped_link_match_the_latency_model(tmp_path):
     assert 0.85 * rate < link["bandwidth_MBps"] < 1.02 * rate  # measured, not assumed; TCP/IP costs a few %
     assert link["interface"].startswith("ro")  # the veth end, not lo
     for rank, (r, out) in enumerate(zip(res["bench"], res["stdout"])):
-        assert "CrypTen, 2 parties, batch 4" in out and f"party {rank} over ro" in out
+        assert "CrypTen, 2 parties, dealer third-party, batch 4" in out and f"party {rank} over ro" in out
         assert r["hosts"]["rank"] == rank and r["hosts"]["interface"].startswith("ro")
+    assert "the dealer served the run over ro" in res["stdout"][2] and not res["dealer_written"]
     assert res["bench"][0]["models"] == res["bench"][1]["models"]
     orig = next(m for m in res["bench"][0]["models"] if m["name"] == "original")
-    transfer = max(orig["sent_per_party"]) / (link["bandwidth_MBps"] * 1e6)
+    assert orig["offline_requests"] == 31 and orig["offline_bytes"] > 1e6  # the dealer's triples crossed a link
+    transfer = (max(orig["sent_per_party"]) + orig["offline_bytes"]) / (link["bandwidth_MBps"] * 1e6)
     assert transfer > 0.7 * orig["wall_s_median"]  # a model whose transfer dominates
-    assert orig["predicted_s"] == pytest.approx(orig["wall_s_median"], rel=0.15)
+    assert orig["predicted_total_s"] == pytest.approx(orig["wall_s_median"], rel=0.15)
+    assert orig["predicted_s"] < 0.85 * orig["wall_s_median"]  # online alone leaves the dealer's part out
 
 
 def _my_namespaces():

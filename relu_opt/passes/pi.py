@@ -1,4 +1,5 @@
-"""The pass lists that make a model ready for private inference, and its linear floor."""
+"""The pass lists that make a model ready for private inference, and its linear floor. A backend adds its
+own lowering after PI_PASSES (relu_opt/backends/<engine>/)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from relu_opt.passes.fold_norm import fold_frozen_norm
 from relu_opt.passes.fold_poly import fold_poly
 from relu_opt.passes.fold_residual_poly import fold_residual_poly
 from relu_opt.passes.fuse_linear import fuse_linear
-from relu_opt.passes.lower import lower_for_crypten
 from relu_opt.passes.public_poly import publicize_polys
 from relu_opt.passes.replace import linearize, materialize_partial, maxpool_to_avgpool
 
@@ -30,8 +30,6 @@ PI_PASSES: tuple[GraphPass, ...] = (
     GraphPass(fold_residual_poly, needs_shapes=True),
     GraphPass(fuse_linear, needs_shapes=True),
 )
-# ... and every kind CrypTen's converter lacks lowered to ops it runs (relu_opt/passes/lower.py).
-CRYPTEN_PASSES: tuple[GraphPass, ...] = PI_PASSES + (GraphPass(lower_for_crypten),)
 # Opt-in (--public-coeffs): the polynomials fold_poly left get public coefficients (passes/public_poly.py).
 PUBLIC_COEFFS_PASS = GraphPass(publicize_polys)
 # Every non-linear op an identity, max-pools averaged, the linear layers that then meet fused: the cost of
@@ -53,23 +51,17 @@ def _with_public(passes: tuple[GraphPass, ...], public_coeffs: bool) -> tuple[Gr
 
 
 def prepare_for_pi(
-    model: nn.Module, example: torch.Tensor, leaf: Iterable[str | type] = (), public_coeffs: bool = False
+    model: nn.Module,
+    example: torch.Tensor,
+    leaf: Iterable[str | type] = (),
+    public_coeffs: bool = False,
+    lowering: Iterable[GraphPass] = (),
 ) -> fx.GraphModule:
-    """Return the eval-mode GraphModule private inference runs (PI_PASSES applied, shapes propagated;
-    with `public_coeffs`, unfolded polynomials keep their coefficients public)."""
+    """Return the eval-mode GraphModule private inference runs (PI_PASSES, then a backend's `lowering`,
+    applied; shapes propagated; with `public_coeffs`, unfolded polynomials keep their coefficients public)."""
     with eval_mode(model):
         gm = trace(model, leaf)
-    return run_passes(gm.eval(), _with_public(PI_PASSES, public_coeffs), example).eval()
-
-
-def prepare_for_crypten(
-    model: nn.Module, example: torch.Tensor, leaf: Iterable[str | type] = (), public_coeffs: bool = False
-) -> fx.GraphModule:
-    """Return the eval-mode GraphModule CrypTen runs (CRYPTEN_PASSES applied, shapes propagated;
-    with `public_coeffs`, unfolded polynomials keep their coefficients public)."""
-    with eval_mode(model):
-        gm = trace(model, leaf)
-    return run_passes(gm.eval(), _with_public(CRYPTEN_PASSES, public_coeffs), example).eval()
+    return run_passes(gm.eval(), _with_public(PI_PASSES, public_coeffs) + tuple(lowering), example).eval()
 
 
 def linear_floor(prepared: fx.GraphModule, example: torch.Tensor) -> fx.GraphModule:

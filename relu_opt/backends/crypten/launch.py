@@ -1,4 +1,5 @@
-"""Start CrypTen parties as processes on this machine and collect their results, failing fast."""
+"""Start CrypTen parties (and the dealer) as processes on this machine and collect their results, failing
+fast: the first process to fail (one killed by a signal before the others it took down) is named."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from relu_opt.crypto_backend.party import PartyJob
-from relu_opt.errors import CryptenError
+from relu_opt.backends.crypten.party import PROVIDERS, PartyJob
+from relu_opt.errors import BackendError
 
 
 def free_port() -> int:
@@ -32,7 +33,7 @@ def _tail(path: Path, lines: int = 3) -> str:
     return " | ".join(t.strip() for t in text[-lines:])
 
 
-def _error_of(result: Path, log: Path, rank: int, code: int) -> str:
+def _error_of(result: Path, log: Path, who: str, code: int) -> str:
     try:
         data = json.loads(result.read_text())
         if not data.get("ok", True):
@@ -41,7 +42,7 @@ def _error_of(result: Path, log: Path, rank: int, code: int) -> str:
         pass
     how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
     tail = _tail(log)
-    return f"party {rank} {how}" + (f": {tail}" if tail else "")
+    return f"{who} {how}" + (f": {tail}" if tail else "")
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
@@ -59,53 +60,63 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             p.wait()
 
 
-def launch_local(job: PartyJob, workdir: str | os.PathLike, timeout: float) -> list[dict]:
-    """Run `job.world_size` parties on localhost (env:// rendezvous on a free port); return each
-    party's result. Raises CryptenError when a party fails or the run outlasts `timeout` seconds;
-    every party process is gone when it returns or raises."""
+def launch_local(
+    job: PartyJob, workdir: str | os.PathLike, timeout: float, module: str = "relu_opt.backends.crypten.party"
+) -> list[dict]:
+    """Run `job.world_size` parties on localhost (env:// rendezvous on a free port), and the dealer as
+    one more process when `job.dealer` has one, each as `python -m MODULE JOB.json`; return each party's
+    result (by rank). Raises BackendError when a party or the dealer fails or the run outlasts `timeout`
+    seconds; every process is gone when it returns or raises."""
     workdir = Path(workdir)
     port = free_port()
+    dealer = PROVIDERS[job.dealer] == "TTP"
+    members = [("party", r) for r in range(job.world_size)] + ([("dealer", job.world_size)] if dealer else [])
     threads = max(1, (os.cpu_count() or 1) // job.world_size)
-    procs, paths = [], []
+    procs, paths, names = [], [], []
     try:
-        for rank in range(job.world_size):
-            result, log = workdir / f"party{rank}.json", workdir / f"party{rank}.log"
+        for role, rank in members:
+            stem = "dealer" if role == "dealer" else f"party{rank}"
+            result, log = workdir / f"{stem}.json", workdir / f"{stem}.log"
             result.unlink(missing_ok=True)
             pj = replace(
                 job,
                 rank=rank,
+                role=role,
                 master_addr="127.0.0.1",
                 master_port=port,
                 result=str(result),
                 timeout=timeout + 5,
                 threads=threads,
             )
-            job_path = workdir / f"party{rank}.job.json"
+            job_path = workdir / f"{stem}.job.json"
             job_path.write_text(json.dumps(asdict(pj)))
             with open(log, "w") as logf:
                 procs.append(
                     subprocess.Popen(
-                        [sys.executable, "-m", "relu_opt.crypto_backend.party", str(job_path)],
+                        [sys.executable, "-m", module, str(job_path)],
                         stdout=logf,
                         stderr=subprocess.STDOUT,
                         start_new_session=True,  # its own process group, so it can be killed whole
                     )
                 )
             paths.append((result, log))
+            names.append("the dealer" if role == "dealer" else f"party {rank}")
         deadline = time.monotonic() + timeout
         while True:
             codes = [p.poll() for p in procs]
             if all(c == 0 for c in codes):
                 break
-            for rank, code in enumerate(codes):
-                if code not in (None, 0):
-                    raise CryptenError(_error_of(*paths[rank], rank, code) + "; the other parties were stopped")
+            failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
+            if failed:
+                first = min(failed, key=lambda i: (codes[i] >= 0, i))  # killed by a signal: the cause
+                why = _error_of(*paths[first], names[first], codes[first])
+                raise BackendError(f"{why}; the other {'processes' if dealer else 'parties'} were stopped")
             if time.monotonic() > deadline:
-                waiting = [str(r) for r, c in enumerate(codes) if c is None]
-                raise CryptenError(
-                    f"parties {', '.join(waiting)} did not finish within --timeout {timeout:g}s and were stopped"
+                waiting = [names[i] for i, c in enumerate(codes) if c is None]
+                raise BackendError(
+                    f"{', '.join(waiting)} did not finish within --timeout {timeout:g}s and were stopped"
                 )
             time.sleep(0.1)
     finally:
         _stop(procs)
-    return [json.loads(r.read_text()) for r, _ in paths]
+    return [json.loads(r.read_text()) for (r, _), (role, _) in zip(paths, members) if role == "party"]

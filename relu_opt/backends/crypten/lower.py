@@ -2,8 +2,8 @@
 
 One table, `LOWERINGS` (kind -> factory of the module that replaces the node), filled with
 `@register_lowering`. Kinds CrypTen runs as exported (ReLU, Clip for ReLU6/Hardtanh, MaxPool, Sigmoid,
-SiLU, Softmax, Sqrt) need no entry; kinds with neither (Mish, Softplus, GroupNorm) are named
-by `crypten_fix` before any party starts (relu_opt.crypto_backend.convert.check_supported).
+SiLU, Softmax, Sqrt) need no entry; kinds with neither (Mish, Softplus, GroupNorm) are named with
+their fix before any party starts (relu_opt/backends/crypten/convert.py: check_lowered, check_supported).
 
 The lowered modules compute the same function (LayerNorm and rsqrt with CrypTen's own inverse-square-root
 iteration, so plaintext and encrypted runs agree; GELU within 0.021, see GeluBySigmoid) and report the
@@ -21,7 +21,6 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from relu_opt import ops
-from relu_opt.errors import CryptenError
 from relu_opt.graph import register_leaf
 from relu_opt.passes.replace import replace_sites
 
@@ -232,22 +231,6 @@ def _layernorm(gm, node):
             shape = _fn_arg(node, 1, "normalized_shape")
             return CryptenLayerNorm(tuple(shape), None, None, _fn_arg(node, 4, "eps", 1e-5))
     return None  # GroupNorm, or weights passed as graph values: left to the op check
-
-
-def check_lowered(gm: fx.GraphModule) -> None:
-    """Raise CryptenError naming the first node whose kind CrypTen cannot run even lowered, with the fix
-    the op table gives (run on a lowered graph, before export and before any party starts)."""
-    for node in gm.graph.nodes:
-        kind = ops.node_kind(gm, node)
-        fix = ops.get_kind(kind).crypten_fix if kind else ""
-        if fix:
-            raise CryptenError(f"CrypTen cannot run {kind} (node '{node.name}', {_spelling(node)}); {fix}")
-
-
-def _spelling(node: fx.Node) -> str:
-    if node.op == "call_function":
-        return f"{getattr(node.target, '__name__', node.target)}()"
-    return f".{node.target}()" if node.op == "call_method" else f"module '{node.target}'"
 
 
 def _lowered(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:

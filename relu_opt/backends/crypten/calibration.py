@@ -1,10 +1,9 @@
-"""The cost model's calibration: a suite of tiny models measured under CrypTen, and the CostModel fitted
-to them, cached as JSON.
+"""The cost model's calibration: a suite of tiny models measured under CrypTen with real parties (and the
+dealer), and the CrypTenCostModel fitted to them, cached as JSON.
 
-Measuring needs the bench (`bench.measure`), and the bench reads the cost model's features, so the
-calibration lives here rather than in cost_model.py: cost_model knows graphs and prices, this module
-knows how to measure them. The cache file name (parties, CrypTen version, suite hash) and its keys are
-unchanged from when `calibrate` lived in cost_model.py, so cached models stay valid.
+The cache file names the party count, the dealer, the CrypTen version and the suite's hash, so a model
+measured with another dealer (a cache from before dealers were chosen was measured with party 0 dealing)
+is never reused.
 """
 
 from __future__ import annotations
@@ -17,10 +16,9 @@ from torch import nn
 
 from relu_opt import atomic
 from relu_opt.activations import ChannelAffine, MaskedReLU, Poly, Square
+from relu_opt.backends.crypten.cost_model import CrypTenCostModel, Sample, features, fit
 from relu_opt.cache import cache_dir
 from relu_opt.checked_io import load_cache, read_json
-from relu_opt.crypto_backend import bench
-from relu_opt.crypto_backend.cost_model import CostModel, fit
 
 
 def calibration_suite() -> list[tuple[str, nn.Module]]:
@@ -84,8 +82,8 @@ class _Rsqrt(nn.Module):
 
 
 # Bump when a suite model or a lowering it goes through changes (GELU by sigmoid: 2; products: 3;
-# polynomials in Horner form: 4).
-SUITE_VERSION = 4
+# polynomials in Horner form: 4; online and offline apart, dealer in the file name: 5).
+SUITE_VERSION = 5
 
 
 def suite_key() -> str:
@@ -99,26 +97,50 @@ def suite_key() -> str:
 CALIBRATION_INPUT = (1, 3, 8, 8)
 
 
-def _cache_path(parties: int, cache: str | os.PathLike | None) -> Path:
-    return Path(cache or cache_dir()) / f"cost_model_{parties}p_crypten{_crypten_version()}_{suite_key()}.json"
+def _cache_path(parties: int, dealer: str, cache: str | os.PathLike | None) -> Path:
+    name = f"cost_model_{parties}p_{dealer}_crypten{_crypten_version()}_{suite_key()}.json"
+    return Path(cache or cache_dir()) / name
 
 
-def load_cached(parties: int = 2, cache: str | os.PathLike | None = None) -> CostModel | None:
-    """Return the CostModel `calibrate` cached for `parties`, or None when none is (nothing is measured)."""
-    return load_cache(_cache_path(parties, cache), lambda p: CostModel.from_dict(read_json(p, what="cost model")))
+def load_cached(
+    parties: int = 2, dealer: str = "third-party", cache: str | os.PathLike | None = None
+) -> CrypTenCostModel | None:
+    """Return the cost model `calibrate` cached for `parties` and `dealer`, or None (nothing is measured)."""
+    return load_cache(
+        _cache_path(parties, dealer, cache),
+        lambda p: CrypTenCostModel.from_dict(read_json(p, what="cost model")),
+    )
 
 
 def calibrate(
-    parties: int = 2, timeout: float = 300, refresh: bool = False, cache: str | os.PathLike | None = None
-) -> CostModel:
-    """Return the CostModel for `parties`, measured once under CrypTen and cached as JSON in `cache`."""
-    path = _cache_path(parties, cache)
-    cached = None if refresh else load_cached(parties, cache)
+    parties: int = 2,
+    dealer: str = "third-party",
+    timeout: float = 300,
+    refresh: bool = False,
+    cache: str | os.PathLike | None = None,
+) -> CrypTenCostModel:
+    """Return the cost model for `parties` and `dealer`, measured once under CrypTen and cached in `cache`."""
+    from relu_opt.backends.crypten.convert import prepare
+    from relu_opt.backends.crypten.measure import measure
+
+    path = _cache_path(parties, dealer, cache)
+    cached = None if refresh else load_cached(parties, dealer, cache)
     if cached is not None:
         return cached
     x = torch.randn(CALIBRATION_INPUT)
-    runs = bench.measure(calibration_suite(), x, parties=parties, runs=1, warmup=0, timeout=timeout)
-    model = fit([(r.features, r.rounds, max(r.bytes_per_party)) for r in runs], parties)
+    prepared = [(name, prepare(m, x[:1])) for name, m in calibration_suite()]
+    runs = measure(prepared, x, parties=parties, dealer=dealer, runs=1, warmup=0, timeout=timeout)
+    samples = [
+        Sample(
+            features(gm, batch=len(x)),
+            r.rounds,
+            max(r.bytes_per_party),
+            sum(r.offline_sent_per_party) + sum(r.offline_received_per_party),
+            r.offline_requests,
+        )
+        for (_, gm), r in zip(prepared, runs)
+    ]
+    model = fit(samples, parties, dealer)
     atomic.write_json(path, model.to_dict())
     return model
 

@@ -1,10 +1,13 @@
-"""Count what one CrypTen party sends and receives, per direction.
+"""Count what one CrypTen party sends and receives, per direction, online (to the other parties) and
+offline (to and from the dealer) apart.
 
-CrypTen's own counter (`comm.get_communication_stats()["bytes"]`) adds both directions of an
-all-reduce into one number, so `bytes / bandwidth` charges a full-duplex link twice. This counter wraps
-the communicator's collectives and books each one as the Gloo algorithm moves it: for P parties a ring
-all-reduce of N bytes sends and receives 2(P-1)/P x N per party (N each way for two parties), an
-all-gather (P-1) x N, a broadcast N per receiver, and so on.
+CrypTen's own counter (`comm.get_communication_stats()`) adds both directions of an all-reduce into one
+number, so `bytes / bandwidth` charges a full-duplex link twice; and under the TTP provider it also
+counts party 0's requests to the dealer as rounds. This counter wraps the communicator's collectives and
+books each one as the Gloo algorithm moves it: for P parties a ring all-reduce of N bytes sends and
+receives 2(P-1)/P x N per party (N each way for two parties), an all-gather (P-1) x N, a broadcast N
+per receiver, and so on. A call whose peer is the dealer (rank P) is booked offline, and what CrypTen
+counted for it is kept apart, so the online rounds and bytes are the parties' own.
 """
 
 from __future__ import annotations
@@ -24,8 +27,25 @@ def _nbytes(x) -> int:
     return 0
 
 
+# Where each call names its peer: (position, keyword) of dst/src.
+_PEER = {
+    "send": (1, "dst"),
+    "isend": (1, "dst"),
+    "recv": (1, "src"),
+    "irecv": (1, "src"),
+    "broadcast": (1, "src"),
+    "reduce": (1, "dst"),
+    "gather": (1, "dst"),
+    "scatter": (1, "src"),
+    "send_obj": (1, "dst"),
+    "recv_obj": (0, "src"),
+    "broadcast_obj": (1, "src"),
+}
+
+
 class TrafficCounter:
-    """Bytes this party sent and received, and seconds spent inside communication, since `reset()`."""
+    """Bytes this party sent and received online and offline, dealer requests, seconds inside
+    communication, and what CrypTen's own counter booked for the dealer, since `reset()`."""
 
     METHODS = (
         "send",
@@ -47,7 +67,7 @@ class TrafficCounter:
     def __init__(self, comm) -> None:
         self.comm = comm
         self.rank = comm.get_rank()
-        self.world_size = comm.get_world_size()
+        self.world_size = comm.get_world_size()  # the computing parties; the dealer's rank is this
         self.reset()
         for name in self.METHODS:
             original = getattr(comm, name, None)
@@ -56,19 +76,37 @@ class TrafficCounter:
 
     def reset(self) -> None:
         """Start counting from zero."""
-        self.sent = 0
-        self.received = 0
+        self.sent = self.received = 0
+        self.offline_sent = self.offline_received = 0
+        self.requests = 0
         self.comm_s = 0.0
+        self.dealer_rounds = 0  # what CrypTen's counter booked for calls to and from the dealer
+        self.dealer_bytes = 0.0
+
+    def _peer(self, name: str, args: tuple, kwargs: dict):
+        pos, key = _PEER.get(name, (None, None))
+        if pos is None:
+            return None
+        return args[pos] if len(args) > pos else kwargs.get(key)
 
     def _wrap(self, name: str, original):
         @functools.wraps(original)
         def counted(*args, **kwargs):
+            dealer = self._peer(name, args, kwargs) == self.world_size
+            before = (getattr(self.comm, "comm_rounds", 0), getattr(self.comm, "comm_bytes", 0))
             start = time.perf_counter()
             result = original(*args, **kwargs)
             self.comm_s += time.perf_counter() - start
             sent, received = self._book(name, args, kwargs, result)
-            self.sent += int(sent)
-            self.received += int(received)
+            if dealer:
+                self.offline_sent += int(sent)
+                self.offline_received += int(received)
+                self.requests += name == "send_obj"  # one request message per triple asked for
+                self.dealer_rounds += getattr(self.comm, "comm_rounds", 0) - before[0]
+                self.dealer_bytes += getattr(self.comm, "comm_bytes", 0) - before[1]
+            else:
+                self.sent += int(sent)
+                self.received += int(received)
             return result
 
         return counted
@@ -89,7 +127,7 @@ class TrafficCounter:
         if name == "all_gather":
             n = (p - 1) * _nbytes(first)
             return n, n
-        src = args[1] if len(args) > 1 else kwargs.get("src", kwargs.get("dst"))
+        src = self._peer(name, args, kwargs)
         if name == "broadcast":
             n = _nbytes(first)
             return ((p - 1) * n, 0) if src == me else (0, n)
@@ -106,5 +144,5 @@ class TrafficCounter:
             return 0, len(pickle.dumps(result)) + 4
         if name == "broadcast_obj":
             n = len(pickle.dumps(result)) + 4
-            return ((p - 1) * n, 0) if (args[1] if len(args) > 1 else kwargs.get("src")) == me else (0, n)
+            return ((p - 1) * n, 0) if src == me else (0, n)
         return 0, 0

@@ -1,7 +1,13 @@
-"""One CrypTen party: converts the models, runs encrypted forwards, and writes its measurements.
+"""One CrypTen process: a party (converts the models, runs encrypted forwards, writes its measurements)
+or the dealer (CrypTen's TTPServer, which hands out the parties' correlated randomness).
 
-Run as `python -m relu_opt.crypto_backend.party JOB.json`; the launcher starts one per party, or a user
-starts one per host. Party 0 owns the model weights; the data-owner party (1) owns the input.
+Run as `python -m relu_opt.backends.crypten.party JOB.json`; the launcher starts one per party and one
+dealer, or a user starts one per host. Party 0 owns the model weights; the data-owner party (1) owns
+the input. Which provider deals the Beaver triples is `job.dealer`:
+- "third-party" (CrypTen's TTP): a dealer process of its own (rank = world size) shares a seed with each
+  party and sends party 0 its share of every product; no computing party knows a triple.
+- "party0" (CrypTen's TFP, its default): party 0 draws every triple in the clear, so it reads every
+  value the parties open: the client's input included. Insecure; kept to compare with old figures.
 """
 
 from __future__ import annotations
@@ -24,10 +30,12 @@ import torch
 from onnx import numpy_helper
 
 from relu_opt import atomic
-from relu_opt.errors import CryptenError
+from relu_opt.errors import BackendError
 
 MODEL_OWNER = 0
 DATA_OWNER = 1
+PROVIDERS = {"third-party": "TTP", "party0": "TFP"}  # dealer name -> CrypTen tuple provider
+_WAITING: dict[str, float] = {}  # "dealer": since when party 0 waits for the dealer's answer
 
 
 @dataclass
@@ -50,6 +58,8 @@ class PartyJob:
     extra_env: dict = field(default_factory=dict)
     ifname: str | None = None  # the interface Gloo binds to; default: the one that routes to master_addr
     fingerprint: dict | None = None  # parties on separate hosts: check it at rendezvous, share results
+    dealer: str = "third-party"  # a key of PROVIDERS
+    role: str = "party"  # or "dealer": this process is the dealer (its rank is world_size)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PartyJob:
@@ -66,13 +76,19 @@ def start_watchdog(job: PartyJob) -> None:
             if os.getppid() != parent:
                 os._exit(3)
             if time.monotonic() > deadline:
-                msg = f"party {job.rank} did not finish within --timeout {job.timeout:g}s"
+                msg = f"{_who(job)} did not finish within --timeout {job.timeout:g}s"
+                if "dealer" in _WAITING:
+                    msg += f" (waiting {time.monotonic() - _WAITING['dealer']:.0f}s for the dealer, which hung)"
                 with contextlib.suppress(OSError):  # the result's folder may be gone already
                     _write_error(job.result, job.rank, msg)
                 print(f"error: {msg}", file=sys.stderr, flush=True)
                 os._exit(124)
 
     threading.Thread(target=watch, daemon=True).start()
+
+
+def _who(job: PartyJob) -> str:
+    return "the dealer" if job.role == "dealer" else f"party {job.rank}"
 
 
 def _write_error(result: str, rank: int, message: str) -> None:
@@ -95,30 +111,35 @@ def private_weights(data: bytes, rank: int) -> bytes:
 
 
 def run(job: PartyJob) -> dict:
-    """Run every model of `job` under CrypTen as party `job.rank`; returns the measurements (with
-    every party's under "parties" when `job.fingerprint` is set)."""
-    from relu_opt.crypto_backend import rendezvous as rdv
+    """Run `job` as its process: a party runs every model under CrypTen and returns its measurements (with
+    every party's under "parties" when `job.fingerprint` is set); the dealer serves triples until party 0
+    ends the run and returns what it sent and received."""
+    from relu_opt.backends import rendezvous as rdv
 
+    me = rdv.DEALER if job.role == "dealer" else job.rank
     iface = job.ifname or job.extra_env.get("GLOO_SOCKET_IFNAME") or os.environ.get("GLOO_SOCKET_IFNAME")
     iface = rdv.bind_interface(job.master_addr, iface)
     store = None
     if job.fingerprint is not None:
-        store = rdv.open_store(job.rank, job.master_addr, job.master_port, job.timeout)
-        rdv.check_in(store, job.rank, job.fingerprint, job.timeout)
+        store = rdv.open_store(me, job.master_addr, job.master_port, job.timeout)
+        rdv.check_in(store, me, job.fingerprint, job.timeout)
     try:
-        result = _run(job)
+        result = _serve(job) if job.role == "dealer" else _run(job)
     except Exception as exc:
         if store is None:
             raise
-        why = f"party {job.rank} failed: {type(exc).__name__}: {_first_line(exc)}"
-        why = str(exc) if isinstance(exc, CryptenError) else why
-        if job.rank == 0 or rdv.store_alive(job.master_addr, job.master_port):
-            rdv.report_failure(store, job.rank, why)
-            time.sleep(0.5)  # a party that failed first leaves its reason: name that, not the lost link
-            why = rdv.peer_failure(store, job.rank, job.world_size) or why
-        raise CryptenError(why) from exc
+        why = (
+            str(exc)
+            if isinstance(exc, BackendError)
+            else f"{_who(job)} failed: {type(exc).__name__}: {_first_line(exc)}"
+        )
+        if me == 0 or rdv.store_alive(job.master_addr, job.master_port):
+            rdv.report_failure(store, me, why)
+            time.sleep(0.5)  # a member that failed first leaves its reason: name that, not the lost link
+            why = rdv.peer_failure(store, me, job.world_size) or why
+        raise BackendError(why) from exc
     result["interface"] = iface
-    if store is not None:
+    if store is not None and job.role != "dealer":
         result["parties"] = rdv.share_results(store, job.rank, job.world_size, dict(result), job.timeout)
     return result
 
@@ -128,12 +149,14 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _run(job: PartyJob) -> dict:
+def _init_crypten(job: PartyJob, rank: int):
+    """Return crypten, initialised as `rank` of this job with its dealer's provider."""
     warnings.filterwarnings("ignore", category=UserWarning, module="crypten")
+    warnings.filterwarnings("ignore", message="CrypTen is already initialized", category=RuntimeWarning)
     os.environ.update(
         {
-            "RANK": str(job.rank),
-            "WORLD_SIZE": str(job.world_size),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(job.world_size),  # the computing parties; a dealer joins as rank world_size
             "MASTER_ADDR": job.master_addr,
             "MASTER_PORT": str(job.master_port),
             "RENDEZVOUS": "env://",
@@ -142,13 +165,67 @@ def _run(job: PartyJob) -> dict:
         }
     )
     torch.set_num_threads(max(1, job.threads))
-    from relu_opt.crypto_backend.compat import import_crypten
+    from relu_opt.backends.crypten.compat import import_crypten
 
     crypten = import_crypten()
+    crypten.cfg.mpc.provider = PROVIDERS[job.dealer]
     crypten.cfg.communicator.verbose = True  # the communicator only counts rounds and bytes then
     crypten.init()
+    return crypten
+
+
+def _serve(job: PartyJob) -> dict:
+    """Be the dealer: CrypTen's TTPServer, until party 0 sends "terminate"; return its traffic."""
+    crypten = _init_crypten(job, job.world_size)
+    from crypten.mpc.provider import TTPServer
+
+    from relu_opt.backends.crypten.traffic import TrafficCounter
+
     comm = crypten.communicator.get()
-    from relu_opt.crypto_backend.traffic import TrafficCounter
+    traffic = TrafficCounter(comm)
+    ended = {"terminate": False}
+    receive = comm.recv_obj
+
+    def recv_obj(*args, **kwargs):
+        message = receive(*args, **kwargs)
+        ended["terminate"] = message == "terminate"
+        return message
+
+    comm.recv_obj = recv_obj
+    TTPServer()  # returns on "terminate", or when the link to a party breaks (it logs and returns)
+    if not ended["terminate"]:
+        raise BackendError("the dealer lost party 0 before the run ended (a party failed or its link broke)")
+    crypten.uninit()
+    return {"rank": job.rank, "role": "dealer", "ok": True, "sent": traffic.sent, "received": traffic.received}
+
+
+def _watch_dealer() -> None:
+    """Name the dealer when party 0's request to it fails or waits (CrypTen asks for every triple on demand)."""
+    from crypten.mpc.provider.ttp_provider import TTPClient
+
+    client = TTPClient.get()
+    request = client.ttp_request
+
+    def ttp_request(*args, **kwargs):
+        _WAITING["dealer"] = time.monotonic()
+        try:
+            return request(*args, **kwargs)
+        except RuntimeError as exc:
+            raise BackendError(
+                f"party 0 lost the dealer ({_first_line(exc)}); check that the dealer (--role dealer) is running"
+            ) from exc
+        finally:
+            _WAITING.pop("dealer", None)
+
+    client.ttp_request = ttp_request
+
+
+def _run(job: PartyJob) -> dict:
+    crypten = _init_crypten(job, job.rank)
+    if crypten.mpc.ttp_required() and job.rank == 0:
+        _watch_dealer()
+    comm = crypten.communicator.get()
+    from relu_opt.backends.crypten.traffic import TrafficCounter
 
     traffic = TrafficCounter(comm)
     if job.rank == DATA_OWNER % job.world_size and job.inputs:
@@ -166,7 +243,8 @@ def _run(job: PartyJob) -> dict:
         # every party splits the same shape, so the batches line up (the others' zeros are placeholders)
         x_enc = [crypten.cryptensor(c, src=DATA_OWNER % job.world_size) for c in x.split(job.batch or len(x))]
         t2 = time.perf_counter()
-        walls, rounds, nbytes, sent, received, comm_s = [], [], [], [], [], []
+        runs: dict[str, list] = {k: [] for k in ("wall", "rounds", "bytes", "sent", "received", "comm_s")}
+        runs.update({k: [] for k in ("offline_sent", "offline_received", "requests")})
         with crypten.no_grad():
             for i in range(job.warmup + job.runs):
                 comm.barrier()
@@ -177,23 +255,22 @@ def _run(job: PartyJob) -> dict:
                 wall = time.perf_counter() - start
                 stats = comm.get_communication_stats()
                 if i >= job.warmup:
-                    walls.append(wall)
-                    rounds.append(int(stats["rounds"]))
-                    nbytes.append(int(stats["bytes"]))
-                    sent.append(traffic.sent)
-                    received.append(traffic.received)
-                    comm_s.append(traffic.comm_s)
+                    runs["wall"].append(wall)
+                    runs["rounds"].append(int(stats["rounds"]) - traffic.dealer_rounds)  # the parties' own
+                    runs["bytes"].append(int(stats["bytes"] - traffic.dealer_bytes))
+                    runs["sent"].append(traffic.sent)
+                    runs["received"].append(traffic.received)
+                    runs["comm_s"].append(traffic.comm_s)
+                    runs["offline_sent"].append(traffic.offline_sent)
+                    runs["offline_received"].append(traffic.offline_received)
+                    runs["requests"].append(traffic.requests)
             rest = [model(xe) for xe in x_enc[1:]]  # untimed: the other batches' outputs, for accuracy
         logits = torch.cat([y.get_plain_text()] + [r.get_plain_text() for r in rest])
         out.append(
             {
                 "name": spec["name"],
-                "rounds": rounds,
-                "bytes": nbytes,
-                "sent": sent,
-                "received": received,
-                "comm_s": comm_s,
-                "wall_s_runs": walls,
+                **{k: v for k, v in runs.items() if k != "wall"},
+                "wall_s_runs": runs["wall"],
                 "conversion_s": t1 - t0,
                 "encryption_s": t2 - t1,
                 "logits": logits.tolist(),
@@ -216,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, ReluOptError):
             _write_error(job.result, job.rank, str(exc))
         else:
-            _write_error(job.result, job.rank, f"party {job.rank} failed: {type(exc).__name__}: {_first_line(exc)}")
+            _write_error(job.result, job.rank, f"{_who(job)} failed: {type(exc).__name__}: {_first_line(exc)}")
         traceback.print_exc()
         return 1
     return 0

@@ -1,9 +1,10 @@
-"""Predict CrypTen rounds and bytes from a model's graph, with per-op costs fitted to measured runs.
+"""Predict CrypTen's cost from a model's graph, with per-op prices fitted to measured runs.
 
-Features per forward: for each op category, how many ops (each costs a fixed number of rounds) and how
-many elements they open (bytes scale with these). `fit` fits the per-op costs by non-negative least
-squares to measured runs; `cost_calibration.calibrate` measures its suite of tiny models under CrypTen
-and caches the fitted model, so nothing is typed in.
+Features per forward: for each op category, how many ops (each costs a fixed number of rounds and of
+requests to the dealer), how many elements they open (online bytes scale with these) and how many
+elements they output (the dealer's triples are the size of the results). `fit` fits the prices by
+non-negative least squares to measured runs; `calibration.calibrate` measures its suite of tiny models
+under CrypTen and caches the fitted model, so nothing is typed in.
 """
 
 from __future__ import annotations
@@ -11,8 +12,7 @@ from __future__ import annotations
 import math
 import operator
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -21,10 +21,11 @@ from torch import nn
 
 from relu_opt import ops
 from relu_opt.activations import ChannelAffine, Poly
+from relu_opt.backends.base import Cost, CostModel
 from relu_opt.passes.census import _meta_shape, node_ops
 
 # Features the calibration suite measures: linear parts, and every non-linear kind CrypTen runs (as
-# lowered by relu_opt/passes/lower.py). A kind outside this list counts under its op-table cost category.
+# lowered by relu_opt/backends/crypten/lower.py). A kind outside this list counts under its op-table cost category.
 CATEGORIES = (
     "linear",
     "affine",
@@ -63,42 +64,6 @@ BYTE_TERMS = CATEGORIES + ("poly_coeffs",)
 _AVG = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
 
 
-@dataclass(frozen=True)
-class Network:
-    """A network profile: round-trip time, and bandwidth in each direction of a full-duplex link."""
-
-    name: str
-    rtt_s: float
-    bandwidth_Bps: float  # per direction
-
-    def transfer_s(self, sent: Sequence[float], received: Sequence[float]) -> float:
-        """Return the seconds the link needs to carry every party's traffic: both directions carry data
-        at once, so the busiest direction of any party sets the time (not the sum of both)."""
-        return max([*sent, *received, 0.0]) / self.bandwidth_Bps
-
-    def latency(self, compute_s: float, rounds: float, sent: Sequence[float], received: Sequence[float]) -> float:
-        """Return compute time + rounds x RTT + transfer time, in seconds (bytes per party per direction)."""
-        return compute_s + rounds * self.rtt_s + self.transfer_s(sent, received)
-
-    def communication_s(self, rounds: float, nbytes: float) -> float:
-        """Return the seconds of `rounds` and of CrypTen's byte count per party (both directions added, so
-        half goes each way on a full-duplex link), without compute: what the cost model prices."""
-        return self.latency(0.0, rounds, [nbytes / 2], [nbytes / 2])
-
-
-LAN = Network("lan", 0.5e-3, 1e9)
-WAN = Network("wan", 40e-3, 100e6)
-
-
-def parse_network(name: str, text: str) -> Network:
-    """Return a Network from 'RTT_MS,MB_PER_S' (e.g. '40,100')."""
-    try:
-        rtt, bw = (float(v) for v in text.split(","))
-    except ValueError:
-        raise ValueError(f"--{name} '{text}' must be RTT_MS,MB_PER_S, e.g. 40,100") from None
-    return Network(name, rtt / 1e3, bw * 1e6)
-
-
 def cost_category(kind: str) -> str:
     """Return the cost-model feature a kind is counted under: itself when the calibration suite
     measures it, else its op-table cost category (e.g. "transcendental")."""
@@ -110,25 +75,27 @@ def cost_category(kind: str) -> str:
 
 @dataclass(frozen=True)
 class CostFeatures:
-    """Ops and opened elements per category for one forward at `batch`."""
+    """Ops, opened elements and output elements per category for one forward at `batch`."""
 
     ops: dict[str, int]
     elements: dict[str, int]
+    outputs: dict[str, int] = field(default_factory=dict)
 
 
 def features(gm: fx.GraphModule, batch: int = 1) -> CostFeatures:
-    """Return the cost features of a shape-propagated, PI-prepared GraphModule."""
-    counts, elements = Counter(), Counter()
+    """Return the cost features of a shape-propagated, CrypTen-prepared GraphModule."""
+    counts, elements, outputs = Counter(), Counter(), Counter()
     for node in gm.graph.nodes:
         f = node_features(gm, node, batch)
         counts.update(f.ops)
         elements.update(f.elements)
-    return CostFeatures(dict(counts), dict(elements))
+        outputs.update(f.outputs)
+    return CostFeatures(dict(counts), dict(elements), dict(outputs))
 
 
 def node_features(gm: fx.GraphModule, node: fx.Node, batch: int = 1) -> CostFeatures:
-    """Return the cost features of one node of a shape-propagated, PI-prepared GraphModule."""
-    counts, elements = Counter(), Counter()
+    """Return the cost features of one node of a shape-propagated, CrypTen-prepared GraphModule."""
+    counts, elements, outputs = Counter(), Counter(), Counter()
     out = _meta_shape(node)
     if out is None:
         return CostFeatures({}, {})
@@ -161,57 +128,103 @@ def node_features(gm: fx.GraphModule, node: fx.Node, batch: int = 1) -> CostFeat
             if n:
                 counts[category] += 1
                 elements[category] += batch * n
+                outputs[category] += batch * n  # the dealer's triples are the size of the op's results
         poly = mod if isinstance(mod, Poly) else getattr(mod, "replacement", None)
         if isinstance(poly, Poly):  # its (encrypted) coefficients are opened once per multiplication
             elements["poly_coeffs"] += poly.degree * poly.coeffs.shape[1]
-    return CostFeatures(dict(counts), dict(elements))
+    for c in counts:
+        outputs.setdefault(c, batch * per_sample)
+    return CostFeatures(dict(counts), dict(elements), dict(outputs))
 
 
 @dataclass(frozen=True)
-class CostModel:
-    """Per-op rounds and per-element bytes for one party count, fitted to measured runs."""
+class CrypTenCostModel(CostModel):
+    """Per-op rounds and dealer requests, per-element online bytes and per-output-element offline bytes,
+    for one party count and dealer, fitted to measured runs."""
 
     parties: int
     rounds_per_op: dict[str, float]
     bytes_per_element: dict[str, float]
     fit_max_rel_err: float = 0.0
+    dealer: str = "third-party"
+    requests_per_op: dict[str, float] = field(default_factory=dict)
+    offline_bytes_per_output: dict[str, float] = field(default_factory=dict)
+    offline_bytes_per_request: float = 0.0  # the request message and the size it is answered with
 
     def rounds(self, f: CostFeatures) -> float:
-        """Return the predicted communication rounds of one forward."""
+        """Return the predicted online rounds of one forward."""
         return sum(self.rounds_per_op.get(k, 0.0) * v for k, v in f.ops.items())
 
     def bytes(self, f: CostFeatures) -> float:
-        """Return the predicted bytes per party of one forward."""
+        """Return the predicted online bytes per party of one forward (CrypTen's count)."""
         return sum(self.bytes_per_element.get(k, 0.0) * v for k, v in f.elements.items())
+
+    def price(self, f: CostFeatures) -> Cost:
+        """Return the Cost of features `f`."""
+        requests = sum(self.requests_per_op.get(k, 0.0) * v for k, v in f.ops.items())
+        triples = sum(self.offline_bytes_per_output.get(k, 0.0) * v for k, v in f.outputs.items())
+        return Cost(self.rounds(f), self.bytes(f), triples + self.offline_bytes_per_request * requests, requests)
+
+    def node_cost(self, gm: fx.GraphModule, node: fx.Node, batch: int = 1) -> Cost:
+        return self.price(node_features(gm, node, batch))
+
+    def cost(self, gm: fx.GraphModule, batch: int = 1) -> Cost:
+        return self.price(features(gm, batch))
+
+    def element_bytes(self, kind: str) -> float:
+        return self.bytes_per_element.get(cost_category(kind), 0.0)
 
     def to_dict(self) -> dict:
         """Return a JSON-ready dict."""
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> CostModel:
+    def from_dict(cls, d: dict) -> CrypTenCostModel:
         return cls(**d)
 
 
-def fit(samples: list[tuple[CostFeatures, float, float]], parties: int) -> CostModel:
-    """Return the CostModel fitted (NNLS) to (features, measured rounds, measured bytes) samples."""
+@dataclass(frozen=True)
+class Sample:
+    """One calibration model's measured forward."""
+
+    features: CostFeatures
+    rounds: float
+    bytes: float
+    offline_bytes: float = 0.0
+    requests: float = 0.0
+
+
+def _nnls(a: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
     from scipy.optimize import nnls
 
-    ops = [c for c in CATEGORIES if any(f.ops.get(c) for f, _, _ in samples)]
-    terms = [c for c in BYTE_TERMS if any(f.elements.get(c) for f, _, _ in samples)]
-    a_r = np.array([[f.ops.get(c, 0) for c in ops] for f, _, _ in samples], dtype=float)
-    a_b = np.array([[f.elements.get(c, 0) for c in terms] for f, _, _ in samples], dtype=float)
-    r = np.array([s[1] for s in samples], dtype=float)
-    b = np.array([s[2] for s in samples], dtype=float)
-    xr, _ = nnls(a_r, r)
-    xb, _ = nnls(a_b, b)
-    rel = max(
-        float(np.max(np.abs(a_r @ xr - r) / np.maximum(r, 1))),
-        float(np.max(np.abs(a_b @ xb - b) / np.maximum(b, 1))),
-    )
-    return CostModel(
+    x, _ = nnls(a, y)
+    return x, float(np.max(np.abs(a @ x - y) / np.maximum(y, 1))) if len(y) else 0.0
+
+
+def fit(samples: list[Sample], parties: int, dealer: str = "third-party") -> CrypTenCostModel:
+    """Return the CrypTenCostModel fitted (NNLS) to measured samples."""
+    ops = [c for c in CATEGORIES if any(s.features.ops.get(c) for s in samples)]
+    terms = [c for c in BYTE_TERMS if any(s.features.elements.get(c) for s in samples)]
+    outs = [c for c in CATEGORIES if any(s.features.outputs.get(c) for s in samples)]
+    a_ops = np.array([[s.features.ops.get(c, 0) for c in ops] for s in samples], dtype=float)
+    a_el = np.array([[s.features.elements.get(c, 0) for c in terms] for s in samples], dtype=float)
+    # offline bytes: the triples (the size of each op's results) and a message per request
+    a_out = np.array([[s.features.outputs.get(c, 0) for c in outs] + [s.requests] for s in samples], dtype=float)
+    xr, er = _nnls(a_ops, np.array([s.rounds for s in samples], dtype=float))
+    xb, eb = _nnls(a_el, np.array([s.bytes for s in samples], dtype=float))
+    xo, eo = _nnls(a_out, np.array([s.offline_bytes for s in samples], dtype=float))
+    xq, eq = _nnls(a_ops, np.array([s.requests for s in samples], dtype=float))
+
+    def table(names, values) -> dict[str, float]:
+        return {c: round(float(v), 4) for c, v in zip(names, values) if v}
+
+    return CrypTenCostModel(
         parties,
         {c: round(float(v), 4) for c, v in zip(ops, xr)},
         {c: round(float(v), 4) for c, v in zip(terms, xb)},
-        rel,
+        max(er, eb, eo, eq),
+        dealer,
+        table(ops, xq),
+        table(outs, xo[:-1]),
+        round(float(xo[-1]), 4),
     )

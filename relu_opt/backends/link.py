@@ -1,5 +1,5 @@
-"""Measure the link between parties (round-trip time and bandwidth per direction) over the same kind
-of torch.distributed Gloo group CrypTen uses, so a latency prediction rests on the user's own network."""
+"""Measure the link between parties (round-trip time and bandwidth per direction) over a torch.distributed
+Gloo group, so a latency prediction rests on the user's own network."""
 
 from __future__ import annotations
 
@@ -8,13 +8,12 @@ import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
-from relu_opt.crypto_backend import rendezvous as rdv
-from relu_opt.crypto_backend.cost_model import Network, parse_network
-from relu_opt.errors import CryptenError
+from relu_opt.backends import rendezvous as rdv
+from relu_opt.backends.network import Network
+from relu_opt.errors import BackendError
 
 PINGS = 30
 MAX_BYTES = 64 << 20
@@ -45,20 +44,6 @@ class LinkMeasurement:
     def to_dict(self) -> dict:
         """Return a JSON-ready dict; `bench --link FILE` reads it back."""
         return {**asdict(self), "bandwidth_MBps": self.bandwidth_MBps}
-
-
-def load_link(text: str) -> Network:
-    """Return the Network of `--link`: 'RTT_MS,MB_PER_S' or a JSON file `relu-opt link --json` wrote."""
-    path = Path(text)
-    if path.suffix == ".json" or path.is_file():
-        try:
-            d = json.loads(path.read_text())
-            return Network("link", float(d["rtt_ms"]) / 1e3, float(d["bandwidth_MBps"]) * 1e6)
-        except (OSError, ValueError, KeyError, TypeError):
-            raise ValueError(
-                f"--link {text} is not a JSON file written by `relu-opt link --json`; give it or RTT_MS,MB_PER_S"
-            ) from None
-    return parse_network("link", text)
 
 
 def _pingpong(dist, peer: int, initiator: bool, n: int) -> list[float]:
@@ -156,6 +141,7 @@ def measure_link(
     master_port: int,
     timeout: float = 120,
     ifname: str | None = None,
+    versions: dict[str, str] | None = None,
     budget_s: float = 0.3,
 ) -> LinkMeasurement:
     """Return the LinkMeasurement between party 0 and every other party, measured by all parties at
@@ -164,13 +150,13 @@ def measure_link(
 
     iface = rdv.bind_interface(master_addr, ifname)
     store = rdv.open_store(rank, master_addr, master_port, timeout)
-    rdv.check_in(store, rank, rdv.fingerprint(world_size, {"command": "link"}), timeout)
+    rdv.check_in(store, rank, rdv.fingerprint(world_size, {"command": "link"}, versions or {}), timeout)
     os.environ.update({"MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)})
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world_size)
     except Exception as exc:
-        raise CryptenError(f"party {rank} could not open the Gloo group over {iface}: {rdv._first_line(exc)}") from None
+        raise BackendError(f"party {rank} could not open the Gloo group over {iface}: {rdv._first_line(exc)}") from None
     try:
         rtts, medians, one_way, duplex, probe = [], [], {}, {}, 0
         for peer in range(1, world_size):

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from relu_opt.errors import CryptenError
+from relu_opt.errors import BackendError
 
 _OLD_REGISTRATION = "torch.onnx._internal.registration"
 _NEW_REGISTRATION = "torch.onnx._internal.torchscript_exporter.registration"
@@ -39,14 +39,14 @@ def alias_onnx_registration() -> None:
 
 
 def import_crypten():
-    """Return the crypten module, importable on this torch; raise CryptenError with the fix if absent."""
+    """Return the crypten module, importable on this torch; raise BackendError with the fix if absent."""
     if "crypten" in sys.modules:
         return sys.modules["crypten"]
     alias_onnx_registration()
     try:
         import crypten
     except ImportError as exc:
-        raise CryptenError(
+        raise BackendError(
             f"cannot import crypten ({exc}); install it with `bash install.sh`, or "
             "`pip install '.[crypten]' && pip install --no-deps crypten==0.4.1`"
         ) from exc
@@ -72,7 +72,7 @@ def remove_identity(mp: onnx.ModelProto) -> onnx.ModelProto:
         src, dst = node.input[0], node.output[0]
         graph.node.remove(node)
         if dst in graph_outputs and src in {i.name for i in graph.input}:
-            raise CryptenError(f"ONNX graph output '{dst}' is an Identity of its input; nothing to compute")
+            raise BackendError(f"ONNX graph output '{dst}' is an Identity of its input; nothing to compute")
         if dst in graph_outputs:  # keep the output's name: rename the producer's output instead
             for n in graph.node:
                 for i, name in enumerate(n.output):
@@ -96,7 +96,7 @@ def dedupe_repeated_inputs(mp: onnx.ModelProto) -> onnx.ModelProto:
         if len(node.input) < 2 or len(set(node.input)) == len(node.input):
             continue
         if node.op_type not in ("Mul", "Add") or len(node.input) != 2:
-            raise CryptenError(
+            raise BackendError(
                 f"ONNX node '{node.name}' ({node.op_type}) takes the same tensor twice, which CrypTen "
                 "cannot run; compute a copy of it first"
             )

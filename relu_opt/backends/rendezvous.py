@@ -1,9 +1,10 @@
 """Parties on separate hosts: pick the interface that reaches party 0, meet through one TCPStore, and
-check that every party runs the same job before any encrypted work starts.
+check that every party (and the dealer, when there is one) runs the same job before any encrypted work
+starts.
 
 Party 0 hosts the store on --master-addr:--master-port; torch.distributed's env:// rendezvous later
 reuses that same server (multi-tenant TCPStore), so one port carries the fingerprints, the Gloo
-handshake and the final exchange of results.
+handshake and the final exchange of results. The dealer checks in as rank = world size.
 """
 
 from __future__ import annotations
@@ -23,15 +24,16 @@ from typing import TYPE_CHECKING
 
 import onnx
 
-from relu_opt.errors import CryptenError
+from relu_opt.errors import BackendError
 
 if TYPE_CHECKING:
     from torch.distributed import Store, TCPStore
 
 PREFIX = "relu-opt/"
+DEALER = "dealer"  # the dealer's name in the store (its torch.distributed rank is the world size)
 
 
-class RendezvousError(CryptenError):
+class RendezvousError(BackendError):
     """The parties could not meet: party 0 unreachable, port in use, or the parties disagree."""
 
 
@@ -148,57 +150,44 @@ def structure_hash(onnx_bytes: bytes) -> str:
     return h.hexdigest()[:16]
 
 
-def versions() -> dict[str, str]:
-    """Return the versions of relu-opt, crypten and torch in this process."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    import torch
-
-    import relu_opt
-
-    try:
-        crypten = version("crypten")
-    except PackageNotFoundError:
-        crypten = "missing"
-    return {"relu-opt": relu_opt.__version__, "crypten": crypten, "torch": torch.__version__}
+def fingerprint(world_size: int, job: dict, versions: dict[str, str]) -> dict:
+    """Return what every process must agree on: versions, world size (computing parties) and the job
+    (models, shapes, runs, dealer)."""
+    return {"world_size": world_size, "versions": versions, "job": job}
 
 
-def fingerprint(world_size: int, job: dict) -> dict:
-    """Return what every party must agree on: versions, world size and the job (models, shapes, runs)."""
-    return {"world_size": world_size, "versions": versions(), "job": job}
-
-
-def mismatch(mine: dict, theirs: dict, my_rank: int, their_rank: int) -> str | None:
+def mismatch(mine: dict, theirs: dict, my_rank: int | str, their_rank: int | str) -> str | None:
     """Return a one-line description of how two fingerprints differ, or None when they agree."""
+    me, them = _name(my_rank), _name(their_rank)
     if mine["world_size"] != theirs["world_size"]:
         return (
-            f"party {their_rank} was started with --world-size {theirs['world_size']} and party {my_rank} "
+            f"{them} was started with --world-size {theirs['world_size']} and {me} "
             f"with {mine['world_size']}; give every party the same --world-size"
         )
     for k, v in mine["versions"].items():
         if theirs["versions"].get(k) != v:
             return (
-                f"party {their_rank} runs {k} {theirs['versions'].get(k)} and party {my_rank} runs {v}; "
+                f"{them} runs {k} {theirs['versions'].get(k)} and {me} runs {v}; "
                 "install the same versions on every host"
             )
     a, b = mine["job"], theirs["job"]
     if a.get("command") != b.get("command"):
-        return f"party {their_rank} runs `{b.get('command')}` and party {my_rank} runs `{a.get('command')}`"
+        return f"{them} runs `{b.get('command')}` and {me} runs `{a.get('command')}`"
     ma, mb = a.get("models", {}), b.get("models", {})
     if list(ma) != list(mb):
         return (
-            f"party {their_rank} runs the models {', '.join(mb)} and party {my_rank} runs {', '.join(ma)}; "
+            f"{them} runs the models {', '.join(mb)} and {me} runs {', '.join(ma)}; "
             "give both the same --optimized folder (or none)"
         )
     for name in ma:
         if ma[name] != mb[name]:
             return (
-                f"model '{name}' differs between party {their_rank} and party {my_rank} (structure "
+                f"model '{name}' differs between {them} and {me} (structure "
                 f"{mb[name]} vs {ma[name]}); run both with the same MODEL, --optimized folder and --input-shape"
             )
     for k in sorted(set(a) | set(b)):
         if k != "models" and a.get(k) != b.get(k):
-            return f"party {their_rank} has {k} = {b.get(k)} and party {my_rank} has {a.get(k)}; start both alike"
+            return f"{them} has {k} = {b.get(k)} and {me} has {a.get(k)}; start both alike"
     return None
 
 
@@ -207,9 +196,10 @@ def _is_addr_in_use(exc: BaseException) -> bool:
     return "address already in use" in text or f"errno: {errno.EADDRINUSE}" in text or "eaddrinuse" in text
 
 
-def open_store(rank: int, master_addr: str, master_port: int, timeout: float) -> TCPStore:
+def open_store(rank: int | str, master_addr: str, master_port: int, timeout: float) -> TCPStore:
     """Return the TCPStore of this run: hosted by party 0 (multi-tenant, so torch.distributed reuses
-    it), a client elsewhere. Raises RendezvousError for a busy port or an unreachable party 0."""
+    it), a client for every other party and the dealer. Raises RendezvousError for a busy port or an
+    unreachable party 0."""
     from torch.distributed import TCPStore
 
     wait = timedelta(seconds=timeout)
@@ -252,43 +242,66 @@ def _first_line(exc: BaseException) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
-def check_in(store: Store, rank: int, fp: dict, timeout: float) -> None:
-    """Publish this party's fingerprint and compare it with the others' (party 0 sees all, the others
-    see party 0's); raises RendezvousError on a duplicate rank, a missing party or any disagreement."""
+def _name(member: int | str) -> str:
+    """Return how messages name a member of the run: "party N" or "the dealer"."""
+    return "the dealer" if member == DEALER else f"party {member}"
+
+
+def check_in(store: Store, rank: int | str, fp: dict, timeout: float) -> None:
+    """Publish this process's fingerprint and compare it with the others' (party 0 sees every party's and,
+    when its job has a dealer process, the dealer's; the others see party 0's); raises RendezvousError on
+    a duplicate rank or dealer, a missing member or any disagreement. `rank` is DEALER for the dealer."""
     world_size = fp["world_size"]
-    if not 0 <= rank < world_size:
+    if rank != DEALER and not 0 <= rank < world_size:
         raise RendezvousError(f"--rank {rank} is outside 0..{world_size - 1} for --world-size {world_size}")
     if store.add(f"{PREFIX}rank/{rank}", 1) > 1:
+        if rank == DEALER:
+            raise RendezvousError("another dealer already joined this run; start one dealer (--role dealer)")
         raise RendezvousError(f"another party already joined as --rank {rank}; give each party its own rank")
     store.set(f"{PREFIX}fp/{rank}", json.dumps(fp))
-    others = range(1, world_size) if rank == 0 else [0]
+    others = _others(fp) if rank == 0 else [0]
     for r in others:
         key = f"{PREFIX}fp/{r}"
-        try:
-            store.wait([key], timedelta(seconds=timeout))
-        except Exception:
+        if not _poll(store, key, timeout):
+            how = "--role dealer" if r == DEALER else f"--rank {r}"
             raise RendezvousError(
-                f"party {r} did not join {fp['job'].get('command', 'the run')} within {timeout:g}s; "
-                f"start it with --rank {r} and the same --master-addr and --master-port"
-            ) from None
+                f"{_name(r)} did not join {fp['job'].get('command', 'the run')} within {timeout:g}s; "
+                f"start it with {how} and the same --master-addr and --master-port"
+            )
         why = mismatch(fp, json.loads(store.get(key)), rank, r)
         if rank != 0:
-            store.add(f"{PREFIX}seen", 1)  # party 0 keeps the store up until every party has compared
+            store.add(f"{PREFIX}seen", 1)  # party 0 keeps the store up until every member has compared
         if why:
             store.set(f"{PREFIX}error/{rank}", why)
             if rank == 0:
-                _linger(store, world_size, min(timeout, 10))
+                _linger(store, len(others), min(timeout, 10))
             raise RendezvousError(why)
-    if rank == 0 and world_size > 1:
+    if rank == 0 and others:
         store.set(f"{PREFIX}checked", "1")
     elif rank != 0:
         _wait_verdict(store, timeout)
 
 
-def _linger(store, world_size: int, timeout: float) -> None:
-    """Keep party 0's store up until every other party has read party 0's fingerprint."""
+def _poll(store, key: str, timeout: float) -> bool:
+    """Return whether `key` appears in the store within `timeout` (polled: torch's own wait prints C++
+    warnings when it times out)."""
     deadline = time.monotonic() + timeout
-    while store.add(f"{PREFIX}seen", 0) < world_size - 1 and time.monotonic() < deadline:
+    while not store.check([key]):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _others(fp: dict) -> list[int | str]:
+    """Return the members party 0 waits for: the other parties, and the dealer when the job has one."""
+    return [*range(1, fp["world_size"]), *([DEALER] if fp["job"].get("dealer_process") else [])]
+
+
+def _linger(store, others: int, timeout: float) -> None:
+    """Keep party 0's store up until every other member has read party 0's fingerprint."""
+    deadline = time.monotonic() + timeout
+    while store.add(f"{PREFIX}seen", 0) < others and time.monotonic() < deadline:
         time.sleep(0.05)
 
 
@@ -329,15 +342,15 @@ def store_alive(master_addr: str, master_port: int) -> bool:
         return False
 
 
-def report_failure(store: Store, rank: int, message: str) -> None:
+def report_failure(store: Store, rank: int | str, message: str) -> None:
     """Best effort: leave this party's error in the store for the others to name."""
     with contextlib.suppress(Exception):
         store.set(f"{PREFIX}error/{rank}", message)
 
 
-def peer_failure(store: Store, rank: int, world_size: int) -> str | None:
-    """Return another party's reported error, if one is in the store."""
-    for r in range(world_size):
+def peer_failure(store: Store, rank: int | str, world_size: int) -> str | None:
+    """Return another member's reported error (a party's or the dealer's), if one is in the store."""
+    for r in [*range(world_size), DEALER]:
         if r == rank:
             continue
         with contextlib.suppress(Exception):

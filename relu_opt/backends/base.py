@@ -1,0 +1,249 @@
+"""The one interface every private-inference engine implements, and the records that cross it.
+
+Modelled on ONNX Runtime's execution providers: a backend says how it prepares a graph, what it cannot
+run (with the fix, before any party starts), how it launches real parties and dealers, what it measures
+(rounds, bytes per party per direction, online and offline) and how it prices a graph. Callers hold a
+Backend object and never the engine's names.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from relu_opt.errors import ConfigError
+
+if TYPE_CHECKING:
+    from relu_opt.backends.pricing import Pricing
+
+INSECURE_LABEL = "INSECURE: party 0 can read the input"
+DEFAULT_BACKEND = "crypten"  # what every command runs on unless told otherwise
+
+
+@dataclass(frozen=True)
+class Dealer:
+    """Who hands out a backend's correlated randomness (Beaver triples and the like).
+
+    Threat model: party 0 owns the weights, party 1 the input, both semi-honest. A dealer that is one of
+    them breaks the input's secrecy; `insecure` says so and every figure measured with it carries
+    INSECURE_LABEL."""
+
+    name: str
+    description: str
+    extra_process: bool = False  # a process (or host) of its own besides the computing parties
+    insecure: bool = False
+
+    @property
+    def label(self) -> str | None:
+        return INSECURE_LABEL if self.insecure else None
+
+
+@dataclass(frozen=True)
+class Cost:
+    """One forward as a cost model predicts it: online rounds and bytes per party (the backend's count,
+    both directions added), and the offline part (a dealer's bytes and the requests made to it)."""
+
+    rounds: float = 0.0
+    bytes: float = 0.0
+    offline_bytes: float = 0.0
+    requests: float = 0.0
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(
+            self.rounds + other.rounds,
+            self.bytes + other.bytes,
+            self.offline_bytes + other.offline_bytes,
+            self.requests + other.requests,
+        )
+
+    def __sub__(self, other: Cost) -> Cost:
+        return Cost(
+            self.rounds - other.rounds,
+            self.bytes - other.bytes,
+            self.offline_bytes - other.offline_bytes,
+            self.requests - other.requests,
+        )
+
+
+class CostModel(ABC):
+    """Prices a prepared graph (shape-propagated, as the backend's `prepare` returns it) under one backend,
+    dealer and party count."""
+
+    parties: int
+
+    @abstractmethod
+    def node_cost(self, gm: fx.GraphModule, node: fx.Node, batch: int = 1) -> Cost:
+        """Return what one node of a prepared graph costs at `batch`."""
+
+    def cost(self, gm: fx.GraphModule, batch: int = 1) -> Cost:
+        """Return what a whole prepared graph costs at `batch`."""
+        total = Cost()
+        for node in gm.graph.nodes:
+            total = total + self.node_cost(gm, node, batch)
+        return total
+
+    @abstractmethod
+    def element_bytes(self, kind: str) -> float:
+        """Return the bytes per party one element of a non-linear `kind` costs when it is kept."""
+
+    @abstractmethod
+    def to_dict(self) -> dict:
+        """Return the JSON form the cache holds."""
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One model's encrypted forward as the parties measured it (`batch` samples at once).
+
+    Online: what the computing parties exchange with each other. Offline: what they exchange with the
+    dealer (for a dealer inside a party, nothing crosses a link, and nothing is counted)."""
+
+    name: str
+    relu_elements: int  # non-linear elements per sample, counted on the graph the engine ran
+    rounds: int  # online rounds (or messages, for engines that count those), party to party
+    bytes_per_party: list[int]  # the engine's own online count per party (both directions added)
+    wall_s_runs: list[float]
+    conversion_s: float
+    encryption_s: float
+    logits: np.ndarray
+    sent_per_party: list[int] = field(default_factory=list)  # online bytes each party sends per forward
+    received_per_party: list[int] = field(default_factory=list)  # online bytes each party receives
+    compute_s: float = 0.0  # median over runs of the slowest party's time outside communication
+    comparisons: int = 0  # secure comparisons per sample (ReLU, ReLU6, max-pool, ...)
+    offline_sent_per_party: list[int] = field(default_factory=list)  # bytes each party sends the dealer
+    offline_received_per_party: list[int] = field(default_factory=list)  # bytes each party gets from it
+    offline_requests: int = 0  # requests to the dealer per forward (each waits one round trip)
+
+    @property
+    def wall_s_median(self) -> float:
+        import statistics
+
+        return statistics.median(self.wall_s_runs)
+
+
+@dataclass(frozen=True)
+class HostRole:
+    """One process of a run whose parties are on separate hosts."""
+
+    role: str  # "party" or "dealer"
+    rank: int  # the party's rank; the dealer's is the number of parties
+    world_size: int  # computing parties
+    master_addr: str
+    master_port: int
+    ifname: str | None = None
+
+    @property
+    def is_dealer(self) -> bool:
+        return self.role == "dealer"
+
+
+@dataclass(frozen=True)
+class PartyRun:
+    """What a process of a separate-hosts run ends with: every party's measurements (shared at the end;
+    the dealer gets none) and the interface it used."""
+
+    measurements: list[Measurement]
+    interface: str
+
+
+class Backend(ABC):
+    """A private-inference engine behind one interface."""
+
+    name: str = ""  # how users pick it: --backend NAME
+    title: str = ""  # how reports name it
+    dealers: dict[str, Dealer] = {}
+    default_dealer: str = ""
+
+    def dealer(self, name: str | None = None) -> Dealer:
+        """Return the Dealer `name` (the honest default when None); ConfigError naming the choices."""
+        name = name or self.default_dealer
+        if name not in self.dealers:
+            raise ConfigError(
+                f"--dealer {name} is not a dealer of the {self.name} backend; choose "
+                + ", ".join(f"{k} ({d.description})" for k, d in self.dealers.items())
+            )
+        return self.dealers[name]
+
+    # ---- graphs ---------------------------------------------------------------------------------------
+    @abstractmethod
+    def prepare(
+        self, model: nn.Module, example: torch.Tensor, leaf: Iterable[str | type] = (), public_coeffs: bool = False
+    ) -> fx.GraphModule:
+        """Return the eval-mode, shape-propagated GraphModule this engine runs for `model`."""
+
+    def floor(self, prepared: fx.GraphModule, example: torch.Tensor) -> fx.GraphModule:
+        """Return the linear floor of a prepared graph: every non-linear op an identity."""
+        from relu_opt.passes.pi import linear_floor
+
+        return linear_floor(prepared, example)
+
+    @abstractmethod
+    def check(self, prepared: fx.GraphModule, example: torch.Tensor) -> None:
+        """Raise BackendError naming the first op this engine cannot run, with the fix."""
+
+    def warnings(self, prepared: fx.GraphModule, x: torch.Tensor) -> list[str]:
+        """Return warnings about running `prepared` on `x` (e.g. values near the fixed-point range)."""
+        return []
+
+    # ---- parties --------------------------------------------------------------------------------------
+    @abstractmethod
+    def measure(
+        self,
+        models: Sequence[tuple[str, fx.GraphModule]],
+        x: torch.Tensor,
+        pricing: Pricing,
+        runs: int = 3,
+        warmup: int = 1,
+        timeout: float = 300,
+        batch: int | None = None,
+    ) -> list[Measurement]:
+        """Run prepared models as real parties (and dealer) on this machine; return one Measurement each."""
+
+    @abstractmethod
+    def run_host(
+        self,
+        models: Sequence[tuple[str, fx.GraphModule]],
+        x: torch.Tensor,
+        pricing: Pricing,
+        host: HostRole,
+        runs: int = 3,
+        warmup: int = 1,
+        timeout: float = 300,
+        batch: int | None = None,
+    ) -> PartyRun:
+        """Run this process as one party (or the dealer) of a run whose parties are on separate hosts."""
+
+    def measure_link(self, host: HostRole, timeout: float = 120):
+        """Return a LinkMeasurement between party 0 and the other parties over this engine's transport."""
+        from relu_opt.backends.link import measure_link
+
+        return measure_link(
+            host.rank, host.world_size, host.master_addr, host.master_port, timeout, host.ifname, self.versions()
+        )
+
+    # ---- prices ---------------------------------------------------------------------------------------
+    @abstractmethod
+    def load_cost_model(self, pricing: Pricing) -> CostModel | None:
+        """Return the cost model cached for `pricing`, or None (nothing is measured)."""
+
+    @abstractmethod
+    def calibrate(self, pricing: Pricing, timeout: float = 300, refresh: bool = False) -> CostModel:
+        """Return the cost model for `pricing`, measuring the calibration suite once and caching it."""
+
+    @abstractmethod
+    def versions(self) -> dict[str, str]:
+        """Return the versions every party must share (relu-opt, torch, the engine)."""
+
+
+def measurement_dict(m: Measurement) -> dict:
+    """Return a Measurement as JSON (logits as lists)."""
+    d = asdict(m)
+    d["logits"] = np.asarray(m.logits).tolist()
+    return d

@@ -1,0 +1,82 @@
+"""Networks a private inference runs over, and the latency model every backend's figures rest on.
+
+latency = compute + rounds x RTT + the busiest direction of any party's traffic / bandwidth per direction
+(a full-duplex link). The offline part (a dealer's correlated randomness) is priced on the same link:
+its bytes join each party's traffic, and each request a party makes to the dealer while it computes is
+one more round trip (CrypTen's dealer hands out triples on demand, inside the forward).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Network:
+    """A network profile: round-trip time, and bandwidth in each direction of a full-duplex link."""
+
+    name: str
+    rtt_s: float
+    bandwidth_Bps: float  # per direction
+
+    def transfer_s(self, sent: Sequence[float], received: Sequence[float]) -> float:
+        """Return the seconds the link needs to carry every party's traffic: both directions carry data
+        at once, so the busiest direction of any party sets the time (not the sum of both)."""
+        return max([*sent, *received, 0.0]) / self.bandwidth_Bps
+
+    def latency(self, compute_s: float, rounds: float, sent: Sequence[float], received: Sequence[float]) -> float:
+        """Return compute time + rounds x RTT + transfer time, in seconds (bytes per party per direction)."""
+        return compute_s + rounds * self.rtt_s + self.transfer_s(sent, received)
+
+    def communication_s(self, rounds: float, nbytes: float) -> float:
+        """Return the seconds of `rounds` and of a byte count per party with both directions added (half
+        goes each way on a full-duplex link), without compute: what a cost model prices."""
+        return self.latency(0.0, rounds, [nbytes / 2], [nbytes / 2])
+
+    def with_offline_s(self, online_s: float, offline_bytes: float, requests: float) -> float:
+        """Return an online latency plus the offline traffic on the same link: `offline_bytes` in the
+        direction that carries them (from the dealer) and one RTT per on-demand request."""
+        return online_s + requests * self.rtt_s + offline_bytes / self.bandwidth_Bps
+
+    def to_dict(self) -> dict:
+        """Return the JSON form reports use."""
+        return {"rtt_ms": self.rtt_s * 1e3, "bandwidth_MBps": self.bandwidth_Bps / 1e6}
+
+
+LAN = Network("lan", 0.5e-3, 1e9)
+WAN = Network("wan", 40e-3, 100e6)
+NAMED = {"lan": LAN, "wan": WAN}
+
+
+def parse_network(name: str, text: str) -> Network:
+    """Return a Network from 'RTT_MS,MB_PER_S' (e.g. '40,100'), or from 'lan' / 'wan'; ValueError with the
+    accepted forms otherwise (a negative, zero bandwidth or non-finite value included)."""
+    if text in NAMED:
+        return NAMED[text]
+    try:
+        rtt, bw = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--{name} '{text}' must be RTT_MS,MB_PER_S, e.g. 40,100, or lan / wan") from None
+    if not (rtt >= 0 and bw > 0) or rtt == float("inf") or bw == float("inf"):
+        raise ValueError(f"--{name} '{text}' needs a round-trip time >= 0 and a bandwidth > 0, e.g. 40,100")
+    return Network(name, rtt / 1e3, bw * 1e6)
+
+
+def load_link(text: str) -> Network:
+    """Return the Network of `--link`: 'RTT_MS,MB_PER_S' or a JSON file `relu-opt link --json` wrote."""
+    path = Path(text)
+    if path.suffix == ".json" or path.is_file():
+        try:
+            d = json.loads(path.read_text())
+            net = Network("link", float(d["rtt_ms"]) / 1e3, float(d["bandwidth_MBps"]) * 1e6)
+        except (OSError, ValueError, KeyError, TypeError):
+            raise ValueError(
+                f"--link {text} is not a JSON file written by `relu-opt link --json`; give it or RTT_MS,MB_PER_S"
+            ) from None
+        if not (net.rtt_s >= 0 and net.bandwidth_Bps > 0):
+            raise ValueError(f"--link {text} holds a negative RTT or a bandwidth <= 0; measure it again")
+        return net
+    return parse_network("link", text)

@@ -1,0 +1,84 @@
+"""Pricing: which backend, dealer, party count and network a plan is priced for, and where its cost model
+is cached. One object goes to the selector, the optimizer, the reports and the bench, so what is
+selected is priced by the cost model of exactly what is measured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from relu_opt.backends.base import DEFAULT_BACKEND, Backend, Dealer
+from relu_opt.backends.network import Network, parse_network
+from relu_opt.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Pricing:
+    """What prices a plan: backend, dealer ("" = the backend's honest default), parties, the network the
+    latency selector prices (lan, wan or RTT_MS,MB_PER_S) and the cost-model cache (None: the default)."""
+
+    backend: str = DEFAULT_BACKEND
+    dealer: str = ""
+    parties: int = 2
+    network: str = "wan"
+    cache: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.parties, int) or isinstance(self.parties, bool) or self.parties < 2:
+            raise ConfigError(f"--parties {self.parties!r} must be a whole number of at least 2")
+        self.engine()  # an unknown backend fails here, with the choices
+        self.dealer_info()
+        self.net()
+
+    def engine(self) -> Backend:
+        """Return the Backend object."""
+        from relu_opt.backends import get_backend
+
+        return get_backend(self.backend)
+
+    def dealer_info(self) -> Dealer:
+        """Return the Dealer this pricing measures with."""
+        return self.engine().dealer(self.dealer or None)
+
+    @property
+    def dealer_name(self) -> str:
+        return self.dealer or self.engine().default_dealer
+
+    @property
+    def insecure(self) -> str | None:
+        """Return the INSECURE label when the dealer breaks the threat model, else None."""
+        return self.dealer_info().label
+
+    def net(self) -> Network:
+        """Return the Network the latency selector prices."""
+        try:
+            return parse_network("network", self.network)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def cache_dir(self) -> Path:
+        from relu_opt.cache import cache_dir
+
+        return Path(self.cache) if self.cache else cache_dir()
+
+    def key(self) -> dict:
+        """Return what identifies these prices (not the cache folder): for keys of cached work."""
+        return {"backend": self.backend, "dealer": self.dealer_name, "parties": self.parties}
+
+    def describe(self) -> str:
+        """Return one line naming what prices a plan, e.g. "crypten, 2 parties, dealer third-party"."""
+        text = f"{self.engine().title}, {self.parties} parties, dealer {self.dealer_name}"
+        return text + (f" ({self.insecure})" if self.insecure else "")
+
+    def cost_model(self, measure: bool = True, timeout: float = 300, note: Callable[[str], None] | None = None):
+        """Return the cost model for these prices: the cached one, else (with `measure`) measured once
+        under the backend with real parties and cached; None when none is cached and `measure` is off."""
+        engine = self.engine()
+        cached = engine.load_cost_model(self)
+        if cached is not None or not measure:
+            return cached
+        if note is not None:
+            note(f"note: measuring the {engine.title} cost model once ({self.describe()}; cached for later runs)")
+        return engine.calibrate(self, timeout=timeout)

@@ -1,1 +1,0 @@
-"""Encrypted inference under CrypTen: conversion, party launch, measurement and the cost model."""
