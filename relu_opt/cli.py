@@ -316,12 +316,9 @@ def _bench_table(r) -> Table:
         "LAN": lambda m: f"{m.lan_s:.2f}",
         "WAN": lambda m: f"{m.wan_s:.2f}",
         "+off": lambda m: f"{m.wan_total_s:.2f}",
-        "err": lambda m: f"{m.max_abs_err:.1g}",
-        "top-1": lambda m: f"{m.top1_agreement:.2f}",
-        "acc": lambda m: f"{m.accuracy:.0%}",
     }
-    # a column nobody can fill (no --link, no labels, agreement on separate hosts) is left out; secure
-    # comparisons beyond ReLU (ReLU6, max-pool, ...) get a column only when they differ from the ReLUs
+    # a column nobody can fill (no --link) is left out; secure comparisons beyond ReLU (ReLU6, max-pool,
+    # ...) get a column only when they differ from the ReLUs
     cols = {k: f for k, f in cols.items() if not all(_is_none(m, k) for m in r.models)}
     if all(m.comparisons == m.relu_elements for m in r.models):
         del cols["cmp"]
@@ -343,8 +340,32 @@ def _bench_table(r) -> Table:
     return t
 
 
+def _agreement_table(r) -> Table | None:
+    """Return the encrypted outputs against plaintext and labels, or None where nobody can tell (the
+    weights and the samples are on separate hosts, and there are no labels)."""
+    cols = {
+        "max abs err": lambda m: f"{m.max_abs_err:.2g}",
+        "top-1 = plain": lambda m: f"{m.top1_agreement:.2f}",
+        "accuracy": lambda m: f"{m.accuracy:.0%}",
+        "plain acc": lambda m: f"{m.plain_accuracy:.0%}",
+    }
+    cols = {k: f for k, f in cols.items() if not all(_is_none(m, k) for m in r.models)}
+    if not cols:
+        return None
+    t = _compact_table("encrypted outputs", ("model", *cols))
+    for m in r.models:
+        t.add_row(m.name, *("-" if _is_none(m, k) else f(m) for k, f in cols.items()))
+    return t
+
+
 def _is_none(m, column: str) -> bool:
-    attr = {"link": "predicted_s", "err": "max_abs_err", "top-1": "top1_agreement", "acc": "accuracy"}.get(column)
+    attr = {
+        "link": "predicted_s",
+        "max abs err": "max_abs_err",
+        "top-1 = plain": "top1_agreement",
+        "accuracy": "accuracy",
+        "plain acc": "plain_accuracy",
+    }.get(column)
     return attr is not None and getattr(m, attr) is None
 
 
@@ -547,9 +568,9 @@ def _prediction_table(r) -> Table | None:
 
 def _print_bench(r, json_path: Path | None) -> None:
     out.print(_bench_table(r))
-    predictions = _prediction_table(r)
-    if predictions is not None:
-        out.print(predictions)
+    for table in (_agreement_table(r), _prediction_table(r)):
+        if table is not None:
+            out.print(table)
     from relu_opt.report import ratio_line
 
     for name, ratio in r.ratios.items():

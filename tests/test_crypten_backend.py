@@ -70,17 +70,28 @@ def test_two_party_forward_matches_plaintext():
     scale = model(X).abs().max().item()
     assert orig.max_abs_err < 1e-2 * scale
     assert orig.accuracy == orig.plain_accuracy
+    wan = r.networks["wan"]
     assert r.ratios["floor"]["rounds"] == pytest.approx(4 / 31)
+    # the default dealer is a process of its own: party 0 asks it for one triple per round, party 1 never
+    assert (r.dealer, r.insecure) == ("third-party", None)
+    assert orig.offline_requests == 31 and orig.offline_received_per_party[1] == 0
+    assert orig.offline_received_per_party[0] > 8 * orig.relu_elements * len(X)  # triples at least this big
+    assert orig.wan_total_s == pytest.approx(
+        orig.wan_s + 31 * wan["rtt_ms"] / 1e3 + orig.offline_bytes / (wan["bandwidth_MBps"] * 1e6)
+    )
     assert len(orig.bytes_per_party) == 2 and 0 < orig.compute_s < orig.wall_s_median
     # two parties: each all-reduce of N bytes moves N each way; CrypTen's count adds both directions
     assert orig.sent_per_party == orig.received_per_party == [b // 2 for b in orig.bytes_per_party]
-    wan = r.networks["wan"]
     assert orig.wan_s == pytest.approx(
         orig.compute_s + 31 * wan["rtt_ms"] / 1e3 + max(orig.sent_per_party) / (wan["bandwidth_MBps"] * 1e6)
     )
     d = r.to_dict()
     assert {"parties", "batch", "models", "ratios"} <= set(d)
+    assert (d["dealer"], d["insecure"]) == ("third-party", None)
     assert {
+        "offline_bytes",
+        "offline_requests",
+        "wan_total_s",
         "name",
         "relu_elements",
         "rounds",
@@ -191,25 +202,26 @@ def _children_of(parent: int, pattern: str) -> list[int]:
     return pids
 
 
-def _party_pids(parent: int, deadline: float) -> dict[int, int]:
-    """Wait until `parent` has started both parties; return {rank: pid}."""
+def _party_pids(parent: int, deadline: float) -> dict[int | str, int]:
+    """Wait until `parent` has started both parties and the dealer; return {rank or "dealer": pid}."""
     while time.monotonic() < deadline:
         found = {}
         for pid in _children_of(parent, "relu_opt.backends.crypten.party"):
-            for rank in (0, 1):
-                if f"party{rank}.job.json" in _cmdline(pid):
-                    found[rank] = pid
-        if len(found) == 2:
+            for member, stem in ((0, "party0"), (1, "party1"), ("dealer", "dealer")):
+                if f"{stem}.job.json" in _cmdline(pid):
+                    found[member] = pid
+        if len(found) == 3:
             return found
         time.sleep(0.05)
-    raise AssertionError("the bench never started both parties")
+    raise AssertionError("the bench never started both parties and the dealer")
 
 
+@pytest.mark.parametrize("member", [1, "dealer"])
 @pytest.mark.parametrize("how", ["kill", "hang"])
-def test_failed_party_stops_the_bench(how, tmp_path):
+def test_failed_party_or_dealer_stops_the_bench(how, member, tmp_path):
     timeout = 25
     env = {**os.environ, "RELU_OPT_CACHE": str(tmp_path)}
-    # Warm the cost-model cache so the parties below are the bench's own.
+    # Warm the cost-model cache so the processes below are the bench's own.
     subprocess.run(
         [sys.executable, "-c", "from relu_opt.backends.crypten.calibration import calibrate; calibrate(2)"],
         env=env,
@@ -224,8 +236,8 @@ def test_failed_party_stops_the_bench(how, tmp_path):
         text=True,
         env=env,
     )
-    parties = _party_pids(proc.pid, start + 60)
-    pid = parties[1]
+    members = _party_pids(proc.pid, start + 60)
+    pid = members[member]
     time.sleep(2)
     os.kill(pid, signal.SIGKILL if how == "kill" else signal.SIGSTOP)
     try:
@@ -236,13 +248,16 @@ def test_failed_party_stops_the_bench(how, tmp_path):
                 os.kill(pid, signal.SIGCONT)
     assert proc.returncode == 2, stderr
     assert "Traceback" not in stderr
+    who = "the dealer" if member == "dealer" else f"party {member}"
     if how == "kill":
-        assert "party 1 was killed by signal 9" in stderr
+        assert f"{who} was killed by signal 9" in stderr
+    elif member == "dealer":  # party 0 waits on the dealer's answer: it names the dealer, before the timeout
+        assert "waited" in stderr and "for one answer of the dealer; the dealer hung" in stderr
     else:
         assert f"did not finish within --timeout {timeout}s" in stderr
     assert time.monotonic() - start < timeout + 60
     time.sleep(1)
-    assert [p for p in parties.values() if "relu_opt.backends.crypten.party" in _cmdline(p)] == []
+    assert [p for p in members.values() if "relu_opt.backends.crypten.party" in _cmdline(p)] == []
     assert list(private_root().glob(f"bench-{proc.pid}-*")) == []  # the ONNX weights and inputs are gone
 
 

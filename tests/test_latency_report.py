@@ -109,3 +109,31 @@ def test_bench_prints_predicted_next_to_measured():
     assert ["model", "rounds", "predicted", "MB/party", "predicted"] in rows
     assert ["original", "174", "176", "716.90", "713.20"] in rows and ["floor", "21", "21", "200.00", "199.50"] in rows
     assert _prediction_table(BenchResult(2, 1, (report("x", 1, 1.0, None, None),))) is None
+
+
+def test_selection_and_reports_are_priced_by_the_pricing_they_are_given(tmp_path, monkeypatch):
+    """`run --parties 3 --cache-dir X`: the optimizer selects with the 3-party cost model in X (not a
+    2-party one, not the default cache), and its report says what priced it."""
+    from relu_opt.backends import Pricing
+    from relu_opt.optimizer import optimize
+    from relu_opt.pipeline import RunConfig
+    from relu_opt.plan import load
+
+    monkeypatch.setenv("RELU_OPT_CACHE", str(tmp_path / "default"))  # empty: nothing to fall back on
+    x = tmp_path / "x"
+    three = CostModel(3, {**COST.rounds_per_op, "relu": 20.0}, {**COST.bytes_per_element, "relu": 900.0})
+    atomic.write_json(cost_calibration._cache_path(2, "third-party", x), COST.to_dict())
+    atomic.write_json(cost_calibration._cache_path(3, "third-party", x), three.to_dict())
+    pricing = RunConfig(parties=3).pricing(x)
+    assert pricing == Pricing(parties=3, cache=str(x))
+    torch.manual_seed(0)
+    model = create_model("small_cnn", num_classes=4, in_channels=1)
+    cfg = OptimizeConfig(budget=3000, epochs=0, strategy="random", rank_samples=64, calib_samples=64, pricing=pricing)
+    r = optimize(model, load_dataset("synthetic", n=300), cfg, tmp_path / "o", base_spec="small_cnn", progress=False)
+    prepared = pricing.engine().prepare(load(r.outdir), torch.zeros(1, 1, 28, 28))
+    assert r.selection["rounds"] == pytest.approx(three.cost(prepared).rounds)
+    assert three.cost(prepared).rounds != pytest.approx(COST.cost(prepared).rounds)
+    costs = json.loads((tmp_path / "o" / "modeled_cost.json").read_text())
+    assert costs["priced_by"] == "CrypTen, 3 parties, dealer third-party"
+    assert costs["optimized"]["rounds"] == pytest.approx(three.cost(prepared).rounds)
+    assert not (tmp_path / "default").exists()  # nothing was read from, or measured into, the default cache

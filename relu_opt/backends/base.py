@@ -8,9 +8,10 @@ Backend object and never the engine's names.
 
 from __future__ import annotations
 
+import statistics
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -123,8 +124,6 @@ class Measurement:
 
     @property
     def wall_s_median(self) -> float:
-        import statistics
-
         return statistics.median(self.wall_s_runs)
 
 
@@ -240,10 +239,3 @@ class Backend(ABC):
     @abstractmethod
     def versions(self) -> dict[str, str]:
         """Return the versions every party must share (relu-opt, torch, the engine)."""
-
-
-def measurement_dict(m: Measurement) -> dict:
-    """Return a Measurement as JSON (logits as lists)."""
-    d = asdict(m)
-    d["logits"] = np.asarray(m.logits).tolist()
-    return d

@@ -67,22 +67,29 @@ class PartyJob:
 
 
 def start_watchdog(job: PartyJob) -> None:
-    """Exit the process when it outlives `job.timeout` or its parent (no orphans, no hangs)."""
+    """Exit the process when it outlives `job.timeout` or its parent (no orphans, no hangs), or when one
+    answer of the dealer takes more than half of `job.timeout` (the dealer hung or its link is down)."""
     parent, deadline = os.getppid(), time.monotonic() + job.timeout
+
+    def fail(msg: str) -> None:
+        with contextlib.suppress(OSError):  # the result's folder may be gone already
+            _write_error(job.result, job.rank, msg)
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+        os._exit(124)
 
     def watch():
         while True:
             time.sleep(0.5)
             if os.getppid() != parent:
                 os._exit(3)
+            since = _WAITING.get("dealer")
+            if since is not None and time.monotonic() - since > job.timeout / 2:
+                fail(
+                    f"{_who(job)} waited {time.monotonic() - since:.0f}s for one answer of the dealer; the dealer "
+                    "hung or its link is down"
+                )
             if time.monotonic() > deadline:
-                msg = f"{_who(job)} did not finish within --timeout {job.timeout:g}s"
-                if "dealer" in _WAITING:
-                    msg += f" (waiting {time.monotonic() - _WAITING['dealer']:.0f}s for the dealer, which hung)"
-                with contextlib.suppress(OSError):  # the result's folder may be gone already
-                    _write_error(job.result, job.rank, msg)
-                print(f"error: {msg}", file=sys.stderr, flush=True)
-                os._exit(124)
+                fail(f"{_who(job)} did not finish within --timeout {job.timeout:g}s")
 
     threading.Thread(target=watch, daemon=True).start()
 
