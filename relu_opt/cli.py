@@ -989,9 +989,13 @@ def _summary(r) -> None:
 
     base, opt, b = r.baseline, r.optimized[-1], r.bench
     models = {m["name"]: m for m in b["models"]}
-    cols = ("model", "ReLUs", "test acc", "rounds", "MB/party", "off MB", "wall s", "WAN s", "+off", "top-1")
+    cols = ("model", "ReLUs", "test acc", "rounds", "MB/party", "off MB", "wall s", "WAN s", "+off")
     t = _compact_table(f"relu-opt run: {r.config['model']} on {r.config['data']}; {bench_title(b)}", cols)
-    t.caption = "MB/party, WAN s: online; off MB: to and from the dealer; +off: WAN with it on the same link"
+    agree = ", ".join(f"{m['name']} {m['top1_agreement']:.2f}" for m in b["models"])
+    t.caption = (
+        "MB/party, WAN s: online; off MB: to and from the dealer; +off: WAN with it on the same link; "
+        f"top-1 agreement with plaintext: {agree}"
+    )
     t.caption_justify = "left"
     accs = {"original": base["test_accuracy"], "optimized": opt["accuracy_after"], "floor": None}
     for name in ("original", "optimized", "floor"):
@@ -1009,7 +1013,6 @@ def _summary(r) -> None:
             f"{m['wall_s_median']:.3f}",
             f"{m['wan_s']:.3f}",
             f"{m['wan_total_s']:.3f}",
-            f"{m['top1_agreement']:.2f}",
         )
     out.print(t)
     ratio = b["ratios"].get("optimized", {})
