@@ -99,7 +99,7 @@ def markdown(results: dict) -> str:
         lines.append("")
     m = results["machine"]
     lines.append(
-        f"Measured on {m['cpus']} CPU cores ({m['platform']}); latency = measured compute + rounds x RTT "
+        f"Measured on {m['cpus']} CPU cores ({m['platform']}); latency = measured compute + round trips x RTT "
         "+ bytes sent one way / bandwidth per direction (LAN 0.5 ms, 1 GB/s; WAN 40 ms, 100 MB/s)."
     )
     return "\n".join(lines) + "\n"

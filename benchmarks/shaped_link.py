@@ -165,7 +165,7 @@ def measure_rate(mbit: float, workdir: Path, runs: int = 3, nice: int = 0, timeo
         "link": json.loads(link_json.read_text()),
         "bench": [json.loads(Path(str(bench_json).format(rank=r)).read_text()) for r in (0, 1)],
         "stdout": [r.stdout for r in bench],
-        "dealer_written": Path(str(bench_json).format(rank="dealer")).exists(),
+        "dealer": json.loads(Path(str(bench_json).format(rank="dealer")).read_text()),
     }
 
 
@@ -210,7 +210,7 @@ def main() -> None:
     lines = [
         "Parties and the dealer on three hosts (network namespaces on a bridge), every host's link shaped by tbf;"
         " `relu-opt bench small_cnn --samples 4` (batch 4), dealer third-party. predicted online: compute + rounds"
-        " x RTT + busiest direction / bandwidth; + offline: one RTT per request to the dealer and its bytes on the"
+        " x RTT + busiest direction / bandwidth; + offline: the round trips waited for the dealer and its bytes on the"
         " same link (CrypTen's dealer answers each request inside the forward).",
         "",
         "| tbf rate | link measured | sent per party | offline MB | requests | rounds | compute s | measured wall s |"

@@ -1,5 +1,11 @@
 """relu-opt: find the ReLUs a model does not need for private inference, and prove the saving."""
 
+import os
+import sys
+
+if "torch" not in sys.modules:  # torch's C++ warnings (a peer's closed socket: 50 stack frames) drown our one line
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+
 from relu_opt.api import count, export, load, optimize
 from relu_opt.errors import ReluOptError
 from relu_opt.export import ExportResult

@@ -31,7 +31,7 @@ class ModelReport:
     top1_agreement: float | None
     accuracy: float | None
     plain_accuracy: float | None
-    lan_s: float  # online: compute + rounds x RTT + busiest direction / bandwidth
+    lan_s: float  # online: compute + round trips x RTT + busiest direction / bandwidth
     wan_s: float
     predicted_rounds: float | None = None
     predicted_bytes: float | None = None
@@ -42,11 +42,14 @@ class ModelReport:
     comparisons: int = 0  # secure comparisons per sample on the graph the engine ran (ReLU6 counts two)
     offline_sent_per_party: list[int] = field(default_factory=list)  # to the dealer
     offline_received_per_party: list[int] = field(default_factory=list)  # from the dealer
-    offline_requests: int = 0  # requests to the dealer per forward, each one round trip
+    offline_requests: int = 0  # requests to the dealer per forward
     lan_total_s: float = 0.0  # online + offline on the same link
     wan_total_s: float = 0.0
     predicted_offline_bytes: float | None = None
     predicted_total_s: float | None = None  # online + offline on the --link network
+    round_trips: float = 0.0  # of the link, waited for online (what latency charges; a round may be several)
+    offline_round_trips: float = 0.0  # waited for the dealer's answers
+    predicted_round_trips: float | None = None
 
     @property
     def wall_s_spread(self) -> float:
@@ -78,7 +81,9 @@ class BenchResult:
 
     @property
     def ratios(self) -> dict[str, dict[str, float]]:
-        """Each model's cost divided by the original's."""
+        """Each model's cost divided by the original's (none on the dealer, which measures nothing)."""
+        if not self.models:
+            return {}
         base = self.models[0]
         keys = ("relu_elements", "rounds", "wall_s_median", "lan_s", "wan_s", "lan_total_s", "wan_total_s")
         out = {}
@@ -109,9 +114,9 @@ class BenchResult:
 
 
 LATENCY_MODEL = {
-    "online": "measured compute + online rounds x RTT + the busiest direction of the parties' own traffic / "
-    "bandwidth per direction",
-    "total": "online + one RTT per request to the dealer + the dealer's bytes / bandwidth, on the same link",
+    "online": "measured compute + the round trips the parties wait for x RTT + the busiest direction of the "
+    "parties' own traffic / bandwidth per direction",
+    "total": "online + the round trips waited for the dealer x RTT + the dealer's bytes / bandwidth, on the same link",
 }
 
 
@@ -131,10 +136,10 @@ def _report(
     offline = sum(m.offline_sent_per_party) + sum(m.offline_received_per_party)
 
     def online(net: Network) -> float:
-        return net.latency(m.compute_s, m.rounds, m.sent_per_party, m.received_per_party)
+        return net.latency(m.compute_s, m.round_trips, m.sent_per_party, m.received_per_party)
 
     def total(net: Network) -> float:
-        return net.with_offline_s(online(net), offline, m.offline_requests)
+        return net.with_offline_s(online(net), offline, m.offline_round_trips)
 
     predicted = cost_model.cost(prepared, batch) if cost_model is not None and prepared is not None else None
     return ModelReport(
@@ -166,6 +171,9 @@ def _report(
         wan_total_s=total(wan),
         predicted_offline_bytes=None if predicted is None else predicted.offline_bytes,
         predicted_total_s=None if link is None else total(link),
+        round_trips=m.round_trips,
+        offline_round_trips=m.offline_round_trips,
+        predicted_round_trips=None if predicted is None else predicted.round_trips,
     )
 
 
@@ -238,10 +246,10 @@ def bench(
     warnings = []
     for name, gm in prepared:
         warnings += [f"{name}: {w}" for w in engine.warnings(gm, x)]
+    if pricing.insecure:
+        warnings.append(f"--dealer {pricing.dealer_name}: {pricing.insecure}")
     for w in warnings:
         log(f"warning: {w}")
-    if pricing.insecure:
-        log(f"warning: --dealer {pricing.dealer_name}: {pricing.insecure}")
     with torch.no_grad():
         plain = {name: gm(x).double().numpy() for name, gm in prepared}
     b = _batch(batch, x)
@@ -283,4 +291,5 @@ def bench_host(
     graphs = dict(prepared)
     reports = [_report(m, None, y, networks, cost_model, link, graphs[m.name], b) for m in run.measurements]
     where = {"role": host.role, "rank": host.rank, "interface": run.interface}
-    return _result(pricing, b, reports, (), networks, link, len(x), where)
+    warnings = [f"--dealer {pricing.dealer_name}: {pricing.insecure}"] if pricing.insecure else []
+    return _result(pricing, b, reports, warnings, networks, link, len(x), where)

@@ -326,7 +326,7 @@ def _bench_table(r) -> Table:
         del cols["off MB"], cols["+off"]
     n = r.samples or r.batch
     shown = f"batch {r.batch}" + (f" of {n} samples" if n != r.batch else "")
-    title = f"{r.title}, {r.parties} parties, dealer {r.dealer}, {shown}, seconds"
+    title = f"{r.title}, {r.parties} parties, dealer {r.dealer}, {shown}, seconds" + _insecure(r)
     t = _compact_table(title, ("model", *cols))
     captions = [f"party {r.hosts['rank']} over {r.hosts['interface']}"] if r.hosts else []
     if "+off" in cols:
@@ -338,6 +338,11 @@ def _bench_table(r) -> Table:
     for m in r.models:
         t.add_row(m.name, *("-" if _is_none(m, k) else f(m) for k, f in cols.items()))
     return t
+
+
+def _insecure(r) -> str:
+    """Return the INSECURE mark a table title of bench result `r` carries ("" for an honest dealer)."""
+    return f" [bold red]({r.insecure})[/]" if r.insecure else ""
 
 
 def _agreement_table(r) -> Table | None:
@@ -352,7 +357,7 @@ def _agreement_table(r) -> Table | None:
     cols = {k: f for k, f in cols.items() if not all(_is_none(m, k) for m in r.models)}
     if not cols:
         return None
-    t = _compact_table("encrypted outputs", ("model", *cols))
+    t = _compact_table("encrypted outputs" + _insecure(r), ("model", *cols))
     for m in r.models:
         t.add_row(m.name, *("-" if _is_none(m, k) else f(m) for k, f in cols.items()))
     return t
@@ -457,9 +462,24 @@ def bench_cmd(
         validation.check_int("--world-size", world_size, 2)
     host = _host_role(role, rank, world_size or parties, master_addr, master_port, ifname)
     validation.check_int("--master-port", master_port, 1, 65535)
+    if host is None and world_size is not None:
+        raise ConfigError("--world-size is for parties on separate hosts (with --rank or --role dealer); use --parties")
+    if world_size is not None and parties != 2 and parties != world_size:
+        raise ConfigError(
+            f"--parties {parties} and --world-size {world_size} disagree; on separate hosts give --world-size"
+        )
+    if dealer is not None:
+        Pricing().engine().dealer(dealer)  # "" or an unknown name: refused with the choices
     pricing = Pricing(dealer=dealer or "", parties=world_size or parties, cache=_opt_str(cache_dir))
-    if host is not None and host.is_dealer and not pricing.dealer_info().extra_process:
-        raise ConfigError(f"--dealer {pricing.dealer_name} has no dealer process; start only the parties (--rank)")
+    if host is not None and host.is_dealer:
+        if not pricing.dealer_info().extra_process:
+            raise ConfigError(f"--dealer {pricing.dealer_name} has no dealer process; start only the parties (--rank)")
+        extra = [k for k, v in {"--weights": weights, "--data": data}.items() if v is not None]
+        if extra:  # the owner's weights and the client's data do not belong on the dealer's host
+            raise ConfigError(
+                f"the dealer needs neither the model's weights nor the client's data; leave out {', '.join(extra)} "
+                "on the dealer's host"
+            )
     dealer_only = host is not None and host.is_dealer  # the dealer needs the architecture, not the weights
     net, _, shape = _load(
         model,
@@ -477,7 +497,7 @@ def bench_cmd(
         x, y = torch.zeros(samples, *shape[1:]), None  # the dealer never sees a sample
     else:
         x, y = _samples(data, data_dir, samples, shape)
-    if pricing.insecure:
+    if pricing.insecure and host is not None:  # a local bench says it once, with its other warnings
         err.print(f"[bold red]warning:[/] --dealer {pricing.dealer_name}: {pricing.insecure}", soft_wrap=True)
     if host is not None:
         who = "the dealer" if host.is_dealer else f"party {host.rank} of {host.world_size}"
@@ -500,6 +520,7 @@ def bench_cmd(
             )
         if host.is_dealer:
             out.print(f"the dealer served the run over {r.hosts['interface']} and stopped")
+            _write_json(json_path, r.to_dict())
         else:
             _print_bench(r, json_path)
         return
@@ -556,7 +577,7 @@ def _prediction_table(r) -> Table | None:
         return None
     offline = any(m.offline_bytes or m.predicted_offline_bytes for m in models)
     cols = ("model", "rounds", "predicted", "MB/party", "predicted") + (("off MB", "predicted") if offline else ())
-    t = _compact_table("cost model vs measured", cols)
+    t = _compact_table("cost model vs measured" + _insecure(r), cols)
     for m in models:
         row = [m.name, str(m.rounds), f"{m.predicted_rounds:.0f}"]
         row += [f"{max(m.bytes_per_party) / 1e6:.2f}", f"{m.predicted_bytes / 1e6:.2f}"]
@@ -1149,7 +1170,11 @@ def report_cmd(
 
 def _exit_on_signal(signum, _frame) -> None:
     """Turn SIGTERM and SIGHUP into an exit that runs every cleanup (parties stopped, temp files removed)."""
-    err.print(f"stopped by signal {signum}; finished stages are saved, so the same command resumes", soft_wrap=True)
+    import sys
+
+    resumes = len(sys.argv) > 1 and sys.argv[1] in ("run", "optimize", "train")
+    hint = "; finished stages are saved, so the same command resumes" if resumes else ""
+    err.print(f"stopped by signal {signum}{hint}", soft_wrap=True)
     raise SystemExit(128 + signum)
 
 

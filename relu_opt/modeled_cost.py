@@ -2,10 +2,10 @@
 online rounds and bytes per party, the offline part (the dealer's bytes and the requests made to it), and
 the communication part of LAN/WAN latency, online and with the offline part, for reports and frontiers.
 
-Latency here is communication only: rounds x RTT + the bytes each party sends one way / the bandwidth per
-direction (the full-duplex model of `Network.latency` with zero compute); the offline part adds one RTT
-per request to the dealer and its bytes on the same link. Compute is left out because the cost model does
-not predict it; a bench measures it.
+Latency here is communication only: round trips x RTT + the bytes each party sends one way / the
+bandwidth per direction (the full-duplex model of `Network.latency` with zero compute); the offline part
+adds the round trips waited for the dealer and its bytes on the same link. Compute is left out because
+the cost model does not predict it; a bench measures it.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ class ModeledCost:
     offline_requests: float = 0.0
     lan_total_s: float = 0.0
     wan_total_s: float = 0.0
+    round_trips: float = 0.0
+    offline_round_trips: float = 0.0
 
     @property
     def mb_per_party(self) -> float:
@@ -50,10 +52,18 @@ def modeled_cost(
 ) -> ModeledCost:
     """Return the ModeledCost of a shape-propagated graph prepared by the cost model's backend, at `batch`."""
     c = cost.cost(prepared, batch)
-    online = [n.communication_s(c.rounds, c.bytes) for n in networks]
-    total = [n.with_offline_s(s, c.offline_bytes, c.requests) for n, s in zip(networks, online)]
+    online = [n.communication_s(c.round_trips, c.bytes) for n in networks]
+    total = [n.with_offline_s(s, c.offline_bytes, c.offline_round_trips) for n, s in zip(networks, online)]
     return ModeledCost(
-        round(c.rounds, 2), round(c.bytes), *online, batch, round(c.offline_bytes), round(c.requests, 2), *total
+        round(c.rounds, 2),
+        round(c.bytes),
+        *online,
+        batch,
+        round(c.offline_bytes),
+        round(c.requests, 2),
+        *total,
+        round(c.round_trips, 2),
+        round(c.offline_round_trips, 2),
     )
 
 

@@ -612,7 +612,7 @@ def modeled_latency(model: nn.Module, example: torch.Tensor, config: OptimizeCon
     network, priced by config.pricing's cost model (measured once when none is cached)."""
     pricing = config.pricing
     c = pricing.cost_model(note=_note).cost(pricing.engine().prepare(model, example[:1]))
-    return pricing.net().communication_s(c.rounds, c.bytes)
+    return pricing.net().communication_s(c.round_trips, c.bytes)
 
 
 def optimize_lowest_latency(

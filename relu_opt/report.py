@@ -44,8 +44,9 @@ def modeled_markdown(modeled: dict | None) -> str:
     text = (
         f"\n## Modeled encrypted cost\n\nPredicted by the fitted cost model ({priced or '2 parties'}, batch "
         f"{next(iter(costs.values())).get('batch', 1)}), before any bench. LAN/WAN seconds are communication "
-        "only: online = rounds x RTT + the bytes each party sends one way / bandwidth (LAN 0.5 ms, 1000 MB/s; "
-        "WAN 40 ms, 100 MB/s); +offline adds the dealer's bytes and one RTT per request to it on the same "
+        "only: online = round trips of the link x RTT (a round may wait for several) + the bytes each party sends "
+        "one way / bandwidth (LAN 0.5 ms, 1000 MB/s; "
+        "WAN 40 ms, 100 MB/s); +offline adds the dealer's bytes and the round trips waited for it on the same "
         "link. `relu-opt bench` measures compute too.\n\n"
         + _md_table(["model", "rounds", "MB per party", "offline MB", "LAN s", "WAN s", "WAN s +offline"], rows)
     )
@@ -328,7 +329,7 @@ def write_pareto(results, outdir: Path) -> None:
     if have:
         md += (
             "\nrounds, MB/party and LAN/WAN seconds are the cost model's predictions at batch 1 (communication "
-            "only: rounds x RTT + bytes one way / bandwidth; LAN 0.5 ms, 1000 MB/s; WAN 40 ms, 100 MB/s).\n"
+            "only: round trips x RTT + bytes one way / bandwidth; LAN 0.5 ms, 1000 MB/s; WAN 40 ms, 100 MB/s).\n"
         )
     atomic.write_text(outdir / "pareto.md", md)
     label = f"{base.strategy}/{base.replace}/{base.granularity}"
@@ -409,20 +410,22 @@ def run_markdown(r: dict) -> str:
         ),
         f"LAN = {lan.get('rtt_ms', '?')} ms RTT, {lan.get('bandwidth_MBps', '?')} MB/s; "
         f"WAN = {wan.get('rtt_ms', '?')} ms RTT, {wan.get('bandwidth_MBps', '?')} MB/s. Online latency = "
-        "measured compute + rounds x RTT + the bytes each party sends one way / bandwidth per direction (a "
-        "full-duplex link); +offline adds the dealer's traffic on the same link (its bytes, and one RTT per "
-        "request made to it during the forward).",
+        "measured compute + the round trips of the link the parties wait for x RTT (a round may wait for "
+        "several) + the bytes each party sends one way / bandwidth per direction (a "
+        "full-duplex link); +offline adds the dealer's traffic on the same link (its bytes, and the round trips "
+        "the parties wait for its answers during the forward).",
         "",
-        "| model | ReLUs | rounds | MB per party | offline MB | dealer requests | wall s (median) | LAN s | "
-        "WAN s | WAN s +offline | predicted rounds | predicted MB | predicted offline MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | ReLUs | rounds | round trips | MB per party | offline MB | dealer requests | wall s (median) | "
+        "LAN s | WAN s | WAN s +offline | predicted rounds | predicted MB | predicted offline MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in b["models"]:
         pred = "-" if m.get("predicted_rounds") is None else f"{m['predicted_rounds']:.0f}"
         pred_mb = "-" if m.get("predicted_bytes") is None else f"{m['predicted_bytes'] / 1e6:.2f}"
         pred_off = "-" if m.get("predicted_offline_bytes") is None else f"{m['predicted_offline_bytes'] / 1e6:.2f}"
         lines.append(
-            f"| {m['name']} | {m['relu_elements']:,} | {m['rounds']} | {max(m['bytes_per_party']) / 1e6:.2f} | "
+            f"| {m['name']} | {m['relu_elements']:,} | {m['rounds']} | {_trips(m)} | "
+            f"{max(m['bytes_per_party']) / 1e6:.2f} | "
             f"{m.get('offline_bytes', 0) / 1e6:.2f} | {m.get('offline_requests', 0)} | "
             f"{m['wall_s_median']:.3f} | {m['lan_s']:.3f} | {m['wan_s']:.3f} | "
             f"{m.get('wan_total_s', m['wan_s']):.3f} | {pred} | {pred_mb} | {pred_off} |"
@@ -465,6 +468,12 @@ def insecure_label(b: dict) -> str | None:
     from relu_opt.backends import INSECURE_LABEL
 
     return b.get("insecure") if "dealer" in b else INSECURE_LABEL
+
+
+def _trips(m: dict) -> str:
+    """Return a bench row's online round trips of the link, or, for a row made before they were counted
+    (its latencies priced one round trip per round), say so."""
+    return f"{m['round_trips']:g}" if "round_trips" in m else "= rounds (old model)"
 
 
 def bench_title(b: dict) -> str:
@@ -536,8 +545,8 @@ def _run_modeled_lines(r: dict) -> list[str]:
         "",
         "The cost model's prediction per sample (batch 1)"
         + (f", priced for {priced}" if priced else "")
-        + ", before the bench: LAN/WAN seconds are communication only (online: rounds x RTT + bytes one way / "
-        "bandwidth; +offline: the dealer's bytes and one RTT per request to it on the same link).",
+        + ", before the bench: LAN/WAN seconds are communication only (online: round trips x RTT + bytes one way / "
+        "bandwidth; +offline: the dealer's bytes and the round trips waited for it on the same link).",
         "",
         "| model | test accuracy | rounds | MB per party | offline MB | LAN s | WAN s | WAN vs baseline | "
         "WAN s +offline | vs baseline |",

@@ -20,7 +20,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from relu_opt.activations import MaskedSite
-from relu_opt.backends import LAN, WAN, CostModel, Network, Pricing
+from relu_opt.backends import LAN, WAN, Cost, CostModel, Network, Pricing
 from relu_opt.passes.replace import replace_sites, site_op
 from relu_opt.ranking import Criticality, select
 from relu_opt.sites import SiteInfo
@@ -76,6 +76,9 @@ class Prices:
     other_rounds: float
     other_bytes: float
     network: Network = WAN
+    # the link's round trips one round waits for (the cost model's, over the whole model: every CrypTen
+    # round is one all-reduce, so the ratio is one number)
+    round_trips_per_round: float = 1.0
 
     def total(self, kept: dict[str, int]) -> tuple[float, float]:
         """Return the model's (rounds, bytes per party) with `kept` elements per site."""
@@ -86,8 +89,9 @@ class Prices:
         return rounds, nbytes
 
     def latency(self, rounds: float, nbytes: float, network: Network | None = None) -> float:
-        """Return the modeled seconds of rounds and bytes per party (both directions, so half each way)."""
-        return (network or self.network).communication_s(rounds, nbytes)
+        """Return the modeled seconds of rounds (each its round trips of the link) and bytes per party (both
+        directions, so half each way)."""
+        return (network or self.network).communication_s(rounds * self.round_trips_per_round, nbytes)
 
 
 @dataclass(frozen=True)
@@ -350,15 +354,14 @@ def price_sites(
     example = example[:1]
     engine = pricing.engine()
 
-    def site_costs(model: nn.Module) -> tuple[dict[str, tuple[float, float]], float, float]:
+    def site_costs(model: nn.Module) -> tuple[dict[str, tuple[float, float]], Cost]:
         gm = engine.prepare(model, example, public_coeffs=public_coeffs)
         per_site = {}
         for n in gm.graph.nodes:
             if n.name in sites:
                 c = cost_model.node_cost(gm, n)
                 per_site[n.name] = (c.rounds, c.bytes)
-        total = cost_model.cost(gm)
-        return per_site, total.rounds, total.bytes
+        return per_site, cost_model.cost(gm)
 
     def rewritten(one_unit: bool) -> fx.GraphModule:
         new = {}
@@ -369,9 +372,9 @@ def price_sites(
             new[s] = MaskedSite(mask, make_rep(s), site_op(teacher, nodes[s]), info.kind)
         return replace_sites(teacher, new)
 
-    keep, rounds_all, bytes_all = site_costs(teacher)
-    replaced, _, _ = site_costs(rewritten(False))
-    partial, _, _ = site_costs(rewritten(True))
+    keep, whole = site_costs(teacher)
+    replaced, _ = site_costs(rewritten(False))
+    partial, _ = site_costs(rewritten(True))
     prices = {}
     for s, info in sites.items():
         kr, kb = keep.get(s, (0.0, 0.0))
@@ -384,9 +387,10 @@ def price_sites(
         else:  # whole-site units: no partial form
             pr, rest_bpe = kr + rr, rb / info.elements
         prices[s] = SitePrice(info.kind, info.elements, kr, kb, rr, rb, pr, bpe, rest_bpe)
-    other_r = rounds_all - sum(p.keep_rounds for p in prices.values())
-    other_b = bytes_all - sum(p.keep_bytes for p in prices.values())
-    return Prices(prices, other_r, other_b, pricing.net())
+    other_r = whole.rounds - sum(p.keep_rounds for p in prices.values())
+    other_b = whole.bytes - sum(p.keep_bytes for p in prices.values())
+    trips = whole.round_trips / whole.rounds if whole.rounds else 1.0
+    return Prices(prices, other_r, other_b, pricing.net(), trips)
 
 
 _NETWORKS = (WAN, LAN)

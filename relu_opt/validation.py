@@ -103,15 +103,17 @@ def _nearest_existing(path: Path) -> Path:
     return p
 
 
-def _check_writable_under(path: Path, option: str) -> None:
+def _check_writable_under(path: Path, option: str, shown: Path | None = None) -> None:
+    """Raise ConfigError unless something can be written at `path` (named `shown` in messages)."""
+    shown = shown or path
     base = _nearest_existing(path.parent)
     if not base.is_dir():
-        raise ConfigError(f"{option} '{path}': '{base}' is a file, not a folder; choose another place")
+        raise ConfigError(f"{option} '{shown}': '{base}' is a file, not a folder; choose another place")
     try:  # a real probe: os.access says yes to root even on read-only file systems
         fd, probe = tempfile.mkstemp(prefix=".relu-opt-probe-", dir=base)
     except OSError as exc:
         reason = exc.strerror or exc
-        raise ConfigError(f"{option} '{path}': cannot write in '{base}' ({reason}); choose another place") from None
+        raise ConfigError(f"{option} '{shown}': cannot write in '{base}' ({reason}); choose another place") from None
     os.close(fd)
     os.unlink(probe)
 
@@ -136,7 +138,7 @@ def check_output_dir(path: str | os.PathLike | None, option: str = "-o") -> None
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{option} '{path}' is a file; give a folder (it is created if missing)")
-    _check_writable_under(path / "x", option)
+    _check_writable_under(path / "x", option, path)
 
 
 def check_input_file(path: str | os.PathLike | None, option: str) -> None:

@@ -14,11 +14,14 @@ from relu_opt.data import load_dataset
 from relu_opt.models import create_model
 from relu_opt.optimizer import OptimizeConfig, optimize_frontier
 
-# A stand-in for the fitted model (the real one needs a CrypTen calibration run): CrypTen-like prices.
+# A stand-in for the fitted model (the real one needs a CrypTen calibration run): CrypTen-like prices,
+# two round trips of the link per round, no dealer traffic.
+ROUNDS = {"linear": 1.0, "relu": 9.0, "poly": 3.0, "square": 1.0, "avgpool": 0.0, "mul": 1.0}
 COST = CostModel(
     2,
-    {"linear": 1.0, "relu": 9.0, "poly": 3.0, "square": 1.0, "avgpool": 0.0, "mul": 1.0},
+    ROUNDS,
     {"linear": 16.0, "relu": 464.0, "poly": 48.0, "square": 16.0, "poly_coeffs": 16.0, "mul": 32.0},
+    round_trips_per_op={k: 2 * v for k, v in ROUNDS.items()},
 )
 
 
@@ -35,7 +38,7 @@ def frontier(tmp_path, monkeypatch):
 
 
 def _latency(m: dict, net) -> float:
-    return m["rounds"] * net.rtt_s + m["bytes_per_party"] / 2 / net.bandwidth_Bps
+    return 2 * m["rounds"] * net.rtt_s + m["bytes_per_party"] / 2 / net.bandwidth_Bps
 
 
 def test_each_budget_reports_its_modeled_cost(frontier):
@@ -121,7 +124,12 @@ def test_selection_and_reports_are_priced_by_the_pricing_they_are_given(tmp_path
 
     monkeypatch.setenv("RELU_OPT_CACHE", str(tmp_path / "default"))  # empty: nothing to fall back on
     x = tmp_path / "x"
-    three = CostModel(3, {**COST.rounds_per_op, "relu": 20.0}, {**COST.bytes_per_element, "relu": 900.0})
+    three = CostModel(
+        3,
+        {**COST.rounds_per_op, "relu": 20.0},
+        {**COST.bytes_per_element, "relu": 900.0},
+        round_trips_per_op={**COST.round_trips_per_op, "relu": 60.0},
+    )
     atomic.write_json(cost_calibration._cache_path(2, "third-party", x), COST.to_dict())
     atomic.write_json(cost_calibration._cache_path(3, "third-party", x), three.to_dict())
     pricing = RunConfig(parties=3).pricing(x)

@@ -118,8 +118,12 @@ def test_fingerprint_mismatches_are_one_line_and_name_the_fix():
     assert "--optimized" in rdv.mismatch(fp, other, 0, 1)
     other = {**fp, "job": {**fp["job"], "runs": 1}}
     assert "runs = 1" in rdv.mismatch(fp, other, 0, 1)
+    fp["job"]["dealer"] = "third-party"
     other = {**fp, "job": {**fp["job"], "dealer": "party0"}}
-    assert rdv.mismatch(fp, other, 0, rdv.DEALER).startswith("the dealer has dealer = party0 and party 0 has")
+    assert rdv.mismatch(fp, other, 0, rdv.DEALER) == (
+        "the dealer has --dealer party0 and party 0 has --dealer third-party; give every process the same "
+        "--dealer (with party0, start no --role dealer)"
+    )
     for why in [rdv.mismatch(fp, o, 0, 1) for o in ({**fp, "world_size": 3},)]:
         assert "\n" not in why
 
@@ -182,6 +186,16 @@ def test_world_size_mismatch_stops_both_parties_with_one_line():
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_dealer_that_disagrees_stops_every_process_with_one_line():
+    common = ["bench", "small_cnn", "--input-shape", "1,1,28,28", "--samples", "1", "--timeout", "60"]
+    results = _two_parties(lambda i: [*common, "--world-size", "3" if i == 2 else "2"], 120, dealer=True)
+    assert len(results) == 3
+    for code, _, err in results:
+        assert code == 2, err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "the dealer was started with --world-size 3" in results[0][2]  # party 0 names the culprit
+
+
 def test_different_models_stop_before_any_encrypted_work():
     common = ["bench", "small_cnn", "--input-shape", "1,1,28,28", "--world-size", "2", "--timeout", "60"]
     results = _two_parties(lambda r: [*common, "--num-classes", str(10 - 5 * r)], 120)
@@ -236,7 +250,7 @@ def test_three_namespaces_on_a_shaped_link_match_the_latency_model(tmp_path):
     for rank, (r, out) in enumerate(zip(res["bench"], res["stdout"])):
         assert "CrypTen, 2 parties, dealer third-party, batch 4" in out and f"party {rank} over ro" in out
         assert r["hosts"]["rank"] == rank and r["hosts"]["interface"].startswith("ro")
-    assert "the dealer served the run over ro" in res["stdout"][2] and not res["dealer_written"]
+    assert "the dealer served the run over ro" in res["stdout"][2] and res["dealer"]["models"] == []
     assert res["bench"][0]["models"] == res["bench"][1]["models"]
     orig = next(m for m in res["bench"][0]["models"] if m["name"] == "original")
     assert orig["offline_requests"] == 31 and orig["offline_bytes"] > 1e6  # the dealer's triples crossed a link

@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -48,29 +48,19 @@ class Dealer:
 
 @dataclass(frozen=True)
 class Cost:
-    """One forward as a cost model predicts it: online rounds and bytes per party (the backend's count,
-    both directions added), and the offline part (a dealer's bytes and the requests made to it)."""
+    """One forward as a cost model predicts it: online rounds (the engine's count), the round trips of the
+    link they wait for (what latency pays), bytes per party (the engine's count, both directions added),
+    and the offline part: a dealer's bytes, the requests made to it and the round trips they wait for."""
 
     rounds: float = 0.0
     bytes: float = 0.0
     offline_bytes: float = 0.0
     requests: float = 0.0
+    round_trips: float = 0.0
+    offline_round_trips: float = 0.0
 
     def __add__(self, other: Cost) -> Cost:
-        return Cost(
-            self.rounds + other.rounds,
-            self.bytes + other.bytes,
-            self.offline_bytes + other.offline_bytes,
-            self.requests + other.requests,
-        )
-
-    def __sub__(self, other: Cost) -> Cost:
-        return Cost(
-            self.rounds - other.rounds,
-            self.bytes - other.bytes,
-            self.offline_bytes - other.offline_bytes,
-            self.requests - other.requests,
-        )
+        return Cost(*(a + b for a, b in zip(astuple(self), astuple(other))))
 
 
 class CostModel(ABC):
@@ -120,7 +110,9 @@ class Measurement:
     comparisons: int = 0  # secure comparisons per sample (ReLU, ReLU6, max-pool, ...)
     offline_sent_per_party: list[int] = field(default_factory=list)  # bytes each party sends the dealer
     offline_received_per_party: list[int] = field(default_factory=list)  # bytes each party gets from it
-    offline_requests: int = 0  # requests to the dealer per forward (each waits one round trip)
+    offline_requests: int = 0  # requests to the dealer per forward
+    round_trips: float = 0.0  # round trips of the link the parties wait for online (a round may cost several)
+    offline_round_trips: float = 0.0  # round trips waited for the dealer's answers
 
     @property
     def wall_s_median(self) -> float:
@@ -162,10 +154,10 @@ class Backend(ABC):
 
     def dealer(self, name: str | None = None) -> Dealer:
         """Return the Dealer `name` (the honest default when None); ConfigError naming the choices."""
-        name = name or self.default_dealer
+        name = self.default_dealer if name is None else name
         if name not in self.dealers:
             raise ConfigError(
-                f"--dealer {name} is not a dealer of the {self.name} backend; choose "
+                f"--dealer '{name}' is not a dealer of the {self.name} backend; choose "
                 + ", ".join(f"{k} ({d.description})" for k, d in self.dealers.items())
             )
         return self.dealers[name]
@@ -229,8 +221,9 @@ class Backend(ABC):
 
     # ---- prices ---------------------------------------------------------------------------------------
     @abstractmethod
-    def load_cost_model(self, pricing: Pricing) -> CostModel | None:
-        """Return the cost model cached for `pricing`, or None (nothing is measured)."""
+    def load_cost_model(self, pricing: Pricing, note=None) -> CostModel | None:
+        """Return the cost model cached for `pricing`, or None (nothing is measured); a damaged cache file is
+        removed, and `note` (a callable taking one line) told."""
 
     @abstractmethod
     def calibrate(self, pricing: Pricing, timeout: float = 300, refresh: bool = False) -> CostModel:

@@ -1,9 +1,10 @@
 """Networks a private inference runs over, and the latency model every backend's figures rest on.
 
-latency = compute + rounds x RTT + the busiest direction of any party's traffic / bandwidth per direction
-(a full-duplex link). The offline part (a dealer's correlated randomness) is priced on the same link:
-its bytes join each party's traffic, and each request a party makes to the dealer while it computes is
-one more round trip (CrypTen's dealer hands out triples on demand, inside the forward).
+latency = compute + round trips x RTT + the busiest direction of any party's traffic / bandwidth per
+direction (a full-duplex link). Round trips, not rounds: a round of the engine may wait for several
+round trips of the link (a 2-party Gloo all-reduce waits for two; each backend counts them). The offline
+part (a dealer's correlated randomness) is priced on the same link: its bytes, and the round trips the
+parties wait for its answers while they compute.
 """
 
 from __future__ import annotations
@@ -27,19 +28,19 @@ class Network:
         at once, so the busiest direction of any party sets the time (not the sum of both)."""
         return max([*sent, *received, 0.0]) / self.bandwidth_Bps
 
-    def latency(self, compute_s: float, rounds: float, sent: Sequence[float], received: Sequence[float]) -> float:
-        """Return compute time + rounds x RTT + transfer time, in seconds (bytes per party per direction)."""
-        return compute_s + rounds * self.rtt_s + self.transfer_s(sent, received)
+    def latency(self, compute_s: float, round_trips: float, sent: Sequence[float], received: Sequence[float]) -> float:
+        """Return compute time + round trips x RTT + transfer time, in seconds (bytes per party per direction)."""
+        return compute_s + round_trips * self.rtt_s + self.transfer_s(sent, received)
 
-    def communication_s(self, rounds: float, nbytes: float) -> float:
-        """Return the seconds of `rounds` and of a byte count per party with both directions added (half
-        goes each way on a full-duplex link), without compute: what a cost model prices."""
-        return self.latency(0.0, rounds, [nbytes / 2], [nbytes / 2])
+    def communication_s(self, round_trips: float, nbytes: float) -> float:
+        """Return the seconds of `round_trips` and of a byte count per party with both directions added
+        (half goes each way on a full-duplex link), without compute: what a cost model prices."""
+        return self.latency(0.0, round_trips, [nbytes / 2], [nbytes / 2])
 
-    def with_offline_s(self, online_s: float, offline_bytes: float, requests: float) -> float:
+    def with_offline_s(self, online_s: float, offline_bytes: float, round_trips: float) -> float:
         """Return an online latency plus the offline traffic on the same link: `offline_bytes` in the
-        direction that carries them (from the dealer) and one RTT per on-demand request."""
-        return online_s + requests * self.rtt_s + offline_bytes / self.bandwidth_Bps
+        direction that carries them (from the dealer) and the round trips waited for its answers."""
+        return online_s + round_trips * self.rtt_s + offline_bytes / self.bandwidth_Bps
 
     def to_dict(self) -> dict:
         """Return the JSON form reports use."""

@@ -76,9 +76,12 @@ class Pricing:
         """Return the cost model for these prices: the cached one, else (with `measure`) measured once
         under the backend with real parties and cached; None when none is cached and `measure` is off."""
         engine = self.engine()
-        cached = engine.load_cost_model(self)
+        cached = engine.load_cost_model(self, note)
         if cached is not None or not measure:
             return cached
+        from relu_opt.validation import check_output_dir
+
+        check_output_dir(self.cache_dir(), "--cache-dir" if self.cache else "the cache folder ($RELU_OPT_CACHE)")
         if note is not None:
             note(f"note: measuring the {engine.title} cost model once ({self.describe()}; cached for later runs)")
         return engine.calibrate(self, timeout=timeout)

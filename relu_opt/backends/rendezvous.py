@@ -185,9 +185,16 @@ def mismatch(mine: dict, theirs: dict, my_rank: int | str, their_rank: int | str
                 f"model '{name}' differs between {them} and {me} (structure "
                 f"{mb[name]} vs {ma[name]}); run both with the same MODEL, --optimized folder and --input-shape"
             )
+    if a.get("dealer") != b.get("dealer"):
+        return (
+            f"{them} has --dealer {b.get('dealer')} and {me} has --dealer {a.get('dealer')}; give every process the "
+            "same --dealer (with party0, start no --role dealer)"
+        )
+    hints = {"batch": "--batch (or --samples)", "input_shape": "--samples and --input-shape", "runs": "--runs"}
     for k in sorted(set(a) | set(b)):
-        if k != "models" and a.get(k) != b.get(k):
-            return f"{them} has {k} = {b.get(k)} and {me} has {a.get(k)}; start both alike"
+        if k not in ("models", "dealer_process") and a.get(k) != b.get(k):
+            what = f" ({hints[k]})" if k in hints else ""
+            return f"{them} has {k} = {b.get(k)} and {me} has {a.get(k)}{what}; start both alike"
     return None
 
 
@@ -269,17 +276,21 @@ def check_in(store: Store, rank: int | str, fp: dict, timeout: float) -> None:
                 f"start it with {how} and the same --master-addr and --master-port"
             )
         why = mismatch(fp, json.loads(store.get(key)), rank, r)
-        if rank != 0:
-            store.add(f"{PREFIX}seen", 1)  # party 0 keeps the store up until every member has compared
         if why:
             store.set(f"{PREFIX}error/{rank}", why)
             if rank == 0:
                 _linger(store, len(others), min(timeout, 10))
+            else:
+                store.add(f"{PREFIX}done", 1)
             raise RendezvousError(why)
     if rank == 0 and others:
         store.set(f"{PREFIX}checked", "1")
     elif rank != 0:
-        _wait_verdict(store, timeout)
+        try:
+            _wait_verdict(store, timeout)
+        finally:
+            with contextlib.suppress(Exception):  # party 0 keeps the store up until every member has read it
+                store.add(f"{PREFIX}done", 1)
 
 
 def _poll(store, key: str, timeout: float) -> bool:
@@ -299,9 +310,10 @@ def _others(fp: dict) -> list[int | str]:
 
 
 def _linger(store, others: int, timeout: float) -> None:
-    """Keep party 0's store up until every other member has read party 0's fingerprint."""
+    """Keep party 0's store up until every other member has left the check (read party 0's verdict, or
+    found its own disagreement), at most `timeout` seconds."""
     deadline = time.monotonic() + timeout
-    while store.add(f"{PREFIX}seen", 0) < others and time.monotonic() < deadline:
+    while store.add(f"{PREFIX}done", 0) < others and time.monotonic() < deadline:
         time.sleep(0.05)
 
 
@@ -309,12 +321,23 @@ def _wait_verdict(store, timeout: float) -> None:
     """Wait until party 0 has compared every fingerprint (or reported why not)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if store.check([f"{PREFIX}checked"]):
-            return
-        if store.check([f"{PREFIX}error/0"]):
-            raise RendezvousError(store.get(f"{PREFIX}error/0").decode())
+        try:
+            if store.check([f"{PREFIX}checked"]):
+                return
+            if store.check([f"{PREFIX}error/0"]):
+                raise RendezvousError(store.get(f"{PREFIX}error/0").decode())
+        except RendezvousError:
+            raise
+        except Exception:
+            raise RendezvousError(
+                "party 0 left before confirming the others (it found a disagreement or failed; its own message "
+                "names it)"
+            ) from None
         time.sleep(0.05)
-    raise RendezvousError(f"party 0 did not confirm the other parties within {timeout:g}s; is every party started?")
+    raise RendezvousError(
+        f"party 0 did not confirm the others within {timeout:g}s: a party or the dealer did not join "
+        "(party 0's message names which)"
+    )
 
 
 def share_results(store: Store, rank: int, world_size: int, result: dict, timeout: float) -> list[dict]:

@@ -92,10 +92,10 @@ class CrypTenBackend(Backend):
             models, x, host, dealer.name, dealer.extra_process, self.versions(), runs, warmup, timeout, batch
         )
 
-    def load_cost_model(self, pricing: Pricing):
+    def load_cost_model(self, pricing: Pricing, note=None):
         from relu_opt.backends.crypten.calibration import load_cached
 
-        return load_cached(pricing.parties, pricing.dealer_name, pricing.cache)
+        return load_cached(pricing.parties, pricing.dealer_name, pricing.cache, note)
 
     def calibrate(self, pricing: Pricing, timeout: float = 300, refresh: bool = False):
         from relu_opt.backends.crypten.calibration import calibrate

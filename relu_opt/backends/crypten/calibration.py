@@ -9,6 +9,7 @@ is never reused.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -82,8 +83,8 @@ class _Rsqrt(nn.Module):
 
 
 # Bump when a suite model or a lowering it goes through changes (GELU by sigmoid: 2; products: 3;
-# polynomials in Horner form: 4; online and offline apart, dealer in the file name: 5).
-SUITE_VERSION = 5
+# polynomials in Horner form: 4; online and offline apart, dealer in the file name: 5; round trips: 6).
+SUITE_VERSION = 6
 
 
 def suite_key() -> str:
@@ -103,12 +104,14 @@ def _cache_path(parties: int, dealer: str, cache: str | os.PathLike | None) -> P
 
 
 def load_cached(
-    parties: int = 2, dealer: str = "third-party", cache: str | os.PathLike | None = None
+    parties: int = 2, dealer: str = "third-party", cache: str | os.PathLike | None = None, note=None
 ) -> CrypTenCostModel | None:
-    """Return the cost model `calibrate` cached for `parties` and `dealer`, or None (nothing is measured)."""
+    """Return the cost model `calibrate` cached for `parties` and `dealer`, or None (nothing is measured);
+    a damaged file is removed and `note` told."""
     return load_cache(
         _cache_path(parties, dealer, cache),
         lambda p: CrypTenCostModel.from_dict(read_json(p, what="cost model")),
+        note=note,
     )
 
 
@@ -124,7 +127,7 @@ def calibrate(
     from relu_opt.backends.crypten.measure import measure
 
     path = _cache_path(parties, dealer, cache)
-    cached = None if refresh else load_cached(parties, dealer, cache)
+    cached = None if refresh else load_cached(parties, dealer, cache, lambda m: print(m, file=sys.stderr))
     if cached is not None:
         return cached
     x = torch.randn(CALIBRATION_INPUT)
@@ -137,6 +140,8 @@ def calibrate(
             max(r.bytes_per_party),
             sum(r.offline_sent_per_party) + sum(r.offline_received_per_party),
             r.offline_requests,
+            r.round_trips,
+            r.offline_round_trips,
         )
         for (_, gm), r in zip(prepared, runs)
     ]

@@ -150,6 +150,8 @@ class CrypTenCostModel(CostModel):
     requests_per_op: dict[str, float] = field(default_factory=dict)
     offline_bytes_per_output: dict[str, float] = field(default_factory=dict)
     offline_bytes_per_request: float = 0.0  # the request message and the size it is answered with
+    round_trips_per_op: dict[str, float] = field(default_factory=dict)  # of the link, online
+    offline_round_trips_per_op: dict[str, float] = field(default_factory=dict)  # waiting for the dealer
 
     def rounds(self, f: CostFeatures) -> float:
         """Return the predicted online rounds of one forward."""
@@ -161,9 +163,20 @@ class CrypTenCostModel(CostModel):
 
     def price(self, f: CostFeatures) -> Cost:
         """Return the Cost of features `f`."""
-        requests = sum(self.requests_per_op.get(k, 0.0) * v for k, v in f.ops.items())
+
+        def per_op(table: dict[str, float]) -> float:
+            return sum(table.get(k, 0.0) * v for k, v in f.ops.items())
+
+        requests = per_op(self.requests_per_op)
         triples = sum(self.offline_bytes_per_output.get(k, 0.0) * v for k, v in f.outputs.items())
-        return Cost(self.rounds(f), self.bytes(f), triples + self.offline_bytes_per_request * requests, requests)
+        return Cost(
+            self.rounds(f),
+            self.bytes(f),
+            triples + self.offline_bytes_per_request * requests,
+            requests,
+            per_op(self.round_trips_per_op),
+            per_op(self.offline_round_trips_per_op),
+        )
 
     def node_cost(self, gm: fx.GraphModule, node: fx.Node, batch: int = 1) -> Cost:
         return self.price(node_features(gm, node, batch))
@@ -180,6 +193,8 @@ class CrypTenCostModel(CostModel):
 
     @classmethod
     def from_dict(cls, d: dict) -> CrypTenCostModel:
+        if "round_trips_per_op" not in d:  # measured before round trips were: a cache to measure again
+            raise KeyError("round_trips_per_op")
         return cls(**d)
 
 
@@ -192,6 +207,8 @@ class Sample:
     bytes: float
     offline_bytes: float = 0.0
     requests: float = 0.0
+    round_trips: float = 0.0
+    offline_round_trips: float = 0.0
 
 
 def _nnls(a: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
@@ -214,6 +231,8 @@ def fit(samples: list[Sample], parties: int, dealer: str = "third-party") -> Cry
     xb, eb = _nnls(a_el, np.array([s.bytes for s in samples], dtype=float))
     xo, eo = _nnls(a_out, np.array([s.offline_bytes for s in samples], dtype=float))
     xq, eq = _nnls(a_ops, np.array([s.requests for s in samples], dtype=float))
+    xt, et = _nnls(a_ops, np.array([s.round_trips for s in samples], dtype=float))
+    xu, eu = _nnls(a_ops, np.array([s.offline_round_trips for s in samples], dtype=float))
 
     def table(names, values) -> dict[str, float]:
         return {c: round(float(v), 4) for c, v in zip(names, values) if v}
@@ -222,9 +241,11 @@ def fit(samples: list[Sample], parties: int, dealer: str = "third-party") -> Cry
         parties,
         {c: round(float(v), 4) for c, v in zip(ops, xr)},
         {c: round(float(v), 4) for c, v in zip(terms, xb)},
-        max(er, eb, eo, eq),
+        max(er, eb, eo, eq, et, eu),
         dealer,
         table(ops, xq),
         table(outs, xo[:-1]),
         round(float(xo[-1]), 4),
+        {c: round(float(v), 4) for c, v in zip(ops, xt)},
+        table(ops, xu),
     )

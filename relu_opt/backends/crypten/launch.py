@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from relu_opt.backends.crypten.party import PROVIDERS, PartyJob
+from relu_opt.backends.crypten.party import PROVIDERS, PartyJob, heartbeat_path
 from relu_opt.errors import BackendError
 
 
@@ -60,6 +60,22 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             p.wait()
 
 
+def _frozen(results: list[Path], codes: list[int | None], stale: float, started: float) -> int | None:
+    """Return the index of a running process whose last heartbeat (or, before its first, the launch at
+    `started`) is older than `stale` seconds, or None. A process that waits on the others still beats; one
+    that is stopped or hung in its own code does not."""
+    now = time.time()
+    for i, (result, code) in enumerate(zip(results, codes)):
+        if code is None:
+            try:
+                last, allowed = heartbeat_path(str(result)).stat().st_mtime, stale
+            except OSError:  # before its first beat: imports take a while on a loaded machine
+                last, allowed = started, max(stale, 30.0)
+            if now - last > allowed:
+                return i
+    return None
+
+
 def launch_local(
     job: PartyJob, workdir: str | os.PathLike, timeout: float, module: str = "relu_opt.backends.crypten.party"
 ) -> list[dict]:
@@ -85,7 +101,8 @@ def launch_local(
                 master_addr="127.0.0.1",
                 master_port=port,
                 result=str(result),
-                timeout=timeout + 5,
+                timeout=timeout,
+                grace=5,
                 threads=threads,
             )
             job_path = workdir / f"{stem}.job.json"
@@ -102,15 +119,23 @@ def launch_local(
             paths.append((result, log))
             names.append("the dealer" if role == "dealer" else f"party {rank}")
         deadline = time.monotonic() + timeout
+        stale, started = max(10.0, timeout / 4), time.time()
         while True:
             codes = [p.poll() for p in procs]
             if all(c == 0 for c in codes):
                 break
             failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
+            others = "processes" if dealer else "parties"
             if failed:
                 first = min(failed, key=lambda i: (codes[i] >= 0, i))  # killed by a signal: the cause
                 why = _error_of(*paths[first], names[first], codes[first])
-                raise BackendError(f"{why}; the other {'processes' if dealer else 'parties'} were stopped")
+                raise BackendError(f"{why}; the other {others} were stopped")
+            frozen = _frozen([p for p, _ in paths], codes, stale, started)
+            if frozen is not None:
+                raise BackendError(
+                    f"{names[frozen]} stopped responding (no sign of life for more than {stale:g}s: it hung or "
+                    f"was frozen); the other {others} were stopped"
+                )
             if time.monotonic() > deadline:
                 waiting = [names[i] for i, c in enumerate(codes) if c is None]
                 raise BackendError(

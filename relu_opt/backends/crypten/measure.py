@@ -55,6 +55,8 @@ def measurements(results: list[dict], names: Sequence[str], counts: Sequence[tup
                 offline_sent_per_party=[_median(p["offline_sent"]) for p in per_party],
                 offline_received_per_party=[_median(p["offline_received"]) for p in per_party],
                 offline_requests=sum(_median(p["requests"]) for p in per_party),
+                round_trips=float(statistics.median(p0["round_trips"])),
+                offline_round_trips=sum(float(statistics.median(p["offline_round_trips"])) for p in per_party),
             )
         )
     return out
@@ -163,7 +165,7 @@ def run_host(
             dealer=dealer,
             role=host.role,
         )
-        start_watchdog(replace(pj, timeout=timeout + 10))  # the rendezvous' own errors come first
+        start_watchdog(replace(pj, grace=10))  # the rendezvous' own errors come first
         result = run_party(pj)
     if host.is_dealer:
         return PartyRun([], result["interface"])

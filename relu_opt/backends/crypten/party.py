@@ -16,6 +16,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -35,7 +36,8 @@ from relu_opt.errors import BackendError
 MODEL_OWNER = 0
 DATA_OWNER = 1
 PROVIDERS = {"third-party": "TTP", "party0": "TFP"}  # dealer name -> CrypTen tuple provider
-_WAITING: dict[str, float] = {}  # "dealer": since when party 0 waits for the dealer's answer
+_WAITING: dict[str, float] = {}  # "dealer": since when this party waits for the dealer's answer
+DEALER_WAIT_S = 10.0  # one answer of the dealer: a triple of 30 MB still arrives in 3 s at 10 MB/s
 
 
 @dataclass
@@ -60,30 +62,42 @@ class PartyJob:
     fingerprint: dict | None = None  # parties on separate hosts: check it at rendezvous, share results
     dealer: str = "third-party"  # a key of PROVIDERS
     role: str = "party"  # or "dealer": this process is the dealer (its rank is world_size)
+    grace: float = 0.0  # seconds the watchdog waits past `timeout`, so the launcher's own error comes first
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PartyJob:
         return cls(**json.loads(Path(path).read_text()))
 
 
+def heartbeat_path(result: str) -> Path | None:
+    """Return the file the process writing `result` touches every half second while it lives."""
+    return Path(result + ".alive") if result else None
+
+
 def start_watchdog(job: PartyJob) -> None:
-    """Exit the process when it outlives `job.timeout` or its parent (no orphans, no hangs), or when one
-    answer of the dealer takes more than half of `job.timeout` (the dealer hung or its link is down)."""
-    parent, deadline = os.getppid(), time.monotonic() + job.timeout
+    """Exit the process when it outlives `job.timeout` (+ `job.grace`) or its parent (no orphans, no
+    hangs), or when one answer of the dealer takes longer than DEALER_WAIT_S or a quarter of
+    `job.timeout`, whichever is more (the dealer hung or its link is down); touch the heartbeat file
+    meanwhile, so a launcher can tell a frozen process from one that waits."""
+    parent, deadline = os.getppid(), time.monotonic() + job.timeout + job.grace
+    beat = heartbeat_path(job.result)
 
     def fail(msg: str) -> None:
         with contextlib.suppress(OSError):  # the result's folder may be gone already
             _write_error(job.result, job.rank, msg)
         print(f"error: {msg}", file=sys.stderr, flush=True)
-        os._exit(124)
+        os._exit(2)
 
     def watch():
         while True:
+            if beat is not None:
+                with contextlib.suppress(OSError):
+                    beat.touch()
             time.sleep(0.5)
             if os.getppid() != parent:
                 os._exit(3)
             since = _WAITING.get("dealer")
-            if since is not None and time.monotonic() - since > job.timeout / 2:
+            if since is not None and time.monotonic() - since > max(DEALER_WAIT_S, job.timeout / 4):
                 fail(
                     f"{_who(job)} waited {time.monotonic() - since:.0f}s for one answer of the dealer; the dealer "
                     "hung or its link is down"
@@ -135,11 +149,7 @@ def run(job: PartyJob) -> dict:
     except Exception as exc:
         if store is None:
             raise
-        why = (
-            str(exc)
-            if isinstance(exc, BackendError)
-            else f"{_who(job)} failed: {type(exc).__name__}: {_first_line(exc)}"
-        )
+        why = str(exc) if isinstance(exc, BackendError) else _failure(job, exc)
         if me == 0 or rdv.store_alive(job.master_addr, job.master_port):
             rdv.report_failure(store, me, why)
             time.sleep(0.5)  # a member that failed first leaves its reason: name that, not the lost link
@@ -149,6 +159,18 @@ def run(job: PartyJob) -> dict:
     if store is not None and job.role != "dealer":
         result["parties"] = rdv.share_results(store, job.rank, job.world_size, dict(result), job.timeout)
     return result
+
+
+def _failure(job: PartyJob, exc: BaseException) -> str:
+    """Return one line for a process's failure; a link that another process dropped is named as such."""
+    text = str(exc)
+    lost = re.search(r"(Connection (?:closed|reset) by peer|Read error|Broken pipe)[^\[]*\[([^\]]+)\]:(\d+)", text)
+    if lost:
+        return (
+            f"{_who(job)} lost its connection to the process at {lost[2]} (party 0, another party or the dealer "
+            "stopped, or its host went away; that process's own message says why)"
+        )
+    return f"{_who(job)} failed: {type(exc).__name__}: {_first_line(exc)}"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -177,8 +199,26 @@ def _init_crypten(job: PartyJob, rank: int):
     crypten = import_crypten()
     crypten.cfg.mpc.provider = PROVIDERS[job.dealer]
     crypten.cfg.communicator.verbose = True  # the communicator only counts rounds and bytes then
+    if crypten.mpc.ttp_required() and rank < job.world_size:
+        _watch_dealer_seed()
     crypten.init()
     return crypten
+
+
+def _watch_dealer_seed() -> None:
+    """Name the dealer when a party waits for the seed it shares with it (inside crypten.init)."""
+    from crypten.mpc.provider.ttp_provider import TTPClient
+
+    init = TTPClient._init
+
+    def waiting_init():
+        _WAITING["dealer"] = time.monotonic()
+        try:
+            init()
+        finally:
+            _WAITING.pop("dealer", None)
+
+    TTPClient._init = staticmethod(waiting_init)
 
 
 def _serve(job: PartyJob) -> dict:
@@ -252,6 +292,7 @@ def _run(job: PartyJob) -> dict:
         t2 = time.perf_counter()
         runs: dict[str, list] = {k: [] for k in ("wall", "rounds", "bytes", "sent", "received", "comm_s")}
         runs.update({k: [] for k in ("offline_sent", "offline_received", "requests")})
+        runs.update({k: [] for k in ("round_trips", "offline_round_trips")})
         with crypten.no_grad():
             for i in range(job.warmup + job.runs):
                 comm.barrier()
@@ -271,6 +312,8 @@ def _run(job: PartyJob) -> dict:
                     runs["offline_sent"].append(traffic.offline_sent)
                     runs["offline_received"].append(traffic.offline_received)
                     runs["requests"].append(traffic.requests)
+                    runs["round_trips"].append(traffic.round_trips)
+                    runs["offline_round_trips"].append(traffic.offline_round_trips)
             rest = [model(xe) for xe in x_enc[1:]]  # untimed: the other batches' outputs, for accuracy
         logits = torch.cat([y.get_plain_text()] + [r.get_plain_text() for r in rest])
         out.append(

@@ -8,6 +8,14 @@ books each one as the Gloo algorithm moves it: for P parties a ring all-reduce o
 receives 2(P-1)/P x N per party (N each way for two parties), an all-gather (P-1) x N, a broadcast N
 per receiver, and so on. A call whose peer is the dealer (rank P) is booked offline, and what CrypTen
 counted for it is kept apart, so the online rounds and bytes are the parties' own.
+
+It also books the round trips of the link each call waits for, which is what a round costs in latency.
+Measured on a delayed link (benchmarks/delayed_link.py, results/delayed_link.md), in round trips of the
+link: Gloo's all-reduce takes P of them (2.00 with 2 processes, 3.00 with 3: a receiver tells the sender
+it is ready before data moves), an all-gather P - 1 (1.01, 2.00), a broadcast 1 (0.99, 1.00). CrypTen
+counts one round per all-reduce, so a 2-party round costs two round trips. A request to the dealer
+(party 0 sends it as two messages, the dealer answers with two, then broadcasts the triple, each receive
+posted only once the message before it arrived) costs four.
 """
 
 from __future__ import annotations
@@ -43,9 +51,26 @@ _PEER = {
 }
 
 
+ROUND_TRIPS = {
+    "all_reduce": lambda p: p,
+    "all_gather": lambda p: p - 1,
+    "broadcast": lambda p: 1,
+    "reduce": lambda p: 1,
+    "gather": lambda p: 1,
+    "scatter": lambda p: 1,
+    "send": lambda p: 0.5,
+    "isend": lambda p: 0.5,
+    "recv": lambda p: 0.5,
+    "irecv": lambda p: 0.5,
+    "broadcast_obj": lambda p: 2,
+}
+REQUEST_ROUND_TRIPS = 4  # one request to the dealer; measured 4.15 to 4.3 per request on a delayed link
+
+
 class TrafficCounter:
-    """Bytes this party sent and received online and offline, dealer requests, seconds inside
-    communication, and what CrypTen's own counter booked for the dealer, since `reset()`."""
+    """Bytes this party sent and received online and offline, the link's round trips it waited for online
+    and offline, dealer requests, seconds inside communication, and what CrypTen's own counter booked for
+    the dealer, since `reset()`."""
 
     METHODS = (
         "send",
@@ -79,6 +104,7 @@ class TrafficCounter:
         self.sent = self.received = 0
         self.offline_sent = self.offline_received = 0
         self.requests = 0
+        self.round_trips = self.offline_round_trips = 0.0
         self.comm_s = 0.0
         self.dealer_rounds = 0  # what CrypTen's counter booked for calls to and from the dealer
         self.dealer_bytes = 0.0
@@ -101,12 +127,16 @@ class TrafficCounter:
             if dealer:
                 self.offline_sent += int(sent)
                 self.offline_received += int(received)
-                self.requests += name == "send_obj"  # one request message per triple asked for
+                if name == "send_obj":  # one request message per triple asked for
+                    self.requests += 1
+                    self.offline_round_trips += REQUEST_ROUND_TRIPS
                 self.dealer_rounds += getattr(self.comm, "comm_rounds", 0) - before[0]
                 self.dealer_bytes += getattr(self.comm, "comm_bytes", 0) - before[1]
             else:
                 self.sent += int(sent)
                 self.received += int(received)
+                if name != "barrier" and self.world_size > 1:
+                    self.round_trips += ROUND_TRIPS.get(name, lambda p: 1)(self.world_size)
             return result
 
         return counted
