@@ -181,9 +181,16 @@ class DelayedHosts:
                     cmd = ["ip", "netns", "exec", self.ns[i], sys.executable, *argv]
                     procs.append((subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env), out))
                     time.sleep(0.2)  # the host that listens first, as a user would start it
-                results, deadline = [], time.monotonic() + timeout
+                deadline = time.monotonic() + timeout
+                while any(p.poll() is None for p, _ in procs):  # one that fails stops the others
+                    if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p, _ in procs):
+                        break
+                    time.sleep(0.2)
+                results = []
                 for p, out in procs:
-                    p.wait(timeout=max(1, deadline - time.monotonic()))
+                    if p.poll() is None:
+                        p.kill()
+                        p.wait()
                     out.seek(0)
                     results.append(subprocess.CompletedProcess(p.args, p.returncode, out.read(), ""))
                 return results
@@ -194,11 +201,11 @@ class DelayedHosts:
                         p.wait()
                     out.close()
 
-    def relu_opt(self, argv: list[str], roles: list[list[str]], timeout: float) -> list[subprocess.CompletedProcess]:
-        """Run `relu-opt ARGV ROLE --master-addr <host 0> --master-port P` on host i for each roles[i]."""
+    def relu_opt(self, argvs: list[list[str]], timeout: float) -> list[subprocess.CompletedProcess]:
+        """Run `relu-opt ARGVS[i] --master-addr <host 0> --master-port P` on host i."""
         port = str(29400 + random.randrange(500))
         tail = ["--master-addr", self.addrs[0], "--master-port", port]
-        return self.run([["-m", "relu_opt.cli", *argv, *role, *tail] for role in roles], timeout)
+        return self.run([["-m", "relu_opt.cli", *argv, *tail] for argv in argvs], timeout)
 
 
 COLLECTIVES = r"""
@@ -247,33 +254,41 @@ def collective_round_trips(delay_ms: float, world: int) -> dict[str, float]:
     return {"rtt_ms": rtt * 1e3, **{k: round(v / rtt, 2) for k, v in times.items() if k != "pingpong"}}
 
 
-def bench_on_delay(delay_ms: float, model: list[str], workdir: Path, runs: int = 3, dealer: bool = True) -> dict:
+def bench_on_delay(
+    delay_ms: float,
+    model: list[str],
+    workdir: Path,
+    runs: int = 3,
+    dealer: bool = True,
+    mbit: float | None = None,
+) -> dict:
     """Return `relu-opt link` and party 0's `relu-opt bench MODEL --samples 1 --batch 1 --link ...` on
-    delayed hosts (the dealer on a third host when `dealer`, else --dealer party0)."""
+    delayed hosts (links also shaped to `mbit`; the dealer on a third host when `dealer`, else --dealer
+    party0)."""
     link_json, bench_json = workdir / f"link_{delay_ms:g}.json", workdir / f"bench_{delay_ms:g}.json"
-    with DelayedHosts(3 if dealer else 2, delay_ms) as hosts:
-        link = hosts.relu_opt(["link", "--json", str(link_json)], [["--rank", "0"], ["--rank", "1"]], 300)
+    with DelayedHosts(3 if dealer else 2, delay_ms, mbit) as hosts:
+        link = hosts.relu_opt([["link", "--json", str(link_json), "--rank", str(r)] for r in (0, 1)], 300)
         if any(r.returncode for r in link):
             raise RuntimeError(f"relu-opt link failed: {link[0].stdout[-800:]}")
         argv = ["bench", *model, "--samples", "1", "--batch", "1", "--runs", str(runs), "--warmup", "1"]
         argv += ["--link", str(link_json), "--timeout", "900", "--world-size", "2"]
-        roles = [["--rank", "0", "--json", str(bench_json)], ["--rank", "1"]]
-        roles += [["--role", "dealer"]] if dealer else []
         if not dealer:
             argv += ["--dealer", "party0"]
-        bench = hosts.relu_opt(argv, roles, 1200)
+        parties = [[*argv, "--rank", "0", "--json", str(bench_json)], [*argv, "--rank", "1"]]
+        bench = hosts.relu_opt(parties + ([[*argv, "--role", "dealer"]] if dealer else []), 1200)
         if any(r.returncode for r in bench):
             raise RuntimeError(f"relu-opt bench failed: {[r.stdout[-600:] for r in bench]}")
     return {"link": json.loads(link_json.read_text()), "bench": json.loads(bench_json.read_text())}
 
 
-def _rows(delay_ms: float, label: str, res: dict) -> list[dict]:
+def _rows(delay_ms: float, mbit: float | None, label: str, res: dict) -> list[dict]:
     link = res["link"]
     rows = []
     for m in res["bench"]["models"]:
         rows.append(
             {
                 "delay_ms": delay_ms,
+                "mbit": mbit,
                 "model": f"{label} {m['name']}",
                 "dealer": res["bench"]["dealer"],
                 "rtt_ms": link["rtt_ms"],
@@ -304,6 +319,7 @@ def main() -> None:
         help="bench arguments per model, e.g. 'resnet20 --pretrained --optimized OUT --data fashion-mnist'",
     )
     ap.add_argument("--labels", nargs="+", default=None, help="a name per --models entry")
+    ap.add_argument("--mbit", type=float, default=None, help="also shape every host's link to this rate")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--no-collectives", action="store_true")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "delayed_link")
@@ -318,7 +334,7 @@ def main() -> None:
         results = {**results, **json.loads(path.read_text())}
     with tempfile.TemporaryDirectory(prefix="relu-opt-delayed-") as tmp:
         for delay in args.delays:
-            if not args.no_collectives:
+            if not args.no_collectives and args.mbit is None:
                 for world in (2, 3):
                     row = {"delay_ms": delay, "processes": world, **collective_round_trips(delay, world)}
                     results["collectives"] = [
@@ -326,9 +342,11 @@ def main() -> None:
                     ] + [row]
                     print(json.dumps(row), flush=True)
             for spec, label in zip(args.models, labels):
-                rows = _rows(delay, label, bench_on_delay(delay, spec.split(), Path(tmp), args.runs))
-                keys = {(r["delay_ms"], r["model"]) for r in rows}
-                results["rows"] = [r for r in results["rows"] if (r["delay_ms"], r["model"]) not in keys] + rows
+                res = bench_on_delay(delay, spec.split(), Path(tmp), args.runs, mbit=args.mbit)
+                rows = _rows(delay, args.mbit, label, res)
+                keys = {(r["delay_ms"], r.get("mbit"), r["model"]) for r in rows}
+                results["rows"] = [r for r in results["rows"] if (r["delay_ms"], r.get("mbit"), r["model"]) not in keys]
+                results["rows"] += rows
                 for r in rows:
                     print(json.dumps(r), flush=True)
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -356,14 +374,15 @@ def markdown(results: dict) -> str:
         " hosts; predicted online = compute + round trips x RTT + bytes / bandwidth; + offline adds the dealer's"
         " round trips and bytes:",
         "",
-        "| one-way delay | model | dealer | link RTT ms, MB/s | rounds | round trips | dealer requests | dealer round"
-        " trips | compute s | measured wall s | predicted online s | predicted + offline s | error |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| one-way delay | tbf | model | dealer | link RTT ms, MB/s | rounds | round trips | dealer requests |"
+        " dealer round trips | compute s | measured wall s | predicted online s | predicted + offline s | error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(results["rows"], key=lambda r: (r["delay_ms"], r["model"])):
+    for r in sorted(results["rows"], key=lambda r: (r.get("mbit") or 0, r["delay_ms"], r["model"])):
         predicted = r["predicted_total_s"] if r["dealer"] != "party0" else r["predicted_s"]
+        rate = f"{r['mbit']:g} Mbit/s" if r.get("mbit") else "-"
         lines.append(
-            f"| {r['delay_ms']:g} ms | {r['model']} | {r['dealer']} | {r['rtt_ms']:.1f}, {r['MBps']:.0f} | "
+            f"| {r['delay_ms']:g} ms | {rate} | {r['model']} | {r['dealer']} | {r['rtt_ms']:.1f}, {r['MBps']:.0f} | "
             f"{r['rounds']} | {r['round_trips']} | {r['requests']} | {r['offline_round_trips']} | "
             f"{r['compute_s']:.2f} | {r['wall_s']:.3f} | {r['predicted_s']:.3f} | {r['predicted_total_s']:.3f} | "
             f"{predicted / r['wall_s'] - 1:+.1%} |"

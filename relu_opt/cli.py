@@ -329,6 +329,10 @@ def _bench_table(r) -> Table:
     title = f"{r.title}, {r.parties} parties, dealer {r.dealer}, {shown}, seconds" + _insecure(r)
     t = _compact_table(title, ("model", *cols))
     captions = [f"party {r.hosts['rank']} over {r.hosts['interface']}"] if r.hosts else []
+    nets = ", ".join(f"{k.upper()} {v['rtt_ms']:g} ms {v['bandwidth_MBps']:g} MB/s" for k, v in r.networks.items())
+    if r.link:
+        nets += f", link {r.link['rtt_ms']:.3g} ms {r.link['bandwidth_MBps']:.3g} MB/s"
+    captions.append(f"wall: measured here; {nets}: modeled (measured compute + round trips x RTT + bytes/bandwidth)")
     if "+off" in cols:
         captions.append("off MB: to and from the dealer; +off: WAN with it on the same link")
     if r.insecure:
@@ -474,19 +478,15 @@ def bench_cmd(
     if host is not None and host.is_dealer:
         if not pricing.dealer_info().extra_process:
             raise ConfigError(f"--dealer {pricing.dealer_name} has no dealer process; start only the parties (--rank)")
-        extra = [k for k, v in {"--weights": weights, "--data": data}.items() if v is not None]
-        if extra:  # the owner's weights and the client's data do not belong on the dealer's host
-            raise ConfigError(
-                f"the dealer needs neither the model's weights nor the client's data; leave out {', '.join(extra)} "
-                "on the dealer's host"
-            )
+        if weights is not None:  # the owner's weights do not belong on the dealer's host
+            raise ConfigError("the dealer needs no weights (only the architecture); leave out --weights on its host")
     dealer_only = host is not None and host.is_dealer  # the dealer needs the architecture, not the weights
     net, _, shape = _load(
         model,
         input_shape,
         None if dealer_only else weights,
         num_classes,
-        pretrained=(data or True) if pretrained and not dealer_only else False,
+        pretrained=(data or True) if pretrained else False,  # shipped weights are public
     )
     opt = api.load(optimized) if optimized else None
     if opt is not None:
@@ -494,7 +494,7 @@ def bench_cmd(
         public_coeffs = public_coeffs or _plan_public_coeffs(optimized)
     link_net = _parse_link(link)
     if dealer_only:
-        x, y = torch.zeros(samples, *shape[1:]), None  # the dealer never sees a sample
+        x, y = torch.zeros(samples, *shape[1:]), None  # the dealer never sees a sample, nor reads --data
     else:
         x, y = _samples(data, data_dir, samples, shape)
     if pricing.insecure and host is not None:  # a local bench says it once, with its other warnings
@@ -1013,9 +1013,11 @@ def _summary(r) -> None:
     cols = ("model", "ReLUs", "test acc", "rounds", "MB/party", "off MB", "wall s", "WAN s", "+off")
     t = _compact_table(f"relu-opt run: {r.config['model']} on {r.config['data']}; {bench_title(b)}", cols)
     agree = ", ".join(f"{m['name']} {m['top1_agreement']:.2f}" for m in b["models"])
+    wan = b.get("networks", {}).get("wan", {})
     t.caption = (
-        "MB/party, WAN s: online; off MB: to and from the dealer; +off: WAN with it on the same link; "
-        f"top-1 agreement with plaintext: {agree}"
+        f"wall s: measured here; WAN s: modeled on {wan.get('rtt_ms', '?'):g} ms, {wan.get('bandwidth_MBps', '?'):g} "
+        "MB/s (measured compute + round trips x RTT + bytes/bandwidth), online; off MB: to and from the dealer; "
+        f"+off: WAN with it on the same link; top-1 agreement with plaintext: {agree}"
     )
     t.caption_justify = "left"
     accs = {"original": base["test_accuracy"], "optimized": opt["accuracy_after"], "floor": None}

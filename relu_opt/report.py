@@ -409,7 +409,8 @@ def run_markdown(r: dict) -> str:
             else []
         ),
         f"LAN = {lan.get('rtt_ms', '?')} ms RTT, {lan.get('bandwidth_MBps', '?')} MB/s; "
-        f"WAN = {wan.get('rtt_ms', '?')} ms RTT, {wan.get('bandwidth_MBps', '?')} MB/s. Online latency = "
+        f"WAN = {wan.get('rtt_ms', '?')} ms RTT, {wan.get('bandwidth_MBps', '?')} MB/s. The wall time is measured "
+        "(the parties on this machine); LAN and WAN seconds are modeled on those profiles: online latency = "
         "measured compute + the round trips of the link the parties wait for x RTT (a round may wait for "
         "several) + the bytes each party sends one way / bandwidth per direction (a "
         "full-duplex link); +offline adds the dealer's traffic on the same link (its bytes, and the round trips "

@@ -389,6 +389,8 @@ def test_damaged_cost_model_cache_is_measured_again(tmp_path, monkeypatch):
                     offline_sent_per_party=[0],
                     offline_received_per_party=[0],
                     offline_requests=0,
+                    round_trips=2.0 * rounds,
+                    offline_round_trips=0.0,
                 )
             )
         return out
@@ -714,7 +716,7 @@ NUMBERS = [
     (["bench", "small_cnn", "--role", "host"], r"--role 'host'"),
     (["bench", "small_cnn", "--role", "party"], r"--role party needs --rank N"),
     (["bench", "small_cnn", "--role", "dealer", "--dealer", "party0"], r"--dealer party0 has no dealer process"),
-    (["bench", "small_cnn", "--role", "dealer", "--weights", "{tmp}/w.pt"], r"leave out --weights on the dealer"),
+    (["bench", "small_cnn", "--role", "dealer", "--weights", "{tmp}/w.pt"], r"the dealer needs no weights"),
     (["bench", "small_cnn", "--dealer", ""], r"--dealer '' is not a dealer of the crypten backend"),
     (["bench", "small_cnn", "--world-size", "2"], r"--world-size is for parties on separate hosts"),
     (["bench", "small_cnn", "--parties", "3", "--rank", "0", "--world-size", "2"], r"--parties 3 and --world-size 2"),

@@ -264,3 +264,35 @@ def _my_namespaces():
     r = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
     tag = f"ro{os.getpid() % 100000:05d}"
     return [line.split()[0] for line in r.stdout.splitlines() if line.startswith(tag)]
+
+
+def _delayed_link():
+    spec = importlib.util.spec_from_file_location("delayed_link", ROOT / "benchmarks" / "delayed_link.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.skipif(_delayed_link().available() is not None, reason="needs root with ip, tc and ethtool")
+def test_a_round_costs_the_round_trips_the_model_counts_on_a_delayed_link(tmp_path):
+    """On hosts 20 ms apart (a user-space delaying hub): Gloo's collectives take the round trips the
+    CrypTen backend books for them, and the latency model predicts the measured wall time of a bench with
+    the dealer on a third host within 15%, where one round trip per round would be far below it."""
+    from relu_opt.backends.crypten.traffic import REQUEST_ROUND_TRIPS, ROUND_TRIPS
+
+    dl = _delayed_link()
+    for world in (2, 3):
+        measured = dl.collective_round_trips(10, world)
+        assert 15 < measured["rtt_ms"] < 30
+        for name in ("all_reduce", "all_gather", "broadcast"):
+            assert measured[name] == pytest.approx(ROUND_TRIPS[name](world), abs=0.15), (world, name)
+    res = dl.bench_on_delay(10, ["small_cnn", "--input-shape", "1,1,28,28"], tmp_path, runs=1)
+    rtt = res["link"]["rtt_ms"] / 1e3
+    for m in res["bench"]["models"]:  # original and floor
+        assert m["round_trips"] == 2 * m["rounds"] and m["offline_round_trips"] == REQUEST_ROUND_TRIPS * m["rounds"]
+        assert m["predicted_total_s"] == pytest.approx(m["wall_s_median"], rel=0.15), m["name"]
+        one_per_round = m["compute_s"] + (m["rounds"] + m["offline_requests"]) * rtt
+        assert one_per_round < 0.5 * m["wall_s_median"]  # the old model's round-trip term
+    mine = f"dh{os.getpid() % 10000:04d}"
+    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    assert not [ns for ns in names if ns.startswith(mine)]  # every namespace removed
