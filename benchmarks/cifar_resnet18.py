@@ -24,8 +24,8 @@ from relu_opt import atomic, count
 from relu_opt.data import load_dataset
 from relu_opt.models import create_model
 from relu_opt.optimizer import OptimizeConfig, optimize
-from relu_opt.report import pareto_plot
-from relu_opt.train import TrainConfig, evaluate, fit
+from relu_opt.reports import pareto_plot
+from relu_opt.training import TrainConfig, evaluate, fit
 
 PAPER_BUDGETS = "100000,50000,25000,12900"
 
@@ -94,7 +94,7 @@ def main() -> None:
         rows.append(
             {
                 "budget": budget,
-                "relu": r.relu_after,
+                "relu": r.elements_after,
                 "test_accuracy": round(r.accuracy_after, 2),
                 "wall_s": round(r.wall_s, 1),
             }

@@ -21,9 +21,9 @@ from rich.console import Console
 
 from relu_opt import atomic, load
 from relu_opt.backends import Pricing
-from relu_opt.bench import bench
 from relu_opt.cache import cache_dir
 from relu_opt.data import load_dataset
+from relu_opt.encrypted import bench
 from relu_opt.models import create_model
 from relu_opt.pipeline import versions
 

@@ -35,7 +35,7 @@ from relu_opt.finetune import FinetuneFailed
 from relu_opt.models import create_model
 from relu_opt.models.pretrained import get_pretrained
 from relu_opt.optimizer import OptimizeConfig, modeled_latency, optimize
-from relu_opt.train import evaluate
+from relu_opt.training import evaluate
 
 RESULTS = Path(__file__).parent / "results"
 STEM = "latency_fashion_resnet20"
@@ -65,7 +65,7 @@ def run_row(model, data, args, selector: str, budget: int | None, level: float |
     sel = r.selection
     return {
         **row,
-        "relu": r.relu_after,
+        "relu": r.elements_after,
         "test_accuracy": round(r.accuracy_after, 2),
         "val_accuracy": round(r.val_accuracy_after, 2),
         "sites_with_relu": sum(c["action"] != "replace" for c in sel["choices"]),
@@ -197,7 +197,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from relu_opt.report import _savefig
+    from relu_opt.reports import _savefig
 
     b = result["baseline"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))

@@ -32,8 +32,8 @@ from relu_opt.finetune import FinetuneFailed
 from relu_opt.models import create_model
 from relu_opt.models.pretrained import get_pretrained
 from relu_opt.optimizer import OptimizeConfig, optimize
-from relu_opt.report import pareto_plot
-from relu_opt.train import TrainConfig, evaluate, fit
+from relu_opt.reports import pareto_plot
+from relu_opt.training import TrainConfig, evaluate, fit
 
 RESULTS = Path(__file__).parent / "results"
 CACHE = cache_dir()
@@ -254,7 +254,7 @@ def run_row(model, data, args, strategy: str, granularity: str, budget: int, see
     attempts = r.finetune.get("attempts", [])
     return {
         **row,
-        "relu": r.relu_after,
+        "relu": r.elements_after,
         "test_accuracy": round(r.accuracy_after, 2),
         "val_accuracy": round(r.val_accuracy_after, 2),
         "finetune_attempts": len(attempts),

@@ -4,12 +4,11 @@ online and offline costs."""
 import torch
 
 import relu_opt
-from relu_opt.bench import bench
 
 if __name__ == "__main__":
     model = relu_opt.create_model("small_cnn", in_channels=1).eval()
     x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    result = bench(model, x, runs=2, warmup=1)  # CrypTen, 2 parties, third-party dealer by default
+    result = relu_opt.bench(model, x, runs=2, warmup=1)  # CrypTen, 2 parties, third-party dealer by default
     for m in result.models:
         print(
             f"{m.name:9s} ReLUs {m.relu_elements:>6,d}  rounds {m.rounds:3d}  "

@@ -14,12 +14,7 @@ from typing import Any
 
 import torch
 
-from relu_opt.errors import CorruptFileError
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+from relu_opt.errors import CorruptFileError, first_line
 
 
 def read_json(path: str | os.PathLike, keys: Iterable[str] = (), what: str = "file", fix: str = "") -> dict:
@@ -30,11 +25,11 @@ def read_json(path: str | os.PathLike, keys: Iterable[str] = (), what: str = "fi
     try:
         text = path.read_text()
     except OSError as exc:
-        raise CorruptFileError(f"cannot read {what} '{path}': {_first_line(exc)}{hint}") from None
+        raise CorruptFileError(f"cannot read {what} '{path}': {first_line(exc)}{hint}") from None
     try:
         obj = json.loads(text)
     except ValueError as exc:
-        raise CorruptFileError(f"{what} '{path}' is not valid JSON ({_first_line(exc)}){hint}") from None
+        raise CorruptFileError(f"{what} '{path}' is not valid JSON ({first_line(exc)}){hint}") from None
     if not isinstance(obj, dict):
         raise CorruptFileError(f"{what} '{path}' holds a {type(obj).__name__}, not a JSON object{hint}")
     missing = [k for k in keys if k not in obj]
@@ -53,7 +48,7 @@ def load_torch(path: str | os.PathLike, what: str = "file", fix: str = "", keys:
     except FileNotFoundError:
         raise CorruptFileError(f"{what} '{path}' does not exist{hint}") from None
     except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, zip errors...
-        raise CorruptFileError(f"{what} '{path}' is truncated or not a torch file ({_first_line(exc)}){hint}") from None
+        raise CorruptFileError(f"{what} '{path}' is truncated or not a torch file ({first_line(exc)}){hint}") from None
     missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
     if missing:
         raise CorruptFileError(f"{what} '{path}' lacks the entries {', '.join(missing)}{hint}")

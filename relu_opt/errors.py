@@ -39,9 +39,21 @@ class BackendError(ReluOptError):
     """A backend's engine is missing, a model cannot run on it, or a party or the dealer failed."""
 
 
-class ConfigError(ReluOptError):
+class ConfigError(ReluOptError, ValueError):
     """An option or input is out of range, unknown, or does not fit the model, found before any work."""
 
 
 class CorruptFileError(ReluOptError):
     """A file relu-opt reads back (plan, report, checkpoint) is truncated or malformed."""
+
+
+def first_line(exc: BaseException) -> str:
+    """Return the first line of an exception's message (its type's name when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def last_line(exc: BaseException) -> str:
+    """Return the last non-blank line of an exception's message: where torch puts the cause."""
+    lines = [s.strip() for s in str(exc).strip().splitlines() if s.strip()]
+    return lines[-1] if lines else type(exc).__name__

@@ -34,7 +34,7 @@ from relu_opt import atomic
 from relu_opt.checked_io import load_torch
 from relu_opt.data import Dataset
 from relu_opt.errors import CorruptFileError, ReluOptError
-from relu_opt.train import LossFn, TrainConfig, TrainingDiverged, TrainResult, fit, predict
+from relu_opt.training import LossFn, TrainConfig, TrainingDiverged, TrainResult, fit, predict
 
 _CLEARLY_ABOVE_CHANCE = 10.0  # points; below this the baseline itself is near chance and "collapse" means nothing
 

@@ -105,7 +105,10 @@ def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> fx.GraphModul
 def parse_input_shape(text: str | Iterable[int]) -> tuple[int, ...]:
     """Return the input shape from '1,3,32,32' (or a sequence); raise InputShapeError if malformed."""
     if not isinstance(text, str):
-        shape = tuple(int(v) for v in text)
+        items = list(text) if isinstance(text, list | tuple | torch.Size) else None
+        if items is None or any(isinstance(v, bool) or not isinstance(v, int) for v in items):
+            raise InputShapeError(f"input shape {text!r} must be integers, e.g. (1, 3, 32, 32) or '1,3,32,32'")
+        shape = tuple(items)
     else:
         try:
             shape = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())

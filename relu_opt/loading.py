@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from relu_opt.errors import ModelSpecError, WeightsError
+from relu_opt.errors import InputShapeError, ModelSpecError, WeightsError
 from relu_opt.models import create_model, get_entry
 
 _SPEC_HELP = "MODEL is a zoo name (see `relu-opt models`), path/to/file.py:ClassOrFactory, or package.module:factory"
@@ -172,3 +172,95 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise WeightsError(f"'{path}' has non-finite (NaN or Inf) values in: {_first(bad)}")
     model.load_state_dict(state)
     return model
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A model ready to use: built, weights loaded, checked on its input shape; with its dataset when one
+    was named."""
+
+    model: nn.Module
+    name: str
+    input_shape: tuple[int, ...]
+    data: object | None = None  # relu_opt.data.Dataset
+
+
+def _dataset_for(data: str, data_dir, input_shape: tuple[int, ...] | None, spec: str, default_shape):
+    """Return dataset `data`; `synthetic` takes `input_shape` (else the model's default), 10 classes."""
+    from relu_opt.data import load_dataset
+
+    if data == "synthetic":
+        shape = input_shape or default_shape
+        if shape is None:
+            raise InputShapeError(
+                f"'{spec}' has no default input shape, so random inputs need one; pass --input-shape N,C,H,W"
+            )
+        return load_dataset(data, data_dir, shape=tuple(shape[1:]), num_classes=10)
+    ds = load_dataset(data, data_dir, download=False)
+    if input_shape is not None and tuple(ds.input_shape[1:]) != tuple(input_shape[1:]):
+        raise InputShapeError(
+            f"input shape {','.join(map(str, input_shape))} does not match {data}'s inputs "
+            f"{','.join(map(str, ds.input_shape))}; leave --input-shape out, or use --data synthetic for random "
+            "inputs of any shape"
+        )
+    return ds
+
+
+def load_model(
+    spec: str | nn.Module,
+    *,
+    weights: str | os.PathLike | None = None,
+    pretrained: bool | str = False,
+    data: str | None = None,
+    data_dir: str | os.PathLike | None = None,
+    input_shape: str | tuple[int, ...] | None = None,
+    num_classes: int | None = None,
+    leaf: tuple[str, ...] | list[str] = (),
+    weights_needed: bool = True,
+) -> Loaded:
+    """Return the Loaded model named by `spec` (with dataset `data` when given), checked on its input."""
+    from relu_opt import validation
+    from relu_opt.graph import parse_input_shape
+
+    validation.check_int("num_classes", num_classes)
+    validation.check_input_file(weights, "--weights")
+    if pretrained and weights is not None:
+        raise WeightsError("give --pretrained or --weights, not both")
+    shape = parse_input_shape(input_shape) if input_shape is not None else None
+    if isinstance(spec, nn.Module):
+        if pretrained:
+            raise ModelSpecError("pretrained= is for zoo names; load the weights into your module yourself")
+        built = LoadedModel(spec, type(spec).__name__, getattr(spec, "default_input_shape", None))
+        ds = _dataset_for(data, data_dir, shape, built.name, built.default_input_shape) if data else None
+    else:
+        if not isinstance(spec, str) or not spec.strip():
+            raise ModelSpecError(f"model {spec!r} is not a model spec. {_SPEC_HELP}")
+        default = None if ":" in spec else getattr(_zoo_entry(spec), "default_input_shape", None)
+        ds = _dataset_for(data, data_dir, shape, spec, default) if data else None
+        classes = ds.num_classes if ds is not None else num_classes
+        channels = ds.input_shape[1] if ds is not None else (shape[1] if shape else None)
+        wanted = pretrained if isinstance(pretrained, str) else ((data or True) if pretrained else False)
+        built = resolve_model(spec, classes, channels, pretrained=wanted)
+    shape = tuple(ds.input_shape) if ds is not None else (shape or built.default_input_shape)
+    if shape is None:
+        raise InputShapeError(
+            f"'{built.name}' has no default input shape; pass --input-shape, e.g. --input-shape 1,3,32,32"
+        )
+    shape = tuple(shape)
+    validation.check_leaf(built.model, list(leaf))
+    fix = (
+        f"give a model that takes the {data} inputs ({','.join(map(str, shape))})"
+        if ds is not None
+        else "pass --input-shape N,C,H,W that the model takes"
+    )
+    classes = ds.num_classes if ds is not None else None
+    validation.check_model_input(built.model, shape, f"'{built.name}'", num_classes=classes, fix=fix)
+    if weights is not None and weights_needed:
+        load_weights(built.model, weights)
+    return Loaded(built.model.eval(), built.name, shape, ds)
+
+
+def _zoo_entry(spec: str):
+    if spec.endswith(".py") or os.sep in spec:
+        return None
+    return get_entry(spec)

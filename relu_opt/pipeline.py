@@ -15,29 +15,32 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
 import torch
 
 from relu_opt import atomic
-from relu_opt.api import count
-from relu_opt.backends import DEFAULT_BACKEND, Pricing
+from relu_opt.backends import Pricing
 from relu_opt.cache import cache_dir, file_digest
 from relu_opt.checked_io import load_cache, load_torch
 from relu_opt.data import Dataset, load_dataset
+from relu_opt.errors import ConfigError
+from relu_opt.graph import propagate_shapes, trace
 from relu_opt.loading import load_weights, resolve_model
 from relu_opt.models.pretrained import list_pretrained, load_pretrained
 from relu_opt.optimizer import OptimizeConfig, OptimizeResult, check_budget, optimize, optimize_lowest_latency
+from relu_opt.passes.census import Census, census
 from relu_opt.plan import load
-from relu_opt.train import TrainConfig, evaluate, fit
+from relu_opt.training import TrainConfig, evaluate, fit
 from relu_opt.validation import check_model_input
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything `relu-opt run` takes; the defaults are the built-in job."""
+    """Everything `relu-opt run` takes; the defaults are the built-in job. How to optimize, and the pricing
+    (backend, dealer, parties, network, cost-model cache) it selects and benches with, is `optimize`."""
 
     model: str = "resnet20"
     data: str = "fashion-mnist"
@@ -51,31 +54,47 @@ class RunConfig:
     # 0.25 (every ResNet-20 site a polynomial) collapsed to 51.6% val in one epoch, and each failed level
     # costs a fine-tuning: the default job starts at 0.35 to finish in 10 minutes
     latency_levels: tuple[float, ...] = (0.35, 0.5, 0.7)
-    strategy: str = "taylor"
-    replace: str = "poly"
-    granularity: str = "channel"
     baseline_epochs: int = 3
-    epochs: float = 1.0  # measured at 1/10 of the ReLUs: -0.16 points test, about 3 of the run's 5 minutes
-    max_train: int | None = None
     samples: int = 8
     bench_batch: int | None = 1  # samples per encrypted forward: 1 measures what one private query costs
-    parties: int = 2
     bench_runs: int = 2
     timeout: float = 300
-    device: str = "cpu"
-    seed: int = 0
-    max_drop: float | None = None
-    public_coeffs: bool = False  # unfoldable polynomials keep public coefficients under PI (opt-in)
-    selector: str = "latency"  # relu_opt/selection.py
-    rounds_budget: float | None = None  # modeled rounds, on top of the ReLU budget (latency selector)
-    latency_budget: float | None = None  # modeled seconds on `network` (latency selector)
-    network: str = "wan"
-    backend: str = DEFAULT_BACKEND
-    dealer: str = ""  # "" = the backend's honest default; "party0" is insecure, labelled everywhere
+    # epochs 1: measured at 1/10 of the ReLUs, -0.16 points test, about 3 of the run's 5 minutes
+    optimize: OptimizeConfig = field(default_factory=OptimizeConfig)
+
+    def __post_init__(self) -> None:
+        from relu_opt import validation as v
+
+        if not isinstance(self.optimize, OptimizeConfig):
+            raise ConfigError(f"optimize is a {type(self.optimize).__name__}, not an OptimizeConfig")
+        if self.optimize.budget is not None:
+            raise ConfigError("give run budgets as RunConfig(budgets=(...)), not in its OptimizeConfig")
+        for name in ("model", "data"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ConfigError(f"{name} {getattr(self, name)!r} must be a name, e.g. {name}='resnet20'")
+        if isinstance(self.budgets, str | int | float) or not isinstance(self.budgets, tuple | list):
+            raise ConfigError(f"budgets {self.budgets!r} must be a tuple of integers, e.g. budgets=(20000,)")
+        object.__setattr__(self, "budgets", tuple(self.budgets))
+        if not self.latency_levels or any(
+            not isinstance(f, int | float) or not 0 < f <= 1 for f in self.latency_levels
+        ):
+            raise ConfigError(f"latency_levels {self.latency_levels!r} must be fractions in (0, 1], e.g. (0.35, 0.5)")
+        for b in self.budgets:
+            if isinstance(b, bool) or not isinstance(b, int) or b < 0:
+                raise ConfigError(f"budget {b!r} must be an integer of 0 or more (ReLU elements per sample to keep)")
+        v.check_int("baseline_epochs", self.baseline_epochs)
+        v.check_int("samples", self.samples)
+        v.check_int("bench_batch", self.bench_batch)
+        v.check_int("bench_runs", self.bench_runs)
+        v.check_float("timeout", self.timeout)
+        v.check_float("fraction", self.fraction, maximum=1.0)
+        v.check_input_file(self.weights, "--weights")
 
     def pricing(self, cache: str | os.PathLike | None = None) -> Pricing:
-        """Return the Pricing this run selects with and benches under."""
-        return Pricing(self.backend, self.dealer, self.parties, self.network, None if cache is None else str(cache))
+        """Return the Pricing this run selects with and benches under (cache: where the optimize config's
+        pricing does not name one)."""
+        p = self.optimize.pricing
+        return p if cache is None or p.cache is not None else replace(p, cache=str(cache))
 
 
 @dataclass(frozen=True)
@@ -94,6 +113,11 @@ class RunResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def census_of(model: torch.nn.Module, example: torch.Tensor, name: str) -> Census:
+    """Return the Census of `model` on `example`."""
+    return census(propagate_shapes(trace(model), example), name, tuple(example.shape))
 
 
 def versions(pricing: Pricing) -> dict[str, str]:
@@ -118,11 +142,12 @@ def _slug(spec: str) -> str:
 
 
 def _baseline(cfg: RunConfig, data: Dataset, cache: Path, log: Callable[[str], None]):
+    o = cfg.optimize
     loaded = resolve_model(cfg.model, num_classes=data.num_classes, in_channels=data.input_shape[1])
     model = loaded.model
     check_model_input(model, data.input_shape, f"'{cfg.model}'", num_classes=data.num_classes)
     if cfg.budgets:  # refuse a budget the model cannot meet before training the baseline
-        total = count(model, data.train.x[:1], name=cfg.model).total_relu
+        total = census_of(model, data.train.x[:1], cfg.model).total_relu
         for b in cfg.budgets:
             check_budget(b, total)
     if cfg.weights:
@@ -134,7 +159,7 @@ def _baseline(cfg: RunConfig, data: Dataset, cache: Path, log: Callable[[str], N
         log(f"baseline: shipped pretrained {cfg.model} on {cfg.data} ({rec.test_accuracy:.2f}% test, sha256 checked)")
         load_pretrained(model, rec)
         return model.eval(), {"source": str(rec.path), "cached": False, "pretrained": rec.command}
-    key = _key(cfg.model, cfg.data, cfg.data_dir, cfg.baseline_epochs, cfg.max_train, cfg.seed)
+    key = _key(cfg.model, cfg.data, cfg.data_dir, cfg.baseline_epochs, cfg.optimize.max_train, cfg.optimize.seed)
     path = cache / "baselines" / f"{_slug(cfg.model)}_{cfg.data}_e{cfg.baseline_epochs}_{key}.pt"
     state = load_cache(path, lambda p: load_torch(p, "cached baseline"), note=log)
     if state is not None:
@@ -147,11 +172,11 @@ def _baseline(cfg: RunConfig, data: Dataset, cache: Path, log: Callable[[str], N
             log(f"baseline: reusing {path}")
             return model.eval(), {"source": str(path), "cached": True}
     log(f"baseline: training {cfg.model} on {cfg.data} for {cfg.baseline_epochs} epochs (cached at {path})")
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.optimize.seed)
     fit(
         model,
         data,
-        TrainConfig(epochs=cfg.baseline_epochs, lr=0.05, max_train=cfg.max_train, device=cfg.device, seed=cfg.seed),
+        TrainConfig(epochs=cfg.baseline_epochs, lr=0.05, max_train=o.max_train, device=o.device, seed=o.seed),
         checkpoint=path.with_name(path.name + ".ckpt"),
         resume=True,
         description="baseline epoch",
@@ -165,16 +190,17 @@ def _baseline(cfg: RunConfig, data: Dataset, cache: Path, log: Callable[[str], N
 def run(
     cfg: RunConfig,
     runs_dir: str | os.PathLike = "runs",
-    cache: str | os.PathLike | None = None,
     command: str = "",
     log: Callable[[str], None] = lambda _m: None,
 ) -> RunResult:
-    """Run the main job and write runs/<timestamp>/; returns the RunResult (also in report.json)."""
-    from relu_opt.bench import bench
+    """Run the main job and write runs/<timestamp>/; returns the RunResult (also in report.json). Caches
+    (baseline, rankings, cost model) go to cfg.optimize.pricing.cache, else the user cache."""
+    from relu_opt.encrypted import bench
     from relu_opt.modeled_cost import read_folder_costs
-    from relu_opt.report import result_key, result_label, write_optimize_report
+    from relu_opt.reports import result_key, result_label, write_optimize_report
 
-    cache = Path(cache) if cache else cache_dir()
+    o = cfg.optimize
+    cache = Path(o.pricing.cache) if o.pricing.cache else cache_dir()
     pricing = cfg.pricing(cache)
     seconds: dict[str, float] = {}
     t = time.perf_counter()
@@ -182,55 +208,37 @@ def run(
     model, baseline_info = _baseline(cfg, data, cache, log)
     seconds["baseline"] = time.perf_counter() - t
     example = data.train.x[:1]
-    before = count(model, example, name=cfg.model)
-    _, test_acc = evaluate(model, data.test, device=cfg.device)
+    before = census_of(model, example, cfg.model)
+    _, test_acc = evaluate(model, data.test, device=o.device)
     baseline_info.update(relu=before.total_relu, test_accuracy=100 * test_acc)
-    search = not cfg.budgets and cfg.selector == "latency" and cfg.rounds_budget is None and cfg.latency_budget is None
     budgets: list[int | None] = list(cfg.budgets)
     if not budgets:  # the latency selector: the search, or the rounds/latency budget alone
-        budgets = [None] if cfg.selector == "latency" else [max(1, int(before.total_relu * cfg.fraction))]
+        budgets = [None] if o.selector == "latency" else [max(1, int(before.total_relu * cfg.fraction))]
 
     t = time.perf_counter()
     weights_key = file_digest(baseline_info["source"])[:10]
     work = cache / "runs" / f"{_slug(cfg.model)}_{cfg.data}_{weights_key}"
+    folder = work / f"{o.strategy}_{o.replace}_{o.granularity}_{o.selector}"
+    method = f"({o.strategy}, {o.replace}, {o.granularity})"
     results: list[OptimizeResult] = []
     for b in budgets:
-        ocfg = OptimizeConfig(
-            budget=b,
-            strategy=cfg.strategy,
-            replace=cfg.replace,
-            granularity=cfg.granularity,
-            epochs=cfg.epochs,
-            max_train=cfg.max_train,
-            max_drop=cfg.max_drop,
-            device=cfg.device,
-            seed=cfg.seed,
-            public_coeffs=cfg.public_coeffs,
-            selector=cfg.selector,
-            rounds_budget=cfg.rounds_budget,
-            latency_budget=cfg.latency_budget,
-            pricing=pricing,
-        )
-        folder = work / f"{cfg.strategy}_{cfg.replace}_{cfg.granularity}_{cfg.selector}"
-        if search:
+        ocfg = replace(o, budget=b, pricing=pricing)
+        if ocfg.searches:
             levels = ", ".join(f"{f:g}" for f in sorted(cfg.latency_levels))
+            limit = 1.0 if o.max_drop is None else o.max_drop
             log(
-                f"optimize: the lowest modeled latency on {pricing.net().name} within "
-                f"{1.0 if cfg.max_drop is None else cfg.max_drop:g} points, trying {levels} x the original's "
-                f"({cfg.strategy}, {cfg.replace}, {cfg.granularity})"
+                f"optimize: the lowest modeled latency on {pricing.net().name} within {limit:g} points, "
+                f"trying {levels} x the original's {method}"
             )
-            results.append(
-                optimize_lowest_latency(
-                    model, data, ocfg, folder / "lowest_latency", base_spec=cfg.model, fractions=cfg.latency_levels
-                )
-            )
+            where = folder / "lowest_latency"
+            results.append(optimize_lowest_latency(model, data, ocfg, where, cfg.model, fractions=cfg.latency_levels))
             continue
-        log(f"optimize: {ocfg.label} of {before.total_relu:,} ReLUs ({cfg.strategy}, {cfg.replace}, {cfg.granularity})")
-        results.append(optimize(model, data, ocfg, folder / ocfg.dirname, base_spec=cfg.model))
+        log(f"optimize: {ocfg.label} of {before.total_relu:,} ReLUs {method}")
+        results.append(optimize(model, data, ocfg, folder / ocfg.dirname, cfg.model, work=folder / ".work"))
     seconds["optimize"] = time.perf_counter() - t
     best = results[-1]
     optimized = load(best.outdir)
-    after = count(optimized, example, name=f"{cfg.model} @ {result_label(best.to_dict())}")
+    after = census_of(optimized, example, f"{cfg.model} @ {result_label(best.to_dict())}")
 
     t = time.perf_counter()
     test = data.test.subset(cfg.samples)
@@ -252,7 +260,7 @@ def run(
         timeout=cfg.timeout,
         cost_model=cost,
         log=log,
-        public_coeffs=cfg.public_coeffs,
+        public_coeffs=o.public_coeffs,
         batch=cfg.bench_batch,
     )
     seconds["bench"] = time.perf_counter() - t
@@ -279,7 +287,7 @@ def run(
             modeled=modeled,
         )
         atomic.write_json(partial / "report.json", result.to_dict())
-        from relu_opt.report import render_run
+        from relu_opt.reports import render_run
 
         render_run(partial)
         os.replace(partial, final)  # the folder appears complete or not at all

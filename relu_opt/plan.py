@@ -6,6 +6,7 @@ named by their node names in the traced base model, and passes keep module names
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -17,7 +18,7 @@ from torch import nn
 
 from relu_opt.activations import MaskedSite
 from relu_opt.checked_io import load_torch, read_json
-from relu_opt.errors import CorruptFileError, ReluOptError
+from relu_opt.errors import ConfigError, CorruptFileError, ModelSpecError, ReluOptError, first_line
 from relu_opt.graph import propagate_shapes, trace
 from relu_opt.passes.replace import maxpool_to_avgpool, module_name_for, replace_sites, site_op
 from relu_opt.replacements import REPLACEMENTS, SiteContext, replacement_for
@@ -32,7 +33,7 @@ def get_replacement(name: str):
 
 @dataclass(frozen=True)
 class SitePlan:
-    """One ReLU site: `kept` of its `elements` (per sample) stay ReLUs, `replacement` computes the rest."""
+    """One site: `kept` of its `elements` (per sample) stay as they are, `replacement` computes the rest."""
 
     site: str
     elements: int
@@ -48,7 +49,7 @@ class SitePlan:
     def action(self) -> str:
         if self.kept == self.elements:
             return "relu"
-        return self.replacement if self.kept == 0 else "mask"
+        return self.replacement if self.kept == 0 else "partial"
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,8 @@ class Plan:
     public_coeffs: bool = False  # polynomials fold_poly cannot fold run with public coefficients (opt-in)
 
     @property
-    def relu_elements(self) -> int:
+    def kept(self) -> int:
+        """Return the elements per sample the plan keeps as they are, over all sites."""
         return sum(s.kept for s in self.sites)
 
     def to_dict(self) -> dict:
@@ -72,8 +74,21 @@ class Plan:
         d = asdict(self)
         d["input_shape"] = list(self.input_shape)
         d["leaf"] = list(self.leaf)
-        d["relu_elements"] = self.relu_elements
+        d["kept"] = self.kept
         return d
+
+    def __post_init__(self) -> None:
+        from relu_opt import ops
+
+        shape = self.input_shape
+        if len(shape) < 2 or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in shape):
+            raise ValueError(f"input_shape {list(shape)} is not a batch shape of positive integers")
+        if Path(self.state).name != self.state:
+            raise ValueError(f"state '{self.state}' must be a file name in the plan's folder")
+        for sp in self.sites:
+            if not 0 <= sp.kept <= sp.elements or sp.granularity not in ("site", "channel", "pixel"):
+                raise ValueError(f"site {sp.site}: kept {sp.kept} of {sp.elements}, granularity '{sp.granularity}'")
+            ops.get_kind(sp.kind)
 
     @classmethod
     def from_dict(cls, d: dict) -> Plan:
@@ -150,7 +165,9 @@ def read_plan(outdir: str | os.PathLike) -> Plan:
     """Return the Plan saved in `outdir` (ReluOptError naming the folder when missing or malformed)."""
     plan_path = Path(outdir) / "plan.json"
     if not plan_path.is_file():
-        raise ReluOptError(f"'{outdir}' has no plan.json; give the folder `relu-opt optimize -o` wrote")
+        inside = sorted(p.parent.name for p in Path(outdir).glob("*/plan.json"))
+        hint = f"; it holds {', '.join(inside[:4])}: give one, e.g. {Path(outdir) / inside[0]}" if inside else ""
+        raise ReluOptError(f"'{outdir}' has no plan.json{hint or '; give a folder `relu-opt optimize` wrote'}")
     d = read_json(plan_path, ("base_model", "input_shape", "num_classes", "sites"), "plan", _PLAN_FIX)
     try:
         return Plan.from_dict(d)
@@ -158,22 +175,74 @@ def read_plan(outdir: str | os.PathLike) -> Plan:
         raise CorruptFileError(f"plan '{plan_path}' is malformed ({type(exc).__name__}: {exc}); {_PLAN_FIX}") from None
 
 
-def load(outdir: str | os.PathLike) -> fx.GraphModule:
-    """Return the optimized model saved in `outdir`: the base model rebuilt, the plan applied, and the
-    saved state dict loaded (outputs match the saved model exactly)."""
+def check_fits(plan: Plan, model: nn.Module, folder: str | os.PathLike) -> str | None:
+    """Raise ConfigError unless `model` is the architecture the plan in `folder` was made from (its input
+    shape, the same sites with the same elements); return a warning when its weights differ from those
+    the plan recorded (accuracy comparisons are then between different models), else None."""
+    from relu_opt.cache import state_digest
+    from relu_opt.errors import ConfigError
+    from relu_opt.sites import find_sites
+    from relu_opt.validation import check_model_input
+
+    fix = "give the MODEL (and --weights or --pretrained) the folder was optimized from"
+    shape = ",".join(map(str, plan.input_shape))
+    out = check_model_input(model, plan.input_shape, "MODEL", fix=f"'{folder}' was optimized for inputs {shape}; {fix}")
+    if out.output_shape[-1] != plan.num_classes:
+        raise ConfigError(
+            f"the optimized model in '{folder}' outputs shape (1, {plan.num_classes}) but MODEL outputs "
+            f"{out.output_shape}; {fix}"
+        )
+    gm = propagate_shapes(trace(copy.deepcopy(model).eval()), torch.zeros(plan.input_shape))
+    kinds = sorted({s.kind for s in plan.sites})
+    mine = {s: (i.kind, i.elements) for s, i in find_sites(gm, kinds, "site").items()}
+    wrong = [s.site for s in plan.sites if mine.get(s.site) != (s.kind, s.elements)]
+    if wrong or len(mine) != len(plan.sites):
+        shown = ", ".join(wrong[:3]) or f"{len(mine)} sites vs {len(plan.sites)}"
+        raise ConfigError(
+            f"'{folder}' was optimized from another model than MODEL ({plan.base_model}; sites differ: {shown}); {fix}"
+        )
+    recorded = plan.meta.get("base_weights")
+    if recorded and recorded != state_digest(model):
+        return f"MODEL's weights are not those '{folder}' was optimized from, so accuracies compare different models"
+    return None
+
+
+def load(outdir: str | os.PathLike, model: nn.Module | None = None) -> fx.GraphModule:
+    """Return the optimized model saved in `outdir`: the base model rebuilt (or `model`, checked to be the
+    one the plan was made from: for models not built from a spec), the plan applied, and the saved state
+    dict loaded (outputs match the saved model exactly)."""
     from relu_opt.loading import resolve_model
 
     outdir = Path(outdir)
     plan_path = outdir / "plan.json"
     fix = _PLAN_FIX
     plan = read_plan(outdir)
-    base = resolve_model(plan.base_model, num_classes=plan.num_classes, in_channels=plan.input_shape[1]).model
-    gm = apply_plan(base, plan)
+    if model is not None:
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model is a {type(model).__name__}; give the nn.Module '{outdir}' was optimized from")
+        check_fits(plan, model, outdir)
+        base = copy.deepcopy(model)
+    else:
+        try:
+            built = resolve_model(plan.base_model, num_classes=plan.num_classes, in_channels=plan.input_shape[1])
+        except ModelSpecError:
+            raise ConfigError(
+                f"'{outdir}' was optimized from a model given as an object ({plan.base_model}), which cannot be "
+                "rebuilt by name; pass it: relu_opt.load(folder, model=that_model)"
+            ) from None
+        base = built.model
+    try:
+        gm = apply_plan(base, plan)
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        raise CorruptFileError(
+            f"the plan in '{plan_path}' does not apply to its model ({first_line(exc)}); {fix}"
+        ) from None
     state_path = outdir / plan.state
     state = load_torch(state_path, "optimized weights", fix)
     try:
         gm.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise CorruptFileError(f"'{state_path}' does not fit the plan in '{plan_path}' ({first}); {fix}") from None
+        raise CorruptFileError(
+            f"'{state_path}' does not fit the plan in '{plan_path}' ({first_line(exc)}); {fix}"
+        ) from None
     return gm.eval()

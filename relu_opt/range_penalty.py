@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from relu_opt.activations import MaskedSite, Poly
-from relu_opt.train import LossFn
+from relu_opt.training import LossFn
 
 
 def _guarded(site: MaskedSite) -> bool:
@@ -42,7 +42,7 @@ def range_penalty(model: nn.Module, train_range: float) -> Iterator[Callable[[],
         r = rep.input_range / train_range
         if r.numel() > 1:
             r = r.reshape((-1,) + (1,) * (x.dim() - 2))
-        # a channel that was all zeros in calibration has no range to keep to (its clamp is 0 anyway)
+        # a channel that was all zeros in the fitting samples has no range to keep to (its clamp is 0 anyway)
         over = torch.where(r > 0, torch.relu(x.abs() / r.clamp_min(1e-30) - 1), 0.0) * (1 - site.mask)
         # Each image's worst element: an overflow starts at one element of one image, which a mean over
         # all elements (tried first, weight 1) diluted until it moved nothing.

@@ -34,7 +34,7 @@ from relu_opt.graph import eval_mode, register_leaf
 from relu_opt.passes.replace import replace_sites, site_op
 from relu_opt.plan import mask_shape
 from relu_opt.sites import SiteInfo, find_sites
-from relu_opt.train import evaluate, freeze_batchnorm, predict
+from relu_opt.training import evaluate, freeze_batchnorm, predict
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,10 @@ class Criticality:
     # masks (snl): the rewritten model starts from these instead of the original weights.
     weights: dict[str, Tensor] | None = None
 
+    def site_score(self, site: str) -> float:
+        """Return the site's own score, or the mean of its units' where the strategy gives none."""
+        return float(self.site_scores.get(site, self.scores[site].float().mean()))
+
     def to_dict(self) -> dict:
         """Return a JSON-ready table: per site, plus per channel at channel granularity."""
         return {
@@ -60,7 +64,7 @@ class Criticality:
                     "site": s,
                     "units": int(t.numel()),
                     "unit_elements": self.unit_elements[s],
-                    "score": self.site_scores.get(s, float(t.mean())),
+                    "score": self.site_score(s),
                     "mean_unit_score": float(t.float().mean()),
                     **({"channel_scores": t.reshape(-1).tolist()} if self.granularity == "channel" else {}),
                 }

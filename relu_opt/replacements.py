@@ -18,9 +18,9 @@ from torch import Tensor, nn
 
 from relu_opt import ops
 from relu_opt.activations import Poly, Square
-from relu_opt.calibration import SiteStats, fit_poly
 from relu_opt.errors import BudgetError
 from relu_opt.graph import register_leaf
+from relu_opt.poly_fit import SiteStats, fit_poly
 
 
 @dataclass

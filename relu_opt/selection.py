@@ -30,16 +30,16 @@ from relu_opt.sites import SiteInfo
 class Constraints:
     """What the selection must fit: ReLU elements (shared and per kind), rounds, modeled latency."""
 
-    relu: int | None = None  # kept elements per sample of the kinds without their own budget
-    kind_relu: tuple[tuple[str, int], ...] = ()  # kind -> its own budget
+    elements: int | None = None  # kept elements per sample of the kinds without their own budget
+    kind_elements: tuple[tuple[str, int], ...] = ()  # kind -> its own budget
     rounds: float | None = None
     latency_s: float | None = None
     network: Network = WAN
 
     def describe(self) -> str:
         """Return the constraints as one line for reports."""
-        parts = [f"{self.relu:,} ReLUs" if self.relu is not None else ""]
-        parts += [f"{n:,} {k}" for k, n in self.kind_relu]
+        parts = [f"{self.elements:,} elements" if self.elements is not None else ""]
+        parts += [f"{n:,} {k}" for k, n in self.kind_elements]
         parts += [f"{self.rounds:g} rounds" if self.rounds is not None else ""]
         parts += [f"{self.latency_s:g} s on {self.network.name}" if self.latency_s is not None else ""]
         return ", ".join(p for p in parts if p) or "none"
@@ -195,9 +195,9 @@ class CountSelector:
         self, crit: Criticality, sites: dict[str, SiteInfo], constraints: Constraints, prices: Prices | None
     ) -> Selection:
         """Return the Selection: kinds with their own budget are selected within it, the rest share one."""
-        if constraints.relu is None:
+        if constraints.elements is None:
             raise ValueError("the count selector needs a ReLU budget (--budget)")
-        caps = dict(constraints.kind_relu)
+        caps = dict(constraints.kind_elements)
         groups: dict[str | None, list[str]] = {}
         for s, info in sites.items():
             groups.setdefault(info.kind if info.kind in caps else None, []).append(s)
@@ -209,7 +209,7 @@ class CountSelector:
                 {s: crit.scores[s] for s in names},
                 {s: crit.unit_elements[s] for s in names},
             )
-            keep.update(select(sub, caps[kind] if kind is not None else constraints.relu))
+            keep.update(select(sub, caps[kind] if kind is not None else constraints.elements))
         kept = _kept_elements(crit, keep)
         choices = _choices(crit, sites, keep, prices, lambda s, a: "highest priority within the ReLU budget")
         return Selection(keep, choices, self.name, constraints.describe(), **_summary(prices, kept))
@@ -236,14 +236,14 @@ class LatencySelector:
         order = {s: torch.argsort(crit.scores[s].reshape(-1).float(), descending=True, stable=True) for s in sites}
         score = {s: crit.scores[s].reshape(-1).float()[order[s]] for s in sites}
         net = constraints.network
-        caps = dict(constraints.kind_relu)
+        caps = dict(constraints.kind_elements)
 
         def lat(kept: dict[str, int]) -> float:
             return prices.latency(*prices.total(kept), net)
 
         def fits(kept: dict[str, int]) -> bool:
             shared = sum(k for s, k in kept.items() if sites[s].kind not in caps)
-            if constraints.relu is not None and shared > constraints.relu:
+            if constraints.elements is not None and shared > constraints.elements:
                 return False
             for kind, cap in caps.items():
                 if sum(k for s, k in kept.items() if sites[s].kind == kind) > cap:

@@ -18,16 +18,37 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from relu_opt.errors import ConfigError
+from relu_opt.errors import ConfigError, first_line
 
 # Share of the available memory one forward's activations may take before a shape is refused.
 MEMORY_SHARE = 0.5
+
+# Python keywords whose command-line flag is not the keyword with dashes
+_FLAGS = {
+    "rank_epochs": "--snl-epochs",
+    "rank_finetune_steps": "--finetune-steps",
+    "output": "-o",
+    "path": "-o",
+    "outdir": "-o",
+    "bench_batch": "--batch",
+}
+
+
+def flag(name: str) -> str:
+    """Return how messages name an option: its command-line flag (max_train: --max-train), which reads
+    as the keyword of the same name in Python."""
+    if name.startswith("-") or " " in name:
+        return name
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
 def check_int(option: str, value: int | None, minimum: int = 1, maximum: int | None = None) -> None:
     """Raise ConfigError unless `value` (None passes) is an integer in [minimum, maximum]."""
     if value is None:
         return
+    option = flag(option)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{option} {value!r} is a {type(value).__name__}; give an integer")
     if value < minimum or (maximum is not None and value > maximum):
         upper = f" and at most {maximum}" if maximum is not None else ""
         raise ConfigError(f"{option} {value} is out of range; give an integer of at least {minimum}{upper}")
@@ -43,6 +64,9 @@ def check_float(
     """Raise ConfigError unless `value` (None passes) is finite, > `above`, >= `minimum` and <= `maximum`."""
     if value is None:
         return
+    option = flag(option)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{option} {value!r} is a {type(value).__name__}; give a number")
     if not math.isfinite(value):
         raise ConfigError(f"{option} {value} is not a finite number; give a number like 0.01")
     if above is not None and value <= above:
@@ -55,7 +79,7 @@ def check_float(
 
 def check_choice(option: str, value: str, choices: Iterable[str]) -> None:
     """Raise ConfigError unless `value` is one of `choices`."""
-    choices = list(choices)
+    choices, option = list(choices), flag(option)
     if value not in choices:
         raise ConfigError(f"{option} '{value}' is not known; choose one of {', '.join(choices)}")
 
@@ -87,6 +111,8 @@ def parse_budgets(budget: int | None, budgets: str | None, required: bool = True
 
 def check_device(device: str) -> str:
     """Return `device` if torch can use it; raise ConfigError otherwise."""
+    if not isinstance(device, str):
+        raise ConfigError(f"--device {device!r} is a {type(device).__name__}; give cpu or cuda")
     if device == "cpu":
         return device
     if device.startswith("cuda"):
@@ -123,7 +149,7 @@ def check_output_file(path: str | os.PathLike | None, option: str = "-o") -> Non
     folder that exists or can be made and is writable."""
     if path is None:
         return
-    path = Path(path)
+    path, option = Path(path), flag(option)
     if path.is_dir():
         raise ConfigError(f"{option} '{path}' is a folder; give a file name, e.g. {path / 'out'}")
     if path.exists() and not path.is_file():
@@ -135,7 +161,7 @@ def check_output_dir(path: str | os.PathLike | None, option: str = "-o") -> None
     """Raise ConfigError unless `path` (None passes) is, or can be made, a writable folder."""
     if path is None:
         return
-    path = Path(path)
+    path, option = Path(path), flag(option)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{option} '{path}' is a file; give a folder (it is created if missing)")
     _check_writable_under(path / "x", option, path)
@@ -179,11 +205,6 @@ def available_memory() -> int:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _dry_forward(model: nn.Module, shape: tuple[int, ...], device: str) -> tuple[object, int]:
@@ -232,7 +253,7 @@ def check_model_input(
         try:
             out, act = _dry_forward(model, one, "cpu")
         except Exception as exc:
-            raise ConfigError(f"{where} fails: {_first_line(exc)}; {fix}") from None
+            raise ConfigError(f"{where} fails: {first_line(exc)}; {fix}") from None
         finally:
             model.train(was)
         act *= shape[0]

@@ -18,12 +18,12 @@ from relu_opt.backends.crypten.convert import check_supported, crypten_onnx
 from relu_opt.backends.crypten.convert import prepare as prepare_for_crypten
 from relu_opt.backends.crypten.cost_model import features
 from relu_opt.data import load_dataset
-from relu_opt.export import onnx_census
 from relu_opt.models import create_model
+from relu_opt.onnx_export import onnx_census
 from relu_opt.optimizer import OptimizeConfig, optimize
 from relu_opt.plan import Plan, apply_plan
 from relu_opt.replacements import REPLACEMENTS, register_replacement
-from relu_opt.train import TrainConfig, fit
+from relu_opt.training import TrainConfig, fit
 
 SHAPE = (1, 1, 28, 28)
 NON_POLYNOMIAL_ONNX = {"Erf", "Softmax", "LogSoftmax", "LayerNormalization", "HardSwish", "Clip", "Relu", "Sigmoid"}
@@ -41,7 +41,7 @@ def _trained(name, data):
 
 
 def _cfg(budget, **kw):
-    return OptimizeConfig(budget=budget, epochs=1, rank_samples=60, calib_samples=60, **kw)
+    return OptimizeConfig(budget=budget, epochs=1, rank_samples=60, fit_samples=60, **kw)
 
 
 def _onnx_matches_loaded(outdir, x):
@@ -52,6 +52,7 @@ def _onnx_matches_loaded(outdir, x):
     return np.abs(got - ref).max() <= 1e-4 * max(np.abs(ref).max(), 1e-6)
 
 
+@pytest.mark.slow
 def test_vit_every_non_polynomial_op_replaced(data, tmp_path):
     model = _trained("vit_tiny", data)
     r = optimize(model, data, _cfg(0), tmp_path / "vit", base_spec="vit_tiny", progress=False)
@@ -74,6 +75,7 @@ def test_vit_every_non_polynomial_op_replaced(data, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_mobilenet_relu6_budget_is_proved_on_onnx(data, tmp_path):
     model = _trained("mobilenet_v2", data)
     total = relu_opt.count(model, torch.randn(SHAPE)).totals_by_kind["relu6"]
@@ -81,9 +83,9 @@ def test_mobilenet_relu6_budget_is_proved_on_onnx(data, tmp_path):
     r = optimize(
         model, data, _cfg(budget, granularity="channel"), tmp_path / "mb", base_spec="mobilenet_v2", progress=False
     )
-    assert r.relu_before == total and 0 < r.relu_after <= budget
+    assert r.elements_before == total and 0 < r.elements_after <= budget
     mp = onnx.load(tmp_path / "mb" / "model.onnx")
-    assert onnx_census(mp, SHAPE).totals_by_kind["relu6"] == r.relu_after  # kept elements gathered, then Clip
+    assert onnx_census(mp, SHAPE).totals_by_kind["relu6"] == r.elements_after  # kept elements gathered, then Clip
     assert _onnx_matches_loaded(tmp_path / "mb", data.test.x[:8])
 
 
@@ -108,7 +110,7 @@ def test_per_kind_budgets_and_kinds_option(data, tmp_path):
     assert r.kinds["relu6"]["after"] <= per_site // 4 and r.kinds["relu"]["after"] <= per_site // 2
     assert r.kinds["relu6"]["after"] > 0 and r.kinds["relu"]["after"] > 0
     only = optimize(model, data, _cfg(0, kinds=("relu6",)), tmp_path / "only", progress=False)
-    assert set(only.kinds) == {"relu6"} and only.relu_before == per_site
+    assert set(only.kinds) == {"relu6"} and only.elements_before == per_site
     onnx_totals = onnx_census(onnx.load(tmp_path / "only" / "model.onnx"), SHAPE).totals_by_kind
     assert onnx_totals == {"relu": per_site}  # the ReLU site was left alone
 
@@ -135,7 +137,7 @@ def own_kind_and_replacement():
         """The least-squares line through the site's measured (input, output) pairs."""
         if ctx.stats is None:
             return Poly(torch.zeros(2, ctx.shape[0]))
-        from relu_opt.calibration import fit_poly
+        from relu_opt.poly_fit import fit_poly
 
         st = ctx.stats
         return Poly(fit_poly(type(st)(st.count, st.x_pow[:3], st.f_x_pow[:2], st.f_sq, st.max_abs)))
@@ -182,8 +184,10 @@ class Mixed(nn.Module):
         return self.head(self.fc2(h).flatten(1))
 
 
+@pytest.mark.slow
+@pytest.mark.parties
 def test_gelu_silu_sigmoid_rsqrt_model_through_count_optimize_export_and_bench(tmp_path):
-    from relu_opt.bench import bench
+    from relu_opt.encrypted import bench
 
     tokens = load_dataset("synthetic", shape=(6, 16), n=360)
     model = Mixed()
@@ -203,6 +207,7 @@ def test_gelu_silu_sigmoid_rsqrt_model_through_count_optimize_export_and_bench(t
     assert original.top1_agreement >= 0.75 and opt.top1_agreement == 1.0  # polynomials are exact in MPC
 
 
+@pytest.mark.slow
 def test_cli_kinds_options(tmp_path):
     from typer.testing import CliRunner
 

@@ -27,7 +27,7 @@ from relu_opt.data import load_dataset
 from relu_opt.errors import ConfigError, CorruptFileError
 from relu_opt.models import create_model
 from relu_opt.private_tmp import clear_stale, private_dir, private_root
-from relu_opt.train import TrainConfig, TrainingInterrupted, fit
+from relu_opt.training import TrainConfig, TrainingInterrupted, fit
 
 runner = CliRunner()
 
@@ -311,7 +311,7 @@ def _optimize_small(out: Path):
     from relu_opt.optimizer import OptimizeConfig, optimize
 
     model = _trained()
-    cfg = OptimizeConfig(budget=100, epochs=0.5, rank_samples=64, calib_samples=64, batch_size=64)
+    cfg = OptimizeConfig(budget=100, epochs=0.5, rank_samples=64, fit_samples=64, batch_size=64)
     return optimize(model, load_dataset("synthetic"), cfg, out, base_spec="small_cnn", progress=False)
 
 
@@ -365,8 +365,8 @@ def test_damaged_report_ranking_and_checkpoint_are_redone(optimized_dir, tmp_pat
         path.write_bytes(path.read_bytes()[:100])
     r = _optimize_small(tmp_path / "o")
     assert capsys.readouterr().err.count("removed a damaged cache file") == 3
-    assert (r.relu_after, r.accuracy_after) == (before["relu_after"], before["accuracy_after"])  # rebuilt alike
-    assert r.relu_after <= 100 and json.loads(report.read_text())["result"]["relu_after"] == r.relu_after
+    assert (r.elements_after, r.accuracy_after) == (before["elements_after"], before["accuracy_after"])  # rebuilt alike
+    assert r.elements_after <= 100 and json.loads(report.read_text())["result"]["elements_after"] == r.elements_after
 
 
 def test_damaged_cost_model_cache_is_measured_again(tmp_path, monkeypatch):
@@ -573,17 +573,20 @@ def test_ctrl_c_between_epochs_says_how_to_resume(tmp_path, monkeypatch):
         assert torch.equal(v, resumed.state_dict()[k]), k
 
 
+@pytest.mark.slow
 def test_interrupted_frontier_resumes_to_the_same_result(tmp_path, monkeypatch):
     """Ctrl-C in the second budget's fine-tuning, then the same call: no 'Tried to step' crash, the first
     budget is reused, and the result equals an uninterrupted run's."""
     from relu_opt import optimizer
 
     data = load_dataset("synthetic")
-    cfg = optimizer.OptimizeConfig(budget=0, epochs=1, rank_samples=64, calib_samples=64, batch_size=64)
+    cfg = optimizer.OptimizeConfig(budget=0, epochs=1, rank_samples=64, fit_samples=64, batch_size=64)
     budgets = [300, 100]
     straight = optimizer.optimize_frontier(_trained(), data, budgets, cfg, tmp_path / "a", progress=False)
 
-    real = optimizer._anneal
+    from relu_opt.optimizer import tuner
+
+    real = tuner.anneal_schedule
 
     def anneal_then_stop(model, anneal):
         step, calls = real(model, anneal), []
@@ -597,16 +600,16 @@ def test_interrupted_frontier_resumes_to_the_same_result(tmp_path, monkeypatch):
 
         return on_step
 
-    monkeypatch.setattr(optimizer, "_anneal", anneal_then_stop)
+    monkeypatch.setattr(tuner, "anneal_schedule", anneal_then_stop)
     with pytest.raises(TrainingInterrupted, match="rerun the same command"):
         optimizer.optimize_frontier(_trained(), data, budgets, cfg, tmp_path / "b", progress=False)
     assert (tmp_path / "b" / "budget_300" / "report.json").is_file()
     assert not (tmp_path / "b" / "budget_100").exists()
-    monkeypatch.setattr(optimizer, "_anneal", real)
+    monkeypatch.setattr(tuner, "anneal_schedule", real)
     resumed = optimizer.optimize_frontier(_trained(), data, budgets, cfg, tmp_path / "b", progress=False)
     for a, b in zip(straight, resumed):
-        assert (a.relu_after, a.accuracy_after, a.val_accuracy_after) == (
-            b.relu_after,
+        assert (a.elements_after, a.accuracy_after, a.val_accuracy_after) == (
+            b.elements_after,
             b.accuracy_after,
             b.val_accuracy_after,
         )
@@ -625,6 +628,7 @@ def _wait_for(path: Path, deadline: float) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_train_then_resume_writes_the_weights(tmp_path):
     out = tmp_path / "w.pt"
     # Enough work per epoch (1,024 images) that a loaded machine cannot finish all 40 before the signal lands.
@@ -643,6 +647,7 @@ def test_ctrl_c_in_train_then_resume_writes_the_weights(tmp_path):
     assert load_torch(tmp_path / "w.pt.ckpt")["epoch"] == 40 > epoch
 
 
+@pytest.mark.slow
 def test_killed_optimize_resumes(tmp_path):
     out, weights = tmp_path / "o", tmp_path / "w.pt"
     trained = invoke("train", "small_cnn", "--data", "digits", "--epochs", "3", "-o", weights)  # for both runs
@@ -662,7 +667,7 @@ def test_killed_optimize_resumes(tmp_path):
     r = invoke(*args)
     assert r.exit_code == 0, r.output
     report = json.loads((out / "budget_500" / "report.json").read_text())["result"]
-    assert report["relu_after"] <= 500 and report["finetune"]["resumed_from"] == ckpt["epoch"] >= 1
+    assert report["elements_after"] <= 500 and report["finetune"]["resumed_from"] == ckpt["epoch"] >= 1
 
 
 # --- 6. numbers and names nobody checked ----------------------------------------------------------
@@ -675,7 +680,7 @@ NUMBERS = [
     (["train", "small_cnn", *D, "--max-train", "0", "-o", "{tmp}/w.pt"], r"--max-train 0 is out of range"),
     (["train", "small_cnn", *D, "--device", "tpu", "-o", "{tmp}/w.pt"], r"--device 'tpu' is not known"),
     (["train", "small_cnn", "--data", "nope", "-o", "{tmp}/w.pt"], r"unknown dataset 'nope'"),
-    (["rank", "small_cnn", *D, "--samples", "0"], r"--samples 0 is out of range"),
+    (["rank", "small_cnn", *D, "--samples", "0"], r"--rank-samples 0 is out of range"),
     (["optimize", "small_cnn", *D, "--budget", "9", "--snl-epochs", "0", "-o", "{tmp}/o"], r"--snl-epochs 0 must be"),
     (["rank", "small_cnn", *D, "--strategy", "nope"], r"--strategy 'nope' is not known; choose one of"),
     (["rank", "small_cnn", *D, "--replace", "cube"], r"--replace 'cube' is not known"),
@@ -707,7 +712,8 @@ NUMBERS = [
     (["bench", "small_cnn", "--lan", "1"], r"--lan '1' must be RTT_MS,MB_PER_S"),
     (["bench", "small_cnn", "--wan", "40,0"], r"--wan '40,0' needs a round-trip time >= 0 and a bandwidth > 0"),
     (["bench", "small_cnn", "--rank", "5", "--world-size", "2"], r"--rank 5 is out of range"),
-    (["bench", "small_cnn", "--master-port", "70000"], r"--master-port 70000 is out of range"),
+    (["bench", "small_cnn", "--rank", "0", "--master-port", "70000"], r"--master-port 70000 is out of range"),
+    (["bench", "small_cnn", "--master-port", "29501"], r"--master-port is for parties on separate hosts"),
     (["bench", "small_cnn", "--link", "1,-5"], r"--link '1,-5' needs a round-trip time >= 0 and a bandwidth > 0"),
     (["bench", "small_cnn", "--lan", "-1,100"], r"--lan '-1,100' needs a round-trip time >= 0"),
     (["bench", "small_cnn", "--wan", "nan,100"], r"--wan 'nan,100' needs a round-trip time >= 0"),
@@ -724,7 +730,7 @@ NUMBERS = [
     (["link", "--rank", "2", "--master-addr", "127.0.0.1"], r"--rank 2 is out of range; .* at most 1"),
     (["link", "--rank", "0", "--master-addr", "127.0.0.1", "--timeout", "-1"], r"--timeout -1 must be above 0"),
     (["run", "--baseline-epochs", "0"], r"--baseline-epochs 0 is out of range"),
-    (["run", "--epochs", "-1"], r"--epochs -1 must be above 0"),
+    (["run", "--epochs", "-1"], r"--epochs -1 must be at least 0"),
     (["run", "--budgets", "1,,2"], r"has an empty entry"),
     (["run", "--strategy", "nope"], r"--strategy 'nope'"),
     (["run", "--weights", "{tmp}/none.pt"], r"--weights '.*none.pt' does not exist"),
@@ -750,8 +756,10 @@ USAGE = [
 
 
 @pytest.mark.parametrize("args,option", USAGE, ids=[o for _, o in USAGE])
-def test_typer_range_checks(args, option):
-    usage_error(args, option)
+def test_range_checks_name_the_option(args, option, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fails(args, rf"{option} -?\d+ (is out of range|must be)")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cuda_without_cuda(tmp_path):
@@ -841,8 +849,8 @@ def test_corrupt_file_error_is_a_relu_opt_error(tmp_path):
     [
         ({"lr": float("nan")}, r"lr nan is not a finite number"),
         ({"strategy": "nope"}, r"strategy 'nope' is not known"),
-        ({"kd_alpha": 2.0}, r"kd_alpha 2 must be at most 1"),
-        ({"batch_size": 0}, r"batch_size 0 is out of range"),
+        ({"kd_alpha": 2.0}, r"--kd-alpha 2 must be at most 1"),
+        ({"batch_size": 0}, r"--batch-size 0 is out of range"),
     ],
     ids=["lr", "strategy", "kd_alpha", "batch_size"],
 )
@@ -862,11 +870,11 @@ def test_other_weights_in_the_same_folder_are_optimized_again(optimized_dir, tmp
     shutil.copytree(optimized_dir, tmp_path / "o")
     old = (tmp_path / "o" / "model.pt").read_bytes()
     other = _trained(seed=1)
-    cfg = OptimizeConfig(budget=100, epochs=0.5, rank_samples=64, calib_samples=64, batch_size=64)
+    cfg = OptimizeConfig(budget=100, epochs=0.5, rank_samples=64, fit_samples=64, batch_size=64)
     optimize(other, load_dataset("synthetic"), cfg, tmp_path / "o", base_spec="small_cnn", progress=False)
     assert (tmp_path / "o" / "model.pt").read_bytes() != old
     assert len(list((tmp_path / "o" / ".work").glob("rank_*.pt"))) == 2  # one ranking per set of weights
-    assert _optimize_small(tmp_path / "o").relu_after <= 100  # the first weights again: still valid
+    assert _optimize_small(tmp_path / "o").elements_after <= 100  # the first weights again: still valid
 
 
 def test_state_digest_follows_the_values():
@@ -883,7 +891,7 @@ def test_an_unforeseen_truncated_file_is_one_line_not_aborted(tmp_path, monkeypa
     def truncated(*_a, **_k):
         raise EOFError("Compressed file ended before the end-of-stream marker was reached")
 
-    monkeypatch.setattr("relu_opt.cli.load_dataset", truncated)
+    monkeypatch.setattr("relu_opt.data.load_dataset", truncated)
     msg = fails(["train", "small_cnn", "-o", tmp_path / "w.pt"], r"a file ended early \(truncated\?\): Compressed")
     assert "Aborted" not in msg
 
@@ -923,7 +931,7 @@ def test_a_head_too_big_for_memory_is_one_line():
 @pytest.mark.parametrize(
     "args,pattern",
     [
-        (["resnet20"], r"the optimized model in '.*' on input shape 1,3,32,32 fails: .*1 channels"),
+        (["resnet20"], r"MODEL on input shape 1,1,12,12 fails: .* was optimized for inputs 1,1,12,12"),
         (["small_cnn", "--input-shape", "1,1,12,12"], r"outputs shape \(1, 4\) but MODEL outputs \(1, 10\)"),
     ],
     ids=["other-input", "other-classes"],

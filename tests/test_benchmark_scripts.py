@@ -5,11 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.test_data import _cifar_folder
 
 ROOT = Path(__file__).parent.parent
 
 
+@pytest.mark.slow
 def test_cifar_resnet18_tiny(tmp_path):
     _cifar_folder(tmp_path / "data", "cifar10")
     out = tmp_path / "out"

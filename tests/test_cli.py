@@ -69,6 +69,7 @@ def _cli(*args, cwd=None):
     )
 
 
+@pytest.mark.slow
 def test_errors_are_one_line_with_exit_2(tmp_path):
     (tmp_path / "gated.py").write_text(
         textwrap.dedent(

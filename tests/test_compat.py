@@ -29,6 +29,7 @@ def _convert(mp):
     return crypten.nn.from_onnx(mp.SerializeToString())
 
 
+@pytest.mark.slow
 def test_registration_alias_is_needed_and_fixes_import():
     assert compat.registration_alias_needed()  # this torch moved the module crypten imports
     bare = subprocess.run([sys.executable, "-c", "import crypten"], capture_output=True, text=True)

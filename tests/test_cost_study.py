@@ -18,9 +18,9 @@ def test_epochs_zero_changes_no_weight(tmp_path):
     torch.manual_seed(0)
     model = create_model("small_cnn", num_classes=4, in_channels=1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = OptimizeConfig(budget=100, epochs=0, strategy="random", rank_samples=64, calib_samples=64)
+    cfg = OptimizeConfig(budget=100, epochs=0, strategy="random", rank_samples=64, fit_samples=64)
     r = optimize(model, load_dataset("synthetic", n=600), cfg, tmp_path / "o", base_spec="small_cnn", progress=False)
-    assert r.relu_after <= 100 < r.relu_before
+    assert r.elements_after <= 100 < r.elements_before
     assert r.finetune == {"epochs": 0, "steps": 0, "start": "original"}
     saved = torch.load(tmp_path / "o" / "model.pt", weights_only=True)
     convs = [k for k in before if k.endswith("weight")]
@@ -41,7 +41,7 @@ def test_synthetic_data_of_any_shape_from_the_cli(tmp_path):
     assert tuple(plan["input_shape"]) == (1, 3, 16, 16)
     assert plan["num_classes"] == 10
     report = json.loads((out / "budget_200" / "report.json").read_text())["result"]
-    assert report["relu_after"] <= 200 < report["relu_before"]
+    assert report["elements_after"] <= 200 < report["elements_before"]
     assert report["finetune"]["steps"] == 0
 
 

@@ -18,11 +18,11 @@ from relu_opt.activations import MaskedReLU, Poly
 from relu_opt.backends.crypten.calibration import calibrate
 from relu_opt.backends.crypten.convert import check_supported, crypten_onnx, prepare
 from relu_opt.backends.crypten.measure import fixed_point_warnings
-from relu_opt.bench import bench
+from relu_opt.encrypted import bench
 from relu_opt.errors import BackendError
-from relu_opt.export import to_onnx_bytes
 from relu_opt.graph import propagate_shapes, trace
 from relu_opt.models import create_model
+from relu_opt.onnx_export import to_onnx_bytes
 from relu_opt.passes.pi import prepare_for_pi
 from relu_opt.passes.replace import relu_nodes, replace_sites
 from relu_opt.private_tmp import private_root
@@ -57,6 +57,8 @@ def _channel_masked(model, keep_every: int | None, replacement=None):
     return replace_sites(gm, new)
 
 
+@pytest.mark.slow
+@pytest.mark.parties
 def test_two_party_forward_matches_plaintext():
     model = _trained_like(create_model("small_cnn", in_channels=1))
     labels = torch.tensor([3, 7])
@@ -107,6 +109,8 @@ def test_two_party_forward_matches_plaintext():
     } <= set(d["models"][0])
 
 
+@pytest.mark.slow
+@pytest.mark.parties
 def test_batches_of_one_cost_one_query_and_cover_every_sample():
     model = _trained_like(create_model("small_cnn", in_channels=1))
     x = torch.cat([X, X.flip(0), X * 0.5])  # 6 samples
@@ -123,6 +127,8 @@ def test_batches_of_one_cost_one_query_and_cover_every_sample():
     assert orig.predicted_rounds is None  # no cost model given
 
 
+@pytest.mark.slow
+@pytest.mark.parties
 def test_partial_relu_pays_only_for_kept_elements():
     model = _trained_like(create_model("resnet20", in_channels=1))
     half = _channel_masked(model, 2)
@@ -136,6 +142,8 @@ def test_partial_relu_pays_only_for_kept_elements():
     assert halved.rounds == full.rounds  # same number of ReLU layers, each on fewer elements
 
 
+@pytest.mark.slow
+@pytest.mark.parties
 def test_cost_model_predicts_measured_rounds_and_bytes():
     cost = calibrate(2, timeout=120)
     assert cost.rounds_per_op["relu"] == pytest.approx(9, abs=0.01)
@@ -219,6 +227,8 @@ def _party_pids(parent: int, deadline: float) -> dict[int | str, int]:
     raise AssertionError("the bench never started both parties and the dealer")
 
 
+@pytest.mark.slow
+@pytest.mark.parties
 @pytest.mark.parametrize("member", [1, "dealer"])
 @pytest.mark.parametrize("how", ["kill", "hang"])
 def test_failed_party_or_dealer_stops_the_bench(how, member, tmp_path):
@@ -269,6 +279,8 @@ def test_failed_party_or_dealer_stops_the_bench(how, member, tmp_path):
     assert list(private_root().glob(f"bench-{proc.pid}-*")) == []  # the ONNX weights and inputs are gone
 
 
+@pytest.mark.slow
+@pytest.mark.parties
 def test_one_party_per_host_mode(tmp_path):
     from relu_opt.backends.crypten.launch import free_port
 
@@ -308,6 +320,8 @@ def test_one_party_per_host_mode(tmp_path):
     assert orig["offline_received_per_party"][0] > 0 == orig["offline_received_per_party"][1]
 
 
+@pytest.mark.slow
+@pytest.mark.parties
 @pytest.mark.parametrize("how", ["term", "kill"])
 def test_stopped_bench_leaves_no_weights_or_inputs(how, tmp_path):
     """SIGTERM: the bench stops its parties and removes its private folder on the way out. SIGKILL: the

@@ -10,7 +10,7 @@ from relu_opt.backends.crypten.convert import check_supported, crypten_onnx
 from relu_opt.backends.crypten.convert import prepare as prepare_for_crypten
 from relu_opt.backends.crypten.lower import LOWERINGS, inv_sqrt
 from relu_opt.errors import BackendError
-from relu_opt.export import to_onnx_bytes
+from relu_opt.onnx_export import to_onnx_bytes
 
 X = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(0)) * 2
 
@@ -101,6 +101,8 @@ class TinyBlocks(nn.Module):
         return self.head(t.flatten(1))
 
 
+@pytest.mark.slow
+@pytest.mark.parties
 def test_every_table_kind_runs_under_two_party_crypten():
     from relu_opt.backends.crypten.calibration import calibrate
     from tests.crypten_helpers import measure_models as measure

@@ -8,7 +8,7 @@ import torch
 from relu_opt.data import load_dataset
 from relu_opt.finetune import FinetuneFailed, check_drop, collapse_threshold, guarded_fit
 from relu_opt.models import create_model
-from relu_opt.train import TrainConfig, TrainingDiverged, evaluate, fit
+from relu_opt.training import TrainConfig, TrainingDiverged, evaluate, fit
 
 
 @pytest.fixture(scope="module")

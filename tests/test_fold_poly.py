@@ -87,6 +87,8 @@ def test_pi_preparation_folds_polys():
     assert _kinds(prepared).get("square") == 1
 
 
+@pytest.mark.slow
+@pytest.mark.parties
 def test_folded_poly_costs_the_square_under_crypten():
     from tests.crypten_helpers import measure_models as measure
 
@@ -173,6 +175,8 @@ def test_export_with_public_coeffs_writes_them_as_constants(tmp_path):
     assert n_public == 4 < n_secret  # two convolutions' weights and biases; no coefficient among them
 
 
+@pytest.mark.slow
+@pytest.mark.parties
 def test_public_poly_costs_the_square_under_crypten():
     from tests.crypten_helpers import measure_models as measure
 
@@ -196,12 +200,13 @@ def test_public_poly_costs_the_square_under_crypten():
     assert abs(public.logits - plain).max() < 0.05 * max(1.0, abs(plain).max())
 
 
+@pytest.mark.slow
 def test_public_coeffs_is_recorded_in_the_plan_and_bench_follows_it(tmp_path, monkeypatch):
     import json
 
     from typer.testing import CliRunner
 
-    from relu_opt import bench
+    from relu_opt import encrypted as bench
     from relu_opt.cli import app
     from relu_opt.errors import ReluOptError
 

@@ -6,12 +6,12 @@ from torch import nn
 
 from relu_opt.activations import MaskedSite, Poly, Square
 from relu_opt.backends.crypten.cost_model import features
-from relu_opt.calibration import collect_stats, fit_poly, refit_in_order
 from relu_opt.graph import propagate_shapes, trace
 from relu_opt.models import create_model
 from relu_opt.passes.fold_poly import OffsetSquare
 from relu_opt.passes.pi import prepare_for_pi
 from relu_opt.passes.replace import replace_sites, site_op
+from relu_opt.poly_fit import collect_stats, fit_poly, refit_in_order
 
 
 def _bowl(c: int, a_min: float = 0.1) -> Poly:
@@ -101,6 +101,8 @@ def test_resnet20_with_every_site_replaced_is_all_squares_but_the_stem():
     assert f.ops.get("square") == 18 and f.ops.get("poly") == 1
 
 
+@pytest.mark.slow
+@pytest.mark.parties
 def test_post_add_poly_costs_the_square_under_crypten():
     """Measured: the folded post-add site's rounds and bytes are those of the same block with a square."""
     from tests.crypten_helpers import measure_models as measure

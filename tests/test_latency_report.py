@@ -6,13 +6,14 @@ import json
 import pytest
 import torch
 
+import relu_opt
 from relu_opt import atomic
 from relu_opt.backends import LAN, WAN
 from relu_opt.backends.crypten import calibration as cost_calibration
 from relu_opt.backends.crypten.cost_model import CrypTenCostModel as CostModel
 from relu_opt.data import load_dataset
 from relu_opt.models import create_model
-from relu_opt.optimizer import OptimizeConfig, optimize_frontier
+from relu_opt.optimizer import OptimizeConfig
 
 # A stand-in for the fitted model (the real one needs a CrypTen calibration run): CrypTen-like prices,
 # two round trips of the link per round, no dealer traffic.
@@ -31,9 +32,11 @@ def frontier(tmp_path, monkeypatch):
     atomic.write_json(cost_calibration._cache_path(2, "third-party", None), COST.to_dict())
     torch.manual_seed(0)
     model = create_model("small_cnn", num_classes=4, in_channels=1)
-    cfg = OptimizeConfig(budget=0, epochs=0, strategy="random", rank_samples=64, calib_samples=64)
+    cfg = OptimizeConfig(budget=0, epochs=0, strategy="random", rank_samples=64, fit_samples=64)
     data = load_dataset("synthetic", n=300)
-    results = optimize_frontier(model, data, [3000, 100], cfg, tmp_path / "o", base_spec="small_cnn", progress=False)
+    results = relu_opt.optimize(
+        model, data, budgets=[3000, 100], outdir=tmp_path / "o", config=cfg, base_spec="small_cnn"
+    )
     return tmp_path / "o", results
 
 
@@ -84,8 +87,8 @@ def test_no_cost_model_means_no_modeled_numbers(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = create_model("small_cnn", num_classes=4, in_channels=1)
     # The count selector needs no prices; the latency selector would measure the cost model once.
-    cfg = OptimizeConfig(budget=100, epochs=0, strategy="random", rank_samples=64, calib_samples=64, selector="count")
-    optimize_frontier(model, load_dataset("synthetic", n=300), [100], cfg, tmp_path / "o", "small_cnn", False)
+    cfg = OptimizeConfig(budget=100, epochs=0, strategy="random", rank_samples=64, fit_samples=64, selector="count")
+    relu_opt.optimize(model, load_dataset("synthetic", n=300), budgets=[100], outdir=tmp_path / "o", config=cfg)
     assert not (tmp_path / "o" / "budget_100" / "modeled_cost.json").exists()
     assert "No cost model is cached yet" in (tmp_path / "o" / "budget_100" / "report.md").read_text()
     assert "WAN s" not in (tmp_path / "o" / "pareto.md").read_text()
@@ -95,8 +98,8 @@ def test_no_cost_model_means_no_modeled_numbers(tmp_path, monkeypatch):
 def test_bench_prints_predicted_next_to_measured():
     from rich.console import Console
 
-    from relu_opt.bench import BenchResult, ModelReport
-    from relu_opt.cli import _prediction_table
+    from relu_opt.encrypted import BenchResult, ModelReport
+    from relu_opt.render import prediction_table
 
     def report(name, rounds, mb, pred_rounds, pred_mb):
         return ModelReport(
@@ -106,19 +109,18 @@ def test_bench_prints_predicted_next_to_measured():
 
     r = BenchResult(2, 1, (report("original", 174, 716.9, 176.0, 713.2), report("floor", 21, 200.0, 21.0, 199.5)))
     console = Console(width=80, record=True)
-    console.print(_prediction_table(r))
+    console.print(prediction_table(r))
     text = console.export_text()
     rows = [line.split() for line in text.splitlines()]
     assert ["model", "rounds", "predicted", "MB/party", "predicted"] in rows
     assert ["original", "174", "176", "716.90", "713.20"] in rows and ["floor", "21", "21", "200.00", "199.50"] in rows
-    assert _prediction_table(BenchResult(2, 1, (report("x", 1, 1.0, None, None),))) is None
+    assert prediction_table(BenchResult(2, 1, (report("x", 1, 1.0, None, None),))) is None
 
 
 def test_selection_and_reports_are_priced_by_the_pricing_they_are_given(tmp_path, monkeypatch):
     """`run --parties 3 --cache-dir X`: the optimizer selects with the 3-party cost model in X (not a
     2-party one, not the default cache), and its report says what priced it."""
     from relu_opt.backends import Pricing
-    from relu_opt.optimizer import optimize
     from relu_opt.pipeline import RunConfig
     from relu_opt.plan import load
 
@@ -132,12 +134,14 @@ def test_selection_and_reports_are_priced_by_the_pricing_they_are_given(tmp_path
     )
     atomic.write_json(cost_calibration._cache_path(2, "third-party", x), COST.to_dict())
     atomic.write_json(cost_calibration._cache_path(3, "third-party", x), three.to_dict())
-    pricing = RunConfig(parties=3).pricing(x)
+    pricing = RunConfig(optimize=OptimizeConfig(pricing=Pricing(parties=3))).pricing(x)
     assert pricing == Pricing(parties=3, cache=str(x))
     torch.manual_seed(0)
     model = create_model("small_cnn", num_classes=4, in_channels=1)
-    cfg = OptimizeConfig(budget=3000, epochs=0, strategy="random", rank_samples=64, calib_samples=64, pricing=pricing)
-    r = optimize(model, load_dataset("synthetic", n=300), cfg, tmp_path / "o", base_spec="small_cnn", progress=False)
+    cfg = OptimizeConfig(budget=3000, epochs=0, strategy="random", rank_samples=64, fit_samples=64, pricing=pricing)
+    r = relu_opt.optimize(
+        model, load_dataset("synthetic", n=300), outdir=tmp_path / "o", config=cfg, base_spec="small_cnn"
+    )
     prepared = pricing.engine().prepare(load(r.outdir), torch.zeros(1, 1, 28, 28))
     assert r.selection["rounds"] == pytest.approx(three.cost(prepared).rounds)
     assert three.cost(prepared).rounds != pytest.approx(COST.cost(prepared).rounds)

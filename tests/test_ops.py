@@ -7,8 +7,8 @@ from torch import nn
 import relu_opt
 from relu_opt import ops
 from relu_opt.backends.crypten.cost_model import features
-from relu_opt.export import onnx_census, to_onnx_bytes
 from relu_opt.graph import propagate_shapes, trace
+from relu_opt.onnx_export import onnx_census, to_onnx_bytes
 from relu_opt.passes.census import annotate, census
 
 

@@ -10,9 +10,9 @@ import relu_opt
 from relu_opt.cli import app
 from relu_opt.data import load_dataset
 from relu_opt.errors import BudgetError
-from relu_opt.export import onnx_census
 from relu_opt.graph import propagate_shapes, trace
 from relu_opt.models import create_model
+from relu_opt.onnx_export import onnx_census
 from relu_opt.optimizer import OptimizeConfig, check_budget, optimize
 from relu_opt.passes.replace import relu_nodes
 from relu_opt.ranking import (
@@ -25,7 +25,7 @@ from relu_opt.ranking import (
     register_strategy,
     select,
 )
-from relu_opt.train import TrainConfig, TrainingDiverged, TrainingInterrupted, fit
+from relu_opt.training import TrainConfig, TrainingDiverged, TrainingInterrupted, fit
 
 SHAPE = (1, 1, 12, 12)
 
@@ -74,21 +74,22 @@ def test_budget_met_exactly_on_resnet20(trained, synthetic, granularity, fractio
         assert kept == budget
 
 
+@pytest.mark.slow
 def test_optimize_end_to_end_and_load_round_trip(trained, synthetic, tmp_path):
     total = _resnet20_relus(12)
     budget = total // 20
     cfg = OptimizeConfig(
-        budget=budget, strategy="taylor", epochs=1, rank_samples=200, calib_samples=200, selector="count", **_AT_CHANCE
+        budget=budget, strategy="taylor", epochs=1, rank_samples=200, fit_samples=200, selector="count", **_AT_CHANCE
     )
-    r = optimize(trained, synthetic, cfg, tmp_path / "out", base_spec="resnet20", progress=False)
-    assert r.relu_before == total and r.relu_after <= budget
-    assert budget - r.relu_after < 64  # the count selector fills: channel units here hold 9 to 144 elements
+    r = relu_opt.optimize(trained, synthetic, outdir=tmp_path / "out", config=cfg, base_spec="resnet20")
+    assert r.elements_before == total and r.elements_after <= budget
+    assert budget - r.elements_after < 64  # the count selector fills: channel units here hold 9 to 144 elements
     mp = onnx.load(tmp_path / "out" / "model.onnx")
-    assert onnx_census(mp, SHAPE).total_relu == r.relu_after
+    assert onnx_census(mp, SHAPE).total_relu == r.elements_after
     for name in ("plan.json", "model.pt", "model.onnx", "report.json", "report.md"):
         assert (tmp_path / "out" / name).is_file()
     plan = json.loads((tmp_path / "out" / "plan.json").read_text())
-    assert plan["relu_elements"] == r.relu_after and plan["base_model"] == "resnet20"
+    assert plan["kept"] == r.elements_after and plan["base_model"] == "resnet20"
     assert "budget" in (tmp_path / "out" / "report.md").read_text()
     loaded = relu_opt.load(tmp_path / "out")
     saved = torch.load(tmp_path / "out" / "model.pt", weights_only=True)
@@ -106,9 +107,9 @@ def test_optimize_end_to_end_and_load_round_trip(trained, synthetic, tmp_path):
 
 
 def test_zero_budget_gives_a_relu_free_net(trained, synthetic, tmp_path):
-    cfg = OptimizeConfig(budget=0, strategy="random", epochs=0.5, calib_samples=100, **_AT_CHANCE)
+    cfg = OptimizeConfig(budget=0, strategy="random", epochs=0.5, fit_samples=100, **_AT_CHANCE)
     r = optimize(trained, synthetic, cfg, tmp_path / "zero", base_spec="resnet20", progress=False)
-    assert r.relu_after == 0
+    assert r.elements_after == 0
     ops = {n.op_type for n in onnx.load(tmp_path / "zero" / "model.onnx").graph.node}
     assert "Relu" not in ops and "Pow" in ops
     assert math.isfinite(r.accuracy_after)
@@ -185,6 +186,7 @@ def test_strategies_rank_every_site(trained, synthetic, strategy):
     assert len({float(v.mean()) for v in crit.scores.values()}) > 1  # sites are told apart
 
 
+@pytest.mark.slow
 def test_snl_stops_its_masks_at_the_budget_so_they_still_rank_the_units(trained, synthetic):
     # Trained past the budget, the lasso moved every alpha to 0 at Adam's step size (measured on the
     # Fashion-MNIST frontier: all 688 channels tied at 0, so the "ranking" kept arbitrary channels).
@@ -197,6 +199,7 @@ def test_snl_stops_its_masks_at_the_budget_so_they_still_rank_the_units(trained,
     assert (kept_scores > 0).all()  # the budget is filled by the masks' order, not by ties at 0
 
 
+@pytest.mark.slow
 def test_snl_trains_weights_with_its_masks_and_fine_tuning_starts_from_them(trained, synthetic, tmp_path):
     gm = propagate_shapes(trace(trained), synthetic.train.x[:1])
     ctx = RankContext(gm, synthetic, "channel", lambda s: None, samples=128, progress=False)
@@ -209,18 +212,19 @@ def test_snl_trains_weights_with_its_masks_and_fine_tuning_starts_from_them(trai
     assert rank(ctx, make_strategy("snl", budget=500, epochs=0.5, keep_weights=False)).weights is None
     assert rank(ctx, make_strategy("taylor")).weights is None
 
-    from relu_opt.optimizer import _plan, _ranking
+    from relu_opt.optimizer.planner import plan, rank_model
 
     def planned(strategy):
+        snl = {"rank_epochs": 0.5} if strategy == "snl" else {}
         cfg = OptimizeConfig(
-            budget=500, strategy=strategy, epochs=0, rank_samples=128, rank_epochs=0.5, calib_samples=100, **_AT_CHANCE
+            budget=500, strategy=strategy, epochs=0, rank_samples=128, fit_samples=100, **snl, **_AT_CHANCE
         )
-        return _plan(trained, synthetic, cfg, tmp_path / strategy, "k", progress=False), cfg
+        return plan(trained, synthetic, cfg, tmp_path / strategy, progress=False), cfg
 
     p, cfg = planned("snl")
     assert p.start.startswith("snl")
     student, teacher = p.student.state_dict(), p.teacher.state_dict()
-    ranked = _ranking(tmp_path / "snl", p.teacher, synthetic, cfg, lambda s: None, False, "k")  # from the cache
+    ranked = rank_model(trained, synthetic, cfg, tmp_path / "snl").criticality  # from the cache
     assert ranked.weights is not None
     for k in changed:
         assert torch.equal(student[k], ranked.weights[k]) and not torch.equal(student[k], teacher[k])
@@ -229,6 +233,7 @@ def test_snl_trains_weights_with_its_masks_and_fine_tuning_starts_from_them(trai
     assert p.start == "original" and torch.equal(p.student.state_dict()[changed[0]], base[changed[0]])
 
 
+@pytest.mark.slow
 def test_cli_optimize_and_rank(tmp_path):
     runner = CliRunner()
     w = tmp_path / "w.pt"

@@ -1,6 +1,7 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.fx as fx
 from torch import nn
@@ -63,6 +64,7 @@ def test_prepare_and_floor_linearize_every_kind():
     assert floor(X).shape == model(X).shape
 
 
+@pytest.mark.slow
 def test_optimizer_does_not_import_the_crypten_backend():
     code = "import sys, relu_opt.optimizer; print(any(m.startswith('relu_opt.backends.crypten') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -14,7 +14,7 @@ from relu_opt.data import load_dataset
 from relu_opt.errors import ModelSpecError, WeightsError
 from relu_opt.loading import resolve_model
 from relu_opt.models import pretrained
-from relu_opt.train import evaluate
+from relu_opt.training import evaluate
 
 FASHION = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 
@@ -44,6 +44,7 @@ def test_create_model_pretrained_takes_the_records_head_and_channels():
         resolve_model("torchvision.models:resnet18", pretrained=True)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not FASHION.is_file(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 def test_shipped_resnet20_scores_what_its_record_says():
     rec = pretrained.get_pretrained("resnet20", "fashion-mnist")

@@ -26,6 +26,8 @@ def resnet20_and_image():
     return [("original", prepare(model.eval(), x))], x
 
 
+@pytest.mark.slow
+@pytest.mark.parties
 def test_party0_as_dealer_reads_the_input_and_a_third_party_dealer_stops_it(resnet20_and_image):
     models, x = resnet20_and_image
     insecure = attack_input(models, x, "party0")

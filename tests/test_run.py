@@ -7,12 +7,16 @@ import pytest
 from typer.testing import CliRunner
 
 from relu_opt import pipeline
+from relu_opt.backends import Pricing
 from relu_opt.cli import app
+from relu_opt.optimizer import OptimizeConfig
 from relu_opt.pipeline import RunConfig
 
 TINY = ["small_cnn", "--data", "digits", "--baseline-epochs", "2", "--epochs", "1", "--samples", "4"]
 
 
+@pytest.mark.slow
+@pytest.mark.parties
 def test_run_end_to_end_then_cached_rerun(tmp_path):
     # no budget: the lowest modeled latency within --max-drop (wide here: a 2-epoch digits baseline)
     runner = CliRunner()
@@ -62,9 +66,12 @@ def test_run_end_to_end_then_cached_rerun(tmp_path):
     assert json.loads((newest / "report.json").read_text())["baseline"]["cached"] is True
 
 
+@pytest.mark.slow
+@pytest.mark.parties
 def test_interrupted_run_resumes(tmp_path, monkeypatch):
     # the count selector's default: one budget, 1/10 of the ReLUs
-    cfg = RunConfig(model="small_cnn", data="digits", baseline_epochs=2, epochs=1, samples=4, selector="count")
+    opt = OptimizeConfig(epochs=1, selector="count", pricing=Pricing(cache=str(tmp_path / "cache")))
+    cfg = RunConfig(model="small_cnn", data="digits", baseline_epochs=2, samples=4, optimize=opt)
     real = pipeline.optimize
 
     def interrupted(*a, **k):
@@ -72,11 +79,11 @@ def test_interrupted_run_resumes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pipeline, "optimize", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        pipeline.run(cfg, runs_dir=tmp_path / "runs", cache=tmp_path / "cache")
+        pipeline.run(cfg, runs_dir=tmp_path / "runs")
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # nothing half-written
     monkeypatch.setattr(pipeline, "optimize", real)
     logs = []
-    r = pipeline.run(cfg, runs_dir=tmp_path / "runs", cache=tmp_path / "cache", log=logs.append)
+    r = pipeline.run(cfg, runs_dir=tmp_path / "runs", log=logs.append)
     assert r.baseline["cached"] is True and any("reusing" in m for m in logs)
     assert r.optimized[0]["budget"] == r.baseline["relu"] // 10
 

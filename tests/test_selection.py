@@ -9,13 +9,13 @@ from relu_opt.activations import MaskedSite, Poly
 from relu_opt.backends import WAN
 from relu_opt.backends.crypten.calibration import calibrate
 from relu_opt.backends.crypten.cost_model import features
-from relu_opt.calibration import refit_in_order
 from relu_opt.data import load_dataset
 from relu_opt.graph import propagate_shapes, trace
 from relu_opt.models import create_model
 from relu_opt.optimizer import OptimizeConfig, optimize
 from relu_opt.passes.pi import prepare_for_pi
 from relu_opt.passes.replace import replace_sites, site_op
+from relu_opt.poly_fit import refit_in_order
 from relu_opt.ranking import Criticality
 from relu_opt.selection import Constraints, Prices, SitePrice, get_selector
 from relu_opt.sites import SiteInfo
@@ -43,7 +43,7 @@ def _open_sites(sel) -> int:
 
 def test_latency_selector_packs_the_budget_into_few_sites():
     sites, crit, prices = _toy()
-    c = Constraints(relu=100)
+    c = Constraints(elements=100)
     count = get_selector("count").select(crit, sites, c, prices)
     latency = get_selector("latency").select(crit, sites, c, prices)
     for sel in (count, latency):
@@ -76,7 +76,7 @@ def test_refit_in_order_keeps_a_deep_polynomial_stack_bounded():
     model = create_model("resnet20", num_classes=10, in_channels=1).eval()
     x = torch.randn(64, 1, 28, 28)
     gm = propagate_shapes(trace(model), x[:1])
-    from relu_opt.calibration import collect_stats, fit_poly
+    from relu_opt.poly_fit import collect_stats, fit_poly
 
     stats = collect_stats(gm, [x])
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -92,10 +92,12 @@ def test_refit_in_order_keeps_a_deep_polynomial_stack_bounded():
     assert abs(after / ref - 1) < 0.5
 
 
+@pytest.mark.slow
+@pytest.mark.parties
 def test_optimize_reports_modeled_costs_that_match_the_exported_model(tmp_path):
     """The selection's modeled rounds are those of the cost model on the model optimize saved."""
     from relu_opt.plan import load
-    from relu_opt.train import TrainConfig, fit
+    from relu_opt.training import TrainConfig, fit
 
     torch.manual_seed(0)
     data = load_dataset("synthetic")
@@ -107,7 +109,7 @@ def test_optimize_reports_modeled_costs_that_match_the_exported_model(tmp_path):
         cfg = OptimizeConfig(budget=300, epochs=0, strategy="random", rank_samples=64, selector=selector)
         results[selector] = optimize(model, data, cfg, tmp_path / selector, base_spec="small_cnn", progress=False)
     lat, count = results["latency"], results["count"]
-    assert lat.relu_after <= 300 and count.relu_after <= 300
+    assert lat.elements_after <= 300 and count.elements_after <= 300
     for name, r in results.items():
         prepared = prepare_for_pi(load(tmp_path / name), data.val.x[:1])
         assert r.selection["rounds"] == pytest.approx(cost.rounds(features(prepared)), abs=0.5), name
@@ -115,11 +117,13 @@ def test_optimize_reports_modeled_costs_that_match_the_exported_model(tmp_path):
     assert lat.selection["rounds"] < count.selection["rounds"]
 
 
+@pytest.mark.slow
+@pytest.mark.parties
 def test_no_budget_finds_the_lowest_latency_within_the_accuracy_limit(tmp_path):
     """Latency targets cheapest first: one no model fits is skipped (and remembered), one whose accuracy
     falls too far fails, the first that holds is the result; a rerun reads the ledger instead of redoing."""
     from relu_opt.optimizer import modeled_latency, optimize_lowest_latency
-    from relu_opt.train import TrainConfig, fit
+    from relu_opt.training import TrainConfig, fit
 
     torch.manual_seed(0)
     data = load_dataset("synthetic")
@@ -168,7 +172,7 @@ def test_refit_in_order_moves_the_training_clamp_to_the_new_inputs():
     model = create_model("small_cnn", num_classes=4, in_channels=1).eval()
     x = torch.randn(32, 1, 12, 12)
     gm = propagate_shapes(trace(model), x[:1])
-    from relu_opt.calibration import collect_stats, fit_poly
+    from relu_opt.poly_fit import collect_stats, fit_poly
 
     nodes = {n.name: n for n in gm.graph.nodes}
     stats = collect_stats(gm, [x])

@@ -6,11 +6,11 @@ import torch
 from torch import nn
 
 from relu_opt.activations import Poly
-from relu_opt.calibration import collect_stats
 from relu_opt.data import load_dataset
 from relu_opt.graph import trace
+from relu_opt.poly_fit import collect_stats
 from relu_opt.replacements import SiteContext, replacement_for
-from relu_opt.train import TrainConfig, TrainingDiverged, evaluate, fit, recalibrate_bn
+from relu_opt.training import TrainConfig, TrainingDiverged, evaluate, fit, refresh_bn_stats
 
 RELU_FIT = [0.12, 0.5, 0.35]  # about the least-squares quadratic to ReLU on N(0, 1)
 
@@ -71,7 +71,7 @@ def test_recalibrate_bn_replaces_poisoned_statistics():
         bn.running_var.fill_(3.3e11)  # what one exploding batch left in a ResNet-20 fine-tune (step 210)
     poisoned = evaluate(model, data.val)[1]
     model.eval()
-    assert recalibrate_bn(model, data.train, num_batches=2, batch_size=200) == 1
+    assert refresh_bn_stats(model, data.train, num_batches=2, batch_size=200) == 1
     with torch.no_grad():
         h = model[0](data.train.x[:400])
     assert torch.allclose(bn.running_mean, h.mean((0, 2, 3)), atol=1e-5)

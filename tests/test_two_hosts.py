@@ -178,6 +178,8 @@ def _two_parties(args_of, timeout=180, dealer=False):
     return [(p.returncode, *p.communicate(timeout=timeout)) for p in procs if p.wait(timeout=timeout) is not None]
 
 
+@pytest.mark.slow
+@pytest.mark.parties
 def test_world_size_mismatch_stops_both_parties_with_one_line():
     results = _two_parties(lambda r: ["link", "--master-addr", "127.0.0.1", "--world-size", str(2 + r)], 60)
     for code, _, err in results:
@@ -186,6 +188,8 @@ def test_world_size_mismatch_stops_both_parties_with_one_line():
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
+@pytest.mark.parties
 def test_a_dealer_that_disagrees_stops_every_process_with_one_line():
     common = ["bench", "small_cnn", "--input-shape", "1,1,28,28", "--samples", "1", "--timeout", "60"]
     results = _two_parties(lambda i: [*common, "--world-size", "3" if i == 2 else "2"], 120, dealer=True)
@@ -196,6 +200,8 @@ def test_a_dealer_that_disagrees_stops_every_process_with_one_line():
     assert "the dealer was started with --world-size 3" in results[0][2]  # party 0 names the culprit
 
 
+@pytest.mark.slow
+@pytest.mark.parties
 def test_different_models_stop_before_any_encrypted_work():
     common = ["bench", "small_cnn", "--input-shape", "1,1,28,28", "--world-size", "2", "--timeout", "60"]
     results = _two_parties(lambda r: [*common, "--num-classes", str(10 - 5 * r)], 120)
@@ -205,6 +211,8 @@ def test_different_models_stop_before_any_encrypted_work():
         assert "CrypTen, 2 parties" not in out
 
 
+@pytest.mark.slow
+@pytest.mark.parties
 def test_two_parties_bench_one_query_at_a_time_and_must_agree_on_the_batch(tmp_path):
     common = ["bench", "small_cnn", "--input-shape", "1,1,28,28", "--world-size", "2", "--samples", "3"]
     results = _two_parties(lambda r: [*common, "--batch", str(1 + r), "--timeout", "60"], 120)
@@ -221,6 +229,8 @@ def test_two_parties_bench_one_query_at_a_time_and_must_agree_on_the_batch(tmp_p
     assert d[0]["models"][0]["rounds"] == 3 * 9 + 4  # one query: the same rounds as any batch
 
 
+@pytest.mark.slow
+@pytest.mark.parties
 def test_link_measures_the_local_link(tmp_path):
     results = _two_parties(lambda r: ["link", "--master-addr", "127.0.0.1", "--json", str(tmp_path / f"{r}.json")])
     for code, out, err in results:
@@ -234,6 +244,9 @@ def test_link_measures_the_local_link(tmp_path):
 SHAPED_MBIT = 50
 
 
+@pytest.mark.slow
+@pytest.mark.parties
+@pytest.mark.multihost
 @pytest.mark.skipif(_shaped_link().available() is not None, reason="needs root with ip and tc")
 def test_three_namespaces_on_a_shaped_link_match_the_latency_model(tmp_path):
     """Party 0, party 1 and the dealer each on a host of their own (network namespaces on a bridge), links
@@ -273,6 +286,9 @@ def _delayed_link():
     return mod
 
 
+@pytest.mark.slow
+@pytest.mark.parties
+@pytest.mark.multihost
 @pytest.mark.skipif(_delayed_link().available() is not None, reason="needs root with ip, tc and ethtool")
 def test_a_round_costs_the_round_trips_the_model_counts_on_a_delayed_link(tmp_path):
     """On hosts 20 ms apart (a user-space delaying hub): Gloo's collectives take the round trips the
@@ -285,7 +301,7 @@ def test_a_round_costs_the_round_trips_the_model_counts_on_a_delayed_link(tmp_pa
         measured = dl.collective_round_trips(10, world)
         assert 15 < measured["rtt_ms"] < 30
         for name in ("all_reduce", "all_gather", "broadcast"):
-            assert measured[name] == pytest.approx(ROUND_TRIPS[name](world), abs=0.15), (world, name)
+            assert measured[name] == pytest.approx(ROUND_TRIPS[name](world), abs=0.3), (world, name)
     res = dl.bench_on_delay(10, ["small_cnn", "--input-shape", "1,1,28,28"], tmp_path, runs=1)
     rtt = res["link"]["rtt_ms"] / 1e3
     for m in res["bench"]["models"]:  # original and floor

@@ -134,6 +134,59 @@ class HostRole:
     def is_dealer(self) -> bool:
         return self.role == "dealer"
 
+    @classmethod
+    def from_options(
+        cls,
+        role: str | None,
+        rank: int | None,
+        world_size: int | None = None,
+        parties: int = 2,
+        master_addr: str | None = None,
+        master_port: int | None = None,
+        ifname: str | None = None,
+    ) -> HostRole | None:
+        """Return the HostRole of a separate-hosts run from role and rank (None: neither, a local run);
+        raise ConfigError on a combination that does not fit, or host options a local run would ignore."""
+        from relu_opt import validation
+        from relu_opt.errors import ConfigError
+
+        if role is None and rank is None:
+            given = [
+                n
+                for n, v in (
+                    ("--world-size", world_size),
+                    ("--master-addr", master_addr),
+                    ("--master-port", master_port),
+                    ("--ifname", ifname),
+                )
+                if v is not None
+            ]
+            if given:
+                raise ConfigError(
+                    f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for parties on separate hosts (with "
+                    "--rank or --role dealer); leave them out for a local bench, or use --parties"
+                )
+            return None
+        if world_size is not None and parties not in (2, world_size):
+            raise ConfigError(
+                f"--parties {parties} and --world-size {world_size} disagree; on separate hosts give --world-size"
+            )
+        world_size = world_size or parties
+        validation.check_choice("--role", role or "party", ("party", "dealer"))
+        validation.check_int("--world-size", world_size, 2)
+        validation.check_int("--master-port", master_port, 1, 65535)
+        if master_addr is not None and not master_addr.strip():
+            raise ConfigError("--master-addr is empty; give party 0's address, e.g. --master-addr 10.0.0.1")
+        addr, port = master_addr or "127.0.0.1", master_port or 29500
+        if role == "dealer":
+            if rank is not None:
+                raise ConfigError("--role dealer takes no --rank (the dealer is not a party); leave --rank out")
+            return cls("dealer", world_size, world_size, addr, port, ifname)
+        if rank is None:
+            raise ConfigError("--role party needs --rank N (0 owns the model, 1 the input)")
+        validation.check_int("--rank", rank, 0, world_size - 1)
+        return cls("party", rank, world_size, addr, port, ifname)
+
 
 @dataclass(frozen=True)
 class PartyRun:

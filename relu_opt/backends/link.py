@@ -13,7 +13,7 @@ import torch
 
 from relu_opt.backends import rendezvous as rdv
 from relu_opt.backends.network import Network
-from relu_opt.errors import BackendError
+from relu_opt.errors import BackendError, last_line
 
 PINGS = 30
 MAX_BYTES = 64 << 20
@@ -156,7 +156,7 @@ def measure_link(
     try:
         dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world_size)
     except Exception as exc:
-        raise BackendError(f"party {rank} could not open the Gloo group over {iface}: {rdv._first_line(exc)}") from None
+        raise BackendError(f"party {rank} could not open the Gloo group over {iface}: {last_line(exc)}") from None
     try:
         rtts, medians, one_way, duplex, probe = [], [], {}, {}, 0
         for peer in range(1, world_size):

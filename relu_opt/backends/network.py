@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from relu_opt.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Network:
@@ -55,14 +57,16 @@ NAMED = {"lan": LAN, "wan": WAN}
 def parse_network(name: str, text: str) -> Network:
     """Return a Network from 'RTT_MS,MB_PER_S' (e.g. '40,100'), or from 'lan' / 'wan'; ValueError with the
     accepted forms otherwise (a negative, zero bandwidth or non-finite value included)."""
+    if not isinstance(text, str):
+        raise ConfigError(f"--{name} {text!r} must be RTT_MS,MB_PER_S, e.g. 40,100, or lan / wan")
     if text in NAMED:
         return NAMED[text]
     try:
         rtt, bw = (float(v) for v in text.split(","))
     except ValueError:
-        raise ValueError(f"--{name} '{text}' must be RTT_MS,MB_PER_S, e.g. 40,100, or lan / wan") from None
+        raise ConfigError(f"--{name} '{text}' must be RTT_MS,MB_PER_S, e.g. 40,100, or lan / wan") from None
     if not (rtt >= 0 and bw > 0) or rtt == float("inf") or bw == float("inf"):
-        raise ValueError(f"--{name} '{text}' needs a round-trip time >= 0 and a bandwidth > 0, e.g. 40,100")
+        raise ConfigError(f"--{name} '{text}' needs a round-trip time >= 0 and a bandwidth > 0, e.g. 40,100")
     return Network(name, rtt / 1e3, bw * 1e6)
 
 
@@ -74,10 +78,10 @@ def load_link(text: str) -> Network:
             d = json.loads(path.read_text())
             net = Network("link", float(d["rtt_ms"]) / 1e3, float(d["bandwidth_MBps"]) * 1e6)
         except (OSError, ValueError, KeyError, TypeError):
-            raise ValueError(
+            raise ConfigError(
                 f"--link {text} is not a JSON file written by `relu-opt link --json`; give it or RTT_MS,MB_PER_S"
             ) from None
-        if not (net.rtt_s >= 0 and net.bandwidth_Bps > 0):
-            raise ValueError(f"--link {text} holds a negative RTT or a bandwidth <= 0; measure it again")
+        if not (0 <= net.rtt_s < float("inf") and 0 < net.bandwidth_Bps < float("inf")):
+            raise ConfigError(f"--link {text} holds a negative RTT or a bandwidth <= 0; measure it again")
         return net
     return parse_network("link", text)

@@ -16,11 +16,11 @@ from relu_opt.errors import ConfigError
 
 @dataclass(frozen=True)
 class Pricing:
-    """What prices a plan: backend, dealer ("" = the backend's honest default), parties, the network the
+    """What prices a plan: backend, dealer (None = the backend's honest default), parties, the network the
     latency selector prices (lan, wan or RTT_MS,MB_PER_S) and the cost-model cache (None: the default)."""
 
     backend: str = DEFAULT_BACKEND
-    dealer: str = ""
+    dealer: str | None = None
     parties: int = 2
     network: str = "wan"
     cache: str | None = None
@@ -28,6 +28,10 @@ class Pricing:
     def __post_init__(self) -> None:
         if not isinstance(self.parties, int) or isinstance(self.parties, bool) or self.parties < 2:
             raise ConfigError(f"--parties {self.parties!r} must be a whole number of at least 2")
+        if self.cache is not None:
+            from relu_opt.validation import check_output_dir
+
+            check_output_dir(self.cache, "--cache-dir")
         self.engine()  # an unknown backend fails here, with the choices
         self.dealer_info()
         self.net()
@@ -40,11 +44,11 @@ class Pricing:
 
     def dealer_info(self) -> Dealer:
         """Return the Dealer this pricing measures with."""
-        return self.engine().dealer(self.dealer or None)
+        return self.engine().dealer(self.dealer)
 
     @property
     def dealer_name(self) -> str:
-        return self.dealer or self.engine().default_dealer
+        return self.engine().default_dealer if self.dealer is None else self.dealer
 
     @property
     def insecure(self) -> str | None:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import onnx
 
-from relu_opt.errors import BackendError
+from relu_opt.errors import BackendError, last_line
 
 if TYPE_CHECKING:
     from torch.distributed import Store, TCPStore
@@ -223,7 +223,7 @@ def open_store(rank: int | str, master_addr: str, master_port: int, timeout: flo
                 raise RendezvousError(
                     f"--master-port {master_port} is already in use on this host; pick a free port for every party"
                 ) from None
-            raise RendezvousError(f"party 0 cannot listen on {master_addr}:{master_port}: {_first_line(exc)}") from None
+            raise RendezvousError(f"party 0 cannot listen on {master_addr}:{master_port}: {last_line(exc)}") from None
     # wait for party 0's port ourselves: torch's own retries print C++ stack traces when they give up
     deadline, last = time.monotonic() + timeout, "no answer"
     while True:
@@ -241,12 +241,7 @@ def open_store(rank: int | str, master_addr: str, master_port: int, timeout: flo
     try:
         return TCPStore(master_addr, master_port, None, False, wait)
     except Exception as exc:
-        raise RendezvousError(f"party 0 at {master_addr}:{master_port} did not answer: {_first_line(exc)}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [s.strip() for s in str(exc).strip().splitlines() if s.strip()]
-    return lines[-1] if lines else type(exc).__name__
+        raise RendezvousError(f"party 0 at {master_addr}:{master_port} did not answer: {last_line(exc)}") from None
 
 
 def _name(member: int | str) -> str:

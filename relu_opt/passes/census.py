@@ -85,7 +85,7 @@ class _Item:
     shape: tuple[int, ...] = field(default=())
 
 
-def _meta_shape(node) -> tuple[int, ...] | None:
+def meta_shape(node) -> tuple[int, ...] | None:
     meta = getattr(node, "meta", {}).get("tensor_meta") if isinstance(node, fx.Node) else None
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
@@ -99,7 +99,7 @@ def _arg(node: fx.Node, index: int, name: str, default=None):
 
 
 def _maxpool_comparisons(node: fx.Node, mod: nn.Module | None, out: tuple[int, ...]) -> int:
-    in_shape = _meta_shape(node.args[0]) or out
+    in_shape = meta_shape(node.args[0]) or out
     ndim = len(out) - 2
     if mod is not None:
         k = getattr(mod, "kernel_size", None)
@@ -124,7 +124,7 @@ def node_ops(gm: fx.GraphModule, node: fx.Node) -> tuple[tuple[str, int], ...]:
 
 
 def _classify(gm: fx.GraphModule, node: fx.Node) -> tuple[tuple[str, int], ...]:
-    out = _meta_shape(node)
+    out = meta_shape(node)
     if out is None:
         return ()
     mod = gm.get_submodule(node.target) if node.op == "call_module" else None
@@ -145,34 +145,34 @@ def annotate(gm: fx.GraphModule) -> fx.GraphModule:
     Needs shapes (relu_opt.graph.propagate_shapes); nodes without a shape are left unannotated."""
     for node in gm.graph.nodes:
         node.meta.pop(KIND_META, None)
-        if _meta_shape(node) is not None:
+        if meta_shape(node) is not None:
             node.meta[KIND_META] = _classify(gm, node)
     return gm
 
 
 def node_macs(gm: fx.GraphModule, node: fx.Node) -> int:
     """Return the multiply-accumulates per sample of a conv, linear or matmul node (else 0)."""
-    out = _meta_shape(node)
+    out = meta_shape(node)
     if out is None:
         return 0
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
         if isinstance(mod, nn.modules.conv._ConvNd):
             # Each output (input, when transposed) element is a dot product over weight[1:].
-            src = _meta_shape(node.args[0]) if mod.transposed else out
+            src = meta_shape(node.args[0]) if mod.transposed else out
             return _per_sample(src or out) * math.prod(mod.weight.shape[1:])
         if isinstance(mod, nn.Linear):
             return _per_sample(out) * mod.in_features
         return 0
     if node.op == "call_function":
         if node.target in (F.conv1d, F.conv2d, F.conv3d):
-            w = _meta_shape(_arg(node, 1, "weight"))
+            w = meta_shape(_arg(node, 1, "weight"))
             return _per_sample(out) * math.prod(w[1:]) if w else 0
         if node.target is F.linear:
-            w = _meta_shape(_arg(node, 1, "weight"))
+            w = meta_shape(_arg(node, 1, "weight"))
             return _per_sample(out) * w[-1] if w else 0
         if node.target in (torch.matmul, torch.bmm, torch.mm, operator.matmul):
-            a = _meta_shape(node.args[0])
+            a = meta_shape(node.args[0])
             return _per_sample(out) * a[-1] if a else 0
     return 0
 
@@ -207,7 +207,7 @@ def census(gm: fx.GraphModule, model_name: str = "", input_shape: tuple[int, ...
     annotate(gm)
     for node in gm.graph.nodes:
         for kind, elements in node_ops(gm, node):
-            items.append(_Item(node, _target_name(node), kind, int(elements), _meta_shape(node)[1:]))
+            items.append(_Item(node, _target_name(node), kind, int(elements), meta_shape(node)[1:]))
     totals = Counter()
     for it in items:
         totals[it.kind] += it.elements

@@ -60,7 +60,7 @@ def _channel_axis_ok(mod: nn.Module, shape: tuple[int, ...] | None, per_channel:
     return shape is not None and len(shape) == 2
 
 
-def _scale_output(mod: nn.Module, scale: Tensor, shift: Tensor) -> nn.Module | None:
+def scale_output(mod: nn.Module, scale: Tensor, shift: Tensor) -> nn.Module | None:
     """Return a copy of the layer `mod` computing (mod(x) + shift) * scale per output channel, or None."""
     if not isinstance(mod, (*_CONV, nn.Linear, ChannelAffine)):
         return None
@@ -79,7 +79,7 @@ def _scale_output(mod: nn.Module, scale: Tensor, shift: Tensor) -> nn.Module | N
     return new
 
 
-def _scale_input(mod: nn.Module, a: Tensor) -> nn.Module | None:
+def scale_input(mod: nn.Module, a: Tensor) -> nn.Module | None:
     """Return a copy of the layer `mod` with its input channels scaled by `a`, or None."""
     new = copy.deepcopy(mod)
     with torch.no_grad():
@@ -138,8 +138,8 @@ def fold_poly(gm: fx.GraphModule, max_offset: float = 1024.0) -> fx.GraphModule:
         k = c - b * b / (4 * a)
         if float(k.abs().max()) > max_offset:
             continue
-        new_prev = _scale_output(before, a.abs().sqrt(), b / (2 * a))
-        new_next = _scale_input(after, a.sign())
+        new_prev = scale_output(before, a.abs().sqrt(), b / (2 * a))
+        new_next = scale_input(after, a.sign())
         if new_prev is None or new_next is None:
             continue
         set_submodule(gm, prev.target, new_prev)

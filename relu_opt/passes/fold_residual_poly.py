@@ -25,7 +25,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from relu_opt.activations import ChannelAffine, Poly
-from relu_opt.passes.fold_poly import OffsetSquare, _scale_input, _scale_output
+from relu_opt.passes.fold_poly import OffsetSquare, scale_input, scale_output
 from relu_opt.passes.utils import set_submodule
 
 _LINEAR = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, ChannelAffine)
@@ -55,7 +55,7 @@ class _Fold:
         mod = self.linear(reader)
         if mod is None or isinstance(mod, nn.Linear) and _rank(reader.args[0]) != 2:
             return False
-        new = _scale_input(mod, 1 / s)
+        new = scale_input(mod, 1 / s)
         if new is None:
             return False
         self.mods[reader.target] = new
@@ -76,7 +76,7 @@ class _Fold:
         if lin is not None:
             if isinstance(lin, nn.Linear) and _rank(n) != 2:
                 return False
-            new = _scale_output(lin, s, torch.zeros_like(s) if t is None else t / s)
+            new = scale_output(lin, s, torch.zeros_like(s) if t is None else t / s)
             if new is None:
                 return False
             self.mods[n.target] = new

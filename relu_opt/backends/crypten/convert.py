@@ -16,7 +16,7 @@ from relu_opt import ops
 from relu_opt.backends.crypten.compat import import_crypten, repair_for_crypten
 from relu_opt.backends.crypten.lower import lower_for_crypten
 from relu_opt.errors import BackendError
-from relu_opt.export import to_onnx_bytes
+from relu_opt.onnx_export import to_onnx_bytes
 from relu_opt.passes.base import GraphPass
 from relu_opt.passes.pi import prepare_for_pi
 

@@ -22,7 +22,7 @@ from torch import nn
 from relu_opt import ops
 from relu_opt.activations import ChannelAffine, Poly
 from relu_opt.backends.base import Cost, CostModel
-from relu_opt.passes.census import _meta_shape, node_ops
+from relu_opt.passes.census import meta_shape, node_ops
 
 # Features the calibration suite measures: linear parts, and every non-linear kind CrypTen runs (as
 # lowered by relu_opt/backends/crypten/lower.py). A kind outside this list counts under its op-table cost category.
@@ -96,7 +96,7 @@ def features(gm: fx.GraphModule, batch: int = 1) -> CostFeatures:
 def node_features(gm: fx.GraphModule, node: fx.Node, batch: int = 1) -> CostFeatures:
     """Return the cost features of one node of a shape-propagated, CrypTen-prepared GraphModule."""
     counts, elements, outputs = Counter(), Counter(), Counter()
-    out = _meta_shape(node)
+    out = meta_shape(node)
     if out is None:
         return CostFeatures({}, {})
     per_sample = math.prod(out[1:])
@@ -104,13 +104,13 @@ def node_features(gm: fx.GraphModule, node: fx.Node, batch: int = 1) -> CostFeat
     product = _elementwise_product(node)
     if isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)):
         # Beaver multiplication opens both the input and the (encrypted) weights.
-        in_shape = _meta_shape(node.args[0]) or out
+        in_shape = meta_shape(node.args[0]) or out
         counts["linear"] += 1
         elements["linear"] += batch * math.prod(in_shape[1:]) + mod.weight.numel()
     elif node.op == "call_function" and node.target in _MATMULS:
         # encrypted x encrypted (attention): Beaver triples open both operands
         counts["matmul"] += 1
-        elements["matmul"] += batch * sum(math.prod((_meta_shape(a) or (1,))[1:]) for a in node.args[:2])
+        elements["matmul"] += batch * sum(math.prod((meta_shape(a) or (1,))[1:]) for a in node.args[:2])
     elif product:  # a Beaver multiplication of encrypted values outside any site
         counts[product] += 1
         elements[product] += batch * per_sample

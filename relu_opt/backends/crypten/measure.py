@@ -18,7 +18,7 @@ from relu_opt.backends.crypten.convert import crypten_onnx
 from relu_opt.backends.crypten.launch import launch_local
 from relu_opt.backends.crypten.party import PartyJob, start_watchdog
 from relu_opt.backends.crypten.party import run as run_party
-from relu_opt.export import onnx_census
+from relu_opt.onnx_export import onnx_census
 from relu_opt.private_tmp import private_dir
 
 
@@ -62,7 +62,7 @@ def measurements(results: list[dict], names: Sequence[str], counts: Sequence[tup
     return out
 
 
-def _write_models(models: Sequence[tuple[str, fx.GraphModule]], x: torch.Tensor, folder: Path):
+def write_models(models: Sequence[tuple[str, fx.GraphModule]], x: torch.Tensor, folder: Path):
     """Write each prepared model's CrypTen ONNX to `folder`; return (specs, counts, ONNX bytes)."""
     specs, counts, blobs = [], [], []
     for name, gm in models:
@@ -96,7 +96,7 @@ def measure(
     with private_dir("bench") as tmp:
         work = Path(workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        specs, counts, _ = _write_models(models, x, work)
+        specs, counts, _ = write_models(models, x, work)
         torch.save(x.clone(), work / "inputs.pt")
         job = PartyJob(
             rank=0,
@@ -135,7 +135,7 @@ def run_host(
     from relu_opt.backends import rendezvous as rdv
 
     with private_dir("party") as tmp:
-        specs, counts, blobs = _write_models(models, x, Path(tmp))
+        specs, counts, blobs = write_models(models, x, Path(tmp))
         torch.save(x.clone(), Path(tmp) / "inputs.pt")
         job = {
             "command": "bench",

@@ -31,7 +31,7 @@ import torch
 from onnx import numpy_helper
 
 from relu_opt import atomic
-from relu_opt.errors import BackendError
+from relu_opt.errors import BackendError, first_line
 
 MODEL_OWNER = 0
 DATA_OWNER = 1
@@ -84,7 +84,7 @@ def start_watchdog(job: PartyJob) -> None:
 
     def fail(msg: str) -> None:
         with contextlib.suppress(OSError):  # the result's folder may be gone already
-            _write_error(job.result, job.rank, msg)
+            write_error(job.result, job.rank, msg)
         print(f"error: {msg}", file=sys.stderr, flush=True)
         os._exit(2)
 
@@ -99,20 +99,20 @@ def start_watchdog(job: PartyJob) -> None:
             since = _WAITING.get("dealer")
             if since is not None and time.monotonic() - since > max(DEALER_WAIT_S, job.timeout / 4):
                 fail(
-                    f"{_who(job)} waited {time.monotonic() - since:.0f}s for one answer of the dealer; the dealer "
+                    f"{who(job)} waited {time.monotonic() - since:.0f}s for one answer of the dealer; the dealer "
                     "hung or its link is down"
                 )
             if time.monotonic() > deadline:
-                fail(f"{_who(job)} did not finish within --timeout {job.timeout:g}s")
+                fail(f"{who(job)} did not finish within --timeout {job.timeout:g}s")
 
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _who(job: PartyJob) -> str:
+def who(job: PartyJob) -> str:
     return "the dealer" if job.role == "dealer" else f"party {job.rank}"
 
 
-def _write_error(result: str, rank: int, message: str) -> None:
+def write_error(result: str, rank: int, message: str) -> None:
     atomic.write_json(result, {"rank": rank, "ok": False, "error": message})
 
 
@@ -167,18 +167,13 @@ def _failure(job: PartyJob, exc: BaseException) -> str:
     lost = re.search(r"(Connection (?:closed|reset) by peer|Read error|Broken pipe)[^\[]*\[([^\]]+)\]:(\d+)", text)
     if lost:
         return (
-            f"{_who(job)} lost its connection to the process at {lost[2]} (party 0, another party or the dealer "
+            f"{who(job)} lost its connection to the process at {lost[2]} (party 0, another party or the dealer "
             "stopped, or its host went away; that process's own message says why)"
         )
-    return f"{_who(job)} failed: {type(exc).__name__}: {_first_line(exc)}"
+    return f"{who(job)} failed: {type(exc).__name__}: {first_line(exc)}"
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _init_crypten(job: PartyJob, rank: int):
+def init_crypten(job: PartyJob, rank: int):
     """Return crypten, initialised as `rank` of this job with its dealer's provider."""
     warnings.filterwarnings("ignore", category=UserWarning, module="crypten")
     warnings.filterwarnings("ignore", message="CrypTen is already initialized", category=RuntimeWarning)
@@ -223,7 +218,7 @@ def _watch_dealer_seed() -> None:
 
 def _serve(job: PartyJob) -> dict:
     """Be the dealer: CrypTen's TTPServer, until party 0 sends "terminate"; return its traffic."""
-    crypten = _init_crypten(job, job.world_size)
+    crypten = init_crypten(job, job.world_size)
     from crypten.mpc.provider import TTPServer
 
     from relu_opt.backends.crypten.traffic import TrafficCounter
@@ -259,7 +254,7 @@ def _watch_dealer() -> None:
             return request(*args, **kwargs)
         except RuntimeError as exc:
             raise BackendError(
-                f"party 0 lost the dealer ({_first_line(exc)}); check that the dealer (--role dealer) is running"
+                f"party 0 lost the dealer ({first_line(exc)}); check that the dealer (--role dealer) is running"
             ) from exc
         finally:
             _WAITING.pop("dealer", None)
@@ -268,7 +263,7 @@ def _watch_dealer() -> None:
 
 
 def _run(job: PartyJob) -> dict:
-    crypten = _init_crypten(job, job.rank)
+    crypten = init_crypten(job, job.rank)
     if crypten.mpc.ttp_required() and job.rank == 0:
         _watch_dealer()
     comm = crypten.communicator.get()
@@ -341,9 +336,9 @@ def main(argv: list[str] | None = None) -> int:
         from relu_opt.errors import ReluOptError
 
         if isinstance(exc, ReluOptError):
-            _write_error(job.result, job.rank, str(exc))
+            write_error(job.result, job.rank, str(exc))
         else:
-            _write_error(job.result, job.rank, f"{_who(job)} failed: {type(exc).__name__}: {_first_line(exc)}")
+            write_error(job.result, job.rank, f"{who(job)} failed: {type(exc).__name__}: {first_line(exc)}")
         traceback.print_exc()
         return 1
     return 0

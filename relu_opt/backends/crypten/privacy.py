@@ -114,11 +114,11 @@ def attack_input(
     """Run the prepared models as the bench does (2 parties, and the dealer when `dealer` has one) on the
     client's input `x`, record party 0's view, and return the best reconstruction of `x` from it."""
     from relu_opt.backends.crypten.launch import launch_local
-    from relu_opt.backends.crypten.measure import _write_models
+    from relu_opt.backends.crypten.measure import write_models
 
     with private_dir("privacy") as tmp:
         work = Path(tmp)
-        specs, _, _ = _write_models(models, x, work)
+        specs, _, _ = write_models(models, x, work)
         torch.save(x.clone(), work / "inputs.pt")
         job = party.PartyJob(0, 2, "127.0.0.1", 0, specs, list(x.shape), "", str(work / "inputs.pt"))
         job = party.PartyJob(**{**job.__dict__, "warmup": 0, "runs": 1, "timeout": timeout, "dealer": dealer})
@@ -140,20 +140,20 @@ def main(argv: list[str] | None = None) -> int:
             import_crypten()
             view = _View(job.input_shape)
             view.install()
-            original_init = party._init_crypten
+            original_init = party.init_crypten
 
             def init_and_watch(*args, **kwargs):
                 crypten = original_init(*args, **kwargs)
                 view.watch_comm()
                 return crypten
 
-            party._init_crypten = init_and_watch
+            party.init_crypten = init_and_watch
         result = party.run(job)
         if view is not None:
             result["view"] = view.to_json()
         atomic.write_json(job.result, result)
     except BaseException as exc:
-        party._write_error(job.result, job.rank, f"{party._who(job)} failed: {type(exc).__name__}: {exc}")
+        party.write_error(job.result, job.rank, f"{party.who(job)} failed: {type(exc).__name__}: {exc}")
         traceback.print_exc()
         return 1
     return 0

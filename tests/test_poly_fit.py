@@ -1,8 +1,8 @@
 import torch
 
-from relu_opt.calibration import _accumulate, collect_stats, fit_error, fit_poly
 from relu_opt.graph import propagate_shapes, trace
 from relu_opt.models import create_model
+from relu_opt.poly_fit import _accumulate, collect_stats, fit_error, fit_poly
 
 # Stated bound: on a Gaussian pre-activation with mean >= 0 the best quadratic leaves a relative MSE
 # E[(p - relu)^2] / E[relu^2] of at most about 0.023 (at mean 0); the fit must stay under 0.025 there.

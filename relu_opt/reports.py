@@ -7,6 +7,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from relu_opt import atomic
+from relu_opt.optimizer.result import elements_of
+
+
+def method_of(run_config: dict) -> dict:
+    """Return a run config's model, data and optimize options in one dict (older runs kept them flat)."""
+    return {**run_config.get("optimize", {}), **{k: v for k, v in run_config.items() if k != "optimize"}}
+
+
+def after(o: dict) -> int:
+    """Return the elements an OptimizeResult dict kept (older reports: relu_after)."""
+    return elements_of(o, "elements_after")
 
 
 def _md_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -67,7 +78,7 @@ def _start_words(finetune: dict) -> str:
 
 def optimize_markdown(r, modeled: dict | None = None) -> str:
     """Return report.md for one OptimizeResult (with its modeled costs, when known)."""
-    fold = r.relu_before / max(r.relu_after, 1)
+    fold = r.elements_before / max(r.elements_after, 1)
     head = (
         f"# relu-opt: {_budget(r)}\n\n"
         f"Strategy `{r.strategy}`, replacement `{r.replace}`, granularity `{r.granularity}`."
@@ -76,10 +87,10 @@ def optimize_markdown(r, modeled: dict | None = None) -> str:
         + _md_table(
             ["", "ReLUs per sample", "test accuracy", "validation accuracy"],
             [
-                ["before", f"{r.relu_before:,}", f"{r.accuracy_before:.2f}%", f"{r.val_accuracy_before:.2f}%"],
+                ["before", f"{r.elements_before:,}", f"{r.accuracy_before:.2f}%", f"{r.val_accuracy_before:.2f}%"],
                 [
                     "after",
-                    f"{r.relu_after:,} ({fold:.1f}x fewer)",
+                    f"{r.elements_after:,} ({fold:.1f}x fewer)",
                     f"{r.accuracy_after:.2f}%",
                     f"{r.val_accuracy_after:.2f}%",
                 ],
@@ -271,7 +282,7 @@ def write_pareto(results, outdir: Path) -> None:
     rows = [
         {
             "budget": r.budget,
-            "relu": r.relu_after,
+            "relu": r.elements_after,
             "test_accuracy": r.accuracy_after,
             "wall_s": r.wall_s,
             "outdir": r.outdir,
@@ -283,7 +294,7 @@ def write_pareto(results, outdir: Path) -> None:
         outdir / "pareto.json",
         {
             "baseline": {
-                "relu": base.relu_before,
+                "relu": base.elements_before,
                 "test_accuracy": base.accuracy_before,
                 **_modeled_fields(original),
             },
@@ -294,7 +305,7 @@ def write_pareto(results, outdir: Path) -> None:
         },
     )
     have = all("modeled_wan_s" in row for row in rows) and original is not None
-    md = f"# Pareto frontier\n\nBaseline: {base.relu_before:,} ReLUs, {base.accuracy_before:.2f}% test accuracy"
+    md = f"# Pareto frontier\n\nBaseline: {base.elements_before:,} ReLUs, {base.accuracy_before:.2f}% test accuracy"
     md += (
         f"; modeled {original['rounds']:.0f} rounds, {original['bytes_per_party'] / 1e6:.1f} MB per party, "
         f"LAN {original['lan_s']:.3f} s, WAN {original['wan_s']:.3f} s.\n\n"
@@ -307,8 +318,8 @@ def write_pareto(results, outdir: Path) -> None:
         [
             [
                 "-" if r.budget is None else f"{r.budget:,}",
-                f"{r.relu_after:,}",
-                f"{r.relu_before / max(r.relu_after, 1):.1f}x",
+                f"{r.elements_after:,}",
+                f"{r.elements_before / max(r.elements_after, 1):.1f}x",
                 f"{r.accuracy_after:.2f}%",
                 f"{r.accuracy_after - r.accuracy_before:+.2f}",
                 f"{r.wall_s:.0f}",
@@ -335,8 +346,8 @@ def write_pareto(results, outdir: Path) -> None:
     label = f"{base.strategy}/{base.replace}/{base.granularity}"
     accuracies = [r.accuracy_after for r in results]
     pareto_plot(
-        {label: [(max(r.relu_after, 1), r.accuracy_after) for r in results]},
-        (base.relu_before, base.accuracy_before),
+        {label: [(max(r.elements_after, 1), r.accuracy_after) for r in results]},
+        (base.elements_before, base.accuracy_before),
         outdir / "pareto.png",
         "accuracy vs ReLUs",
         latency=_latency_panels(label, modeled, accuracies, (original, base.accuracy_before)) if have else None,
@@ -375,7 +386,7 @@ def census_plot(before: dict, after: dict, path: Path) -> None:
 
 def run_markdown(r: dict) -> str:
     """Return report.md for a `relu-opt run` report.json."""
-    base, cfg = r["baseline"], r["config"]
+    base, cfg = r["baseline"], method_of(r["config"])
     opt = r["optimized"]
     lines = [
         "# relu-opt run",
@@ -391,7 +402,7 @@ def run_markdown(r: dict) -> str:
     ]
     for o in opt:
         lines.append(
-            f"| {result_label(o)} | {o['relu_after']:,} | {o['relu_before'] / max(o['relu_after'], 1):.1f}x"
+            f"| {result_label(o)} | {after(o):,} | {elements_of(o, 'elements_before') / max(after(o), 1):.1f}x"
             f" | {o['accuracy_after']:.2f}% |"
         )
     lines += ["", "ReLUs of optimized models are counted on their exported ONNX graphs.", ""]
@@ -560,8 +571,8 @@ def _run_modeled_lines(r: dict) -> list[str]:
 
 def _render_run(rundir: Path, r: dict) -> Path:
     census_plot(r["census_before"], r["census_after"], rundir / "census.png")
-    label = r["config"]["strategy"]
-    points = {label: [(max(o["relu_after"], 1), o["accuracy_after"]) for o in r["optimized"]]}
+    label = method_of(r["config"])["strategy"]
+    points = {label: [(max(after(o), 1), o["accuracy_after"]) for o in r["optimized"]]}
     modeled = [r.get("modeled", {}).get(result_key(o)) for o in r["optimized"]]
     accuracies = [o["accuracy_after"] for o in r["optimized"]]
     original = modeled[0]["original"] if modeled and modeled[0] else None

@@ -2,7 +2,7 @@
 
 The fit minimises E[(p(x) - f(x))^2], f the site's op (ReLU, ReLU6, GELU, SiLU, ... as the graph computes
 it, with its own arguments), over the distribution actually measured at the site (per channel or per
-layer) on calibration batches, not an assumed Gaussian: the normal equations only need the moments
+layer) on fitting samples, not an assumed Gaussian: the normal equations only need the moments
 E[x^k] (k <= 2d) and E[x^k f(x)] (k <= d), accumulated exactly in float64 from the site's recorded input
 and output.
 """
@@ -22,7 +22,7 @@ from relu_opt.passes.replace import relu_nodes
 
 @dataclass
 class SiteStats:
-    """Per-channel sums over calibration data at one ReLU site (channel = dim 1, or one channel)."""
+    """Per-channel sums over fitting samples at one site (channel = dim 1, or one channel)."""
 
     count: Tensor  # (C,) elements seen per channel
     x_pow: Tensor  # (2d+1, C): sum x^k

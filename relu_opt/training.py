@@ -81,7 +81,7 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
 
-def _note(message: str) -> None:
+def note(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
@@ -110,7 +110,7 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 500, device: str 
 
 
 @torch.no_grad()
-def recalibrate_bn(
+def refresh_bn_stats(
     model: nn.Module, split: Split, num_batches: int = 20, batch_size: int = 256, device: str = "cpu"
 ) -> int:
     """Recompute every BatchNorm's running statistics from scratch on the first `num_batches` batches of
@@ -230,7 +230,7 @@ def fit(
     schedule = {"epochs": config.epochs, "steps_per_epoch": steps_per_epoch, "batch_size": config.batch_size}
     keys = ("model", "optimizer", "scheduler", "epoch", "history")
     state = (
-        load_cache(ckpt, lambda p: load_torch(p, "training checkpoint", keys=keys), note=_note)
+        load_cache(ckpt, lambda p: load_torch(p, "training checkpoint", keys=keys), note=note)
         if ckpt and resume
         else None
     )

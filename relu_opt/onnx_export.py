@@ -16,7 +16,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from relu_opt import atomic, ops
-from relu_opt.errors import ExportError
+from relu_opt.errors import ExportError, first_line
 from relu_opt.graph import eval_mode
 
 DEFAULT_OPSET = 17
@@ -268,7 +268,10 @@ def export(
     try:
         onnx.checker.check_model(mp)
     except onnx.checker.ValidationError as exc:
-        raise ExportError(f"onnx.checker rejected the exported graph: {exc}") from exc
+        raise ExportError(
+            f"onnx.checker rejected the graph exported at --opset {opset} ({first_line(exc)}); try the default "
+            f"--opset {DEFAULT_OPSET}"
+        ) from exc
     err, scale = check_parity(data, model, example, inputs=parity_inputs)
     if not math.isfinite(err) or err > PARITY_TOLERANCE * max(scale, 1e-12):
         raise ExportError(
@@ -280,7 +283,10 @@ def export(
         for kind in exact_kinds():
             a, b = counted.totals_by_kind.get(kind, 0), census_totals.get(kind, 0)
             if a != b:
-                raise ExportError(f"ONNX graph has {a} {kind} elements per sample but the census has {b}")
+                hint = (
+                    f"; --opset {opset} may lack the op, try --opset {DEFAULT_OPSET}" if opset != DEFAULT_OPSET else ""
+                )
+                raise ExportError(f"ONNX graph has {a} {kind} elements per sample but the census has {b}{hint}")
     atomic.write_bytes(path, data)
     return ExportResult(
         path=str(path),

@@ -1,0 +1,158 @@
+"""Planning: find the sites, rank them, select what to keep under the budgets, rewrite the model."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from relu_opt.activations import MaskedSite
+from relu_opt.cache import state_digest
+from relu_opt.data import Dataset, batches
+from relu_opt.errors import BudgetError, ConfigError
+from relu_opt.graph import propagate_shapes, trace
+from relu_opt.optimizer.config import OptimizeConfig, check_budget
+from relu_opt.optimizer.fitting import FittedReplacements, fit_replacements
+from relu_opt.optimizer.ranking_cache import cached_ranking, content_key
+from relu_opt.passes.base import GraphPass, run_passes
+from relu_opt.passes.replace import maxpool_to_avgpool, replace_sites, site_op
+from relu_opt.plan import SitePlan, with_module_names
+from relu_opt.poly_fit import refit_in_order
+from relu_opt.ranking import Criticality
+from relu_opt.sites import SiteInfo, find_sites
+from relu_opt.training import note
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """The model as a graph, its sites, the replacements fitted to them and how critical each is."""
+
+    teacher: fx.GraphModule
+    sites: dict[str, SiteInfo]
+    fitted: FittedReplacements
+    criticality: Criticality
+    content: str  # digest of the weights and data the ranking was made on
+    weights: str  # digest of the original model's weights (plan.json keeps it: a bench checks its MODEL)
+
+
+@dataclass(frozen=True)
+class Planned:
+    """What planning produced: the teacher, the rewritten student and what was chosen per site."""
+
+    ranked: Ranked
+    student: fx.GraphModule
+    sites: tuple[SitePlan, ...]
+    selection: object  # relu_opt.selection.Selection
+    errors: dict[str, float]
+    kinds: tuple[str, ...]
+    totals: dict[str, int]
+    caps: dict[str, int]
+    shared: list[str]
+    start: str = "original"  # which weights fine-tuning starts from: the original's, or a strategy's
+
+    @property
+    def teacher(self) -> fx.GraphModule:
+        return self.ranked.teacher
+
+
+def _sites(model: nn.Module, data: Dataset, config: OptimizeConfig) -> tuple[fx.GraphModule, dict[str, SiteInfo]]:
+    """Return the model traced with shapes, and its sites of config.kinds; refuse budgets that do not apply."""
+    teacher = propagate_shapes(trace(copy.deepcopy(model).eval()), data.train.x[:1]).eval()
+    site_info = find_sites(teacher, config.kinds or None, config.granularity)
+    if not site_info:
+        raise BudgetError(
+            f"the model has no sites of the kinds {', '.join(config.kinds) or 'it has'} to optimize; "
+            "see `relu-opt count` for its kinds and pass them with --kinds (max-pools: use --avgpool)"
+        )
+    present = {info.kind for info in site_info.values()}
+    absent = [k for k, _ in config.kind_budgets if k not in present]
+    if absent:
+        raise ConfigError(
+            f"a kind budget names {', '.join(absent)}, which the model does not have among the kinds optimized "
+            f"({', '.join(sorted(present))}); drop that --kind-budget"
+        )
+    return teacher, site_info
+
+
+def rank_model(model: nn.Module, data: Dataset, config: OptimizeConfig, work: Path, progress: bool = False) -> Ranked:
+    """Return the Ranked sites of `model`: what `optimize` ranks, from the same cache in WORK."""
+    teacher, site_info = _sites(model, data, config)
+    return _rank(teacher, site_info, model, data, config, work, progress)
+
+
+def _rank(teacher, site_info, model, data, config, work, progress) -> Ranked:
+    fitted = fit_replacements(teacher, data, config, site_info)
+    content = content_key(model, data)
+    crit = cached_ranking(work, teacher, data, config, fitted, site_info, content, progress)
+    return Ranked(teacher, site_info, fitted, crit, content, state_digest(model))
+
+
+def select(ranked: Ranked, example: torch.Tensor, config: OptimizeConfig, caps: dict[str, int]):
+    """Return the Selection of config.selector under the config's budgets, priced by config.pricing's cost
+    model (the latency selector measures it once when none is cached; the count selector uses a cached
+    one only)."""
+    from relu_opt.selection import Constraints, get_selector, price_sites
+
+    pricing = config.pricing
+    selector = get_selector(config.selector)
+    constraints = Constraints(
+        config.budget, tuple(caps.items()), config.rounds_budget, config.latency_budget, pricing.net()
+    )
+    cost = pricing.cost_model(measure=selector.needs_prices, note=note)
+    prices = None
+    if cost is not None:
+        crit, make = ranked.criticality, ranked.fitted.make
+        prices = price_sites(ranked.teacher, example, ranked.sites, crit, make, cost, pricing, config.public_coeffs)
+    try:
+        return selector.select(ranked.criticality, ranked.sites, constraints, prices)
+    except ValueError as exc:
+        raise BudgetError(str(exc)) from None
+
+
+def check_budgets(model: nn.Module, data: Dataset, config: OptimizeConfig):
+    """Return (teacher, sites, kinds, totals, caps, shared): the model's sites of config.kinds with the
+    budgets checked against them (BudgetError or ConfigError naming what does not fit)."""
+    teacher, site_info = _sites(model, data, config)
+    kinds = tuple(dict.fromkeys(info.kind for info in site_info.values()))
+    totals = {k: sum(i.elements for i in site_info.values() if i.kind == k) for k in kinds}
+    caps = dict(config.kind_budgets)
+    shared = [k for k in kinds if k not in caps]
+    what = "ReLU" if kinds == ("relu",) else "/".join(shared or kinds)
+    if config.budget is not None:
+        check_budget(config.budget, sum(totals[k] for k in shared) if shared else sum(totals.values()), what)
+    return teacher, site_info, kinds, totals, caps, shared
+
+
+def plan(model: nn.Module, data: Dataset, config: OptimizeConfig, work: Path, progress: bool) -> Planned:
+    """Return the Planned rewrite: sites found, ranked, selected under the budgets, replaced and refitted."""
+    example = data.train.x[:1]
+    teacher, site_info, kinds, totals, caps, shared = check_budgets(model, data, config)
+    ranked = _rank(teacher, site_info, model, data, config, work, progress)
+    crit, fitted = ranked.criticality, ranked.fitted
+    selection = select(ranked, example, config, caps)
+    base = teacher
+    if crit.weights is not None:  # snl trained the weights with its masks: fine-tuning goes on from them
+        base = copy.deepcopy(teacher)
+        base.load_state_dict(crit.weights, strict=False)
+    sites, new_modules = [], {}
+    nodes = {n.name: n for n in base.graph.nodes}
+    for site, info in site_info.items():
+        kept = int(selection.keep[site].sum()) * crit.unit_elements[site]
+        name = fitted.names[site]
+        sites.append(
+            SitePlan(site, info.elements, kept, name, info.granularity, config.degree, config.poly_per, kind=info.kind)
+        )
+        if kept < info.elements:
+            original = site_op(base, nodes[site])
+            new_modules[site] = MaskedSite(selection.keep[site].float(), fitted.make(site), original, info.kind)
+    student = replace_sites(base, new_modules)
+    student = run_passes(student, [GraphPass(maxpool_to_avgpool)] if config.avgpool else [], example)
+    sample = [x for x, _ in batches(data.train.subset(config.fit_samples), 256)]
+    errors = {**fitted.errors, **refit_in_order(student, sample, train_range=config.train_range)}
+    plan_sites = with_module_names(student, sites)
+    start = "original" if base is teacher else f"{crit.strategy} (trained with its masks)"
+    return Planned(ranked, student, plan_sites, selection, errors, kinds, totals, caps, shared, start)
