@@ -48,7 +48,9 @@ def load_torch(path: str | os.PathLike, what: str = "file", fix: str = "", keys:
     except FileNotFoundError:
         raise CorruptFileError(f"{what} '{path}' does not exist{hint}") from None
     except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, zip errors...
-        raise CorruptFileError(f"{what} '{path}' is truncated or not a torch file ({first_line(exc)}){hint}") from None
+        why = first_line(exc)
+        why = "not a weights-only torch file" if "weights_only" in why else why  # not torch's unsafe advice
+        raise CorruptFileError(f"{what} '{path}' is truncated or not a torch file ({why}){hint}") from None
     missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
     if missing:
         raise CorruptFileError(f"{what} '{path}' lacks the entries {', '.join(missing)}{hint}")

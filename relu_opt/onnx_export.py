@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
+import sys
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -91,10 +93,26 @@ class ExportResult:
         }
 
 
+@contextlib.contextmanager
+def _quiet_stdout():
+    """Send what C++ code writes to file descriptor 1 nowhere for the duration."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def to_onnx_bytes(model: nn.Module, example: torch.Tensor, opset: int = DEFAULT_OPSET) -> bytes:
     """Return the ONNX bytes of `model` (eval mode, TorchScript exporter, dynamic batch axis)."""
     buf = io.BytesIO()
-    with eval_mode(model), torch.no_grad(), warnings.catch_warnings():
+    # the exporter prints its whole IR graph to stdout (from C++) when an op fails; the error says what failed
+    with eval_mode(model), torch.no_grad(), warnings.catch_warnings(), _quiet_stdout():
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(
@@ -109,8 +127,7 @@ def to_onnx_bytes(model: nn.Module, example: torch.Tensor, opset: int = DEFAULT_
                 do_constant_folding=True,
             )
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ExportError(f"ONNX export (opset {opset}) failed: {first}") from exc
+            raise ExportError(f"ONNX export (opset {opset}) failed: {first_line(exc)}") from exc
     return buf.getvalue()
 
 

@@ -781,10 +781,6 @@ CLI_CASES: dict[str, Case] = {
         "m.onnx",
         prep=("models",),
         refuse=r"fft_rfft",
-        extra={
-            "xfail": "an op ONNX cannot export (torch.fft.rfft) dumps torch's 'Torch IR graph at exception' "
-            "(~17 lines) before the one error line"
-        },
     ),
     "export-gelu-opset-7": cli(
         "export",
