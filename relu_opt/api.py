@@ -25,7 +25,7 @@ from relu_opt.backends import HostRole, Network, Pricing
 from relu_opt.data import Dataset, load_dataset
 from relu_opt.encrypted import BenchResult
 from relu_opt.errors import ConfigError, InputShapeError
-from relu_opt.graph import propagate_shapes, trace
+from relu_opt.graph import parse_input_shape, propagate_shapes, trace
 from relu_opt.loading import Loaded, load_model
 from relu_opt.onnx_export import DEFAULT_OPSET, ExportResult
 from relu_opt.optimizer import OptimizeConfig, OptimizeResult
@@ -182,9 +182,17 @@ def check_optimize(
     """Return the OptimizeConfig `optimize` would run with these arguments (its first budget), after every
     check `optimize` makes before it starts work; raise ConfigError naming the first that fails."""
     data = _dataset(data)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"model is a {type(model).__name__}, not a torch.nn.Module; load one with relu_opt.load_model"
+        )
     if budget is not None and budgets is not None:
         raise ConfigError("give budget= or budgets=, not both")
+    if budgets is not None and not isinstance(budgets, list | tuple):
+        raise ConfigError(f"budgets={budgets!r} must be a list of budgets, e.g. budgets=[2000, 1000]")
     levels = None if budgets is None else list(budgets)
+    if levels is not None and len(set(levels)) != len(levels):
+        raise ConfigError(f"--budgets {','.join(map(str, levels))} repeats a budget; give each once")
     if levels is not None and not levels:
         raise ConfigError("budgets= is empty; give one or more budgets, e.g. budgets=[2000, 1000]")
     first = levels[0] if levels is not None else budget
@@ -291,6 +299,7 @@ def bench(
     pretrained: bool = False,
     input_shape: str | tuple[int, ...] | None = None,
     num_classes: int | None = None,
+    leaf: Iterable[str] = (),
     log: Callable[[str], None] = lambda _m: None,
 ) -> BenchResult:
     """Return the BenchResult of the original, the optimized (a module or an optimize folder) and the
@@ -331,15 +340,28 @@ def bench(
         networks = tuple(parse_network(n, n) if isinstance(n, str) else n for n in networks)
         if len(networks) != 2 or not all(isinstance(n, Network) for n in networks):
             raise ConfigError("networks must be two: (LAN, WAN), as relu_opt.Network or 'RTT_MS,MB_PER_S' strings")
+    # the dataset fixes the input shape (the dealer never reads it); random inputs take the model's own
+    named = data if isinstance(data, str) and data != "synthetic" and not dealer and input_shape is None else None
     if isinstance(model, str):
         wanted = (data if isinstance(data, str) else True) if pretrained else False  # shipped weights are public
-        m = load_model(model, weights=weights, pretrained=wanted, input_shape=input_shape, num_classes=num_classes)
+        kw = dict(weights=weights, pretrained=wanted, input_shape=input_shape, num_classes=num_classes, leaf=leaf)
+        m = load_model(model, data=named, data_dir=data_dir, **kw)
         model, shape = m.model, m.input_shape
+    elif isinstance(x, torch.Tensor):
+        shape = tuple(x.shape)
+    elif input_shape is not None or isinstance(data, Dataset) or named:
+        shape = (
+            parse_input_shape(input_shape)
+            if input_shape is not None
+            else (data if isinstance(data, Dataset) else _dataset(named, data_dir)).input_shape
+        )
     else:
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else getattr(model, "default_input_shape", None)
+        shape = getattr(model, "default_input_shape", None)
         if shape is None:
-            raise InputShapeError("give x= (the samples): the model has no default_input_shape")
+            raise InputShapeError("give x= (the samples), data= or input_shape=: the model has no default_input_shape")
     x, y = _samples(x, y, data, data_dir, samples, tuple(shape), dealer)
+    if batch is not None and batch > len(x):
+        raise ConfigError(f"--batch {batch} is more than the {len(x)} samples; give --batch {len(x)} or more --samples")
     _example(model, x[:1])
     warnings: list[str] = []
     if isinstance(optimized, str | os.PathLike):
@@ -431,6 +453,10 @@ def report(rundir: str | os.PathLike) -> Path:
 
     if not (Path(rundir) / "report.json").is_file():
         raise ConfigError(f"'{rundir}' has no report.json; give a folder that `relu-opt run` wrote")
+    if (Path(rundir) / "plan.json").is_file():
+        raise ConfigError(
+            f"'{rundir}' is an optimize folder (its report.md is written with it); give a `relu-opt run` folder"
+        )
     return render_run(rundir)
 
 

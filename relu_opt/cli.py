@@ -82,10 +82,6 @@ def _ints(text: str | None, option: str) -> list[int] | None:
     return None if parts is None else [int(p) for p in parts]
 
 
-def _kinds(text: str | None) -> tuple[str, ...]:
-    return tuple(k.strip() for k in (text or "").split(",") if k.strip())
-
-
 def _kind_budgets(items: list[str] | None) -> tuple[tuple[str, int], ...]:
     pairs = []
     for item in items or []:
@@ -95,6 +91,11 @@ def _kind_budgets(items: list[str] | None) -> tuple[tuple[str, int], ...]:
             raise ro.ConfigError(f"--kind-budget '{item}' must be KIND=N, e.g. --kind-budget relu6=20000")
         pairs.append((kind.strip(), n[0]))
     return tuple(pairs)
+
+
+def _load(model, weights, pretrained, data, data_dir, input_shape, leaf):
+    kw = dict(weights=weights, pretrained=pretrained, data=data, data_dir=data_dir, input_shape=input_shape)
+    return ro.load_model(model, leaf=leaf or (), **kw)
 
 
 def _print(items) -> None:
@@ -153,6 +154,7 @@ def export_cmd(
 @command("bench")
 def bench_cmd(
     model: o.Model,
+    leaf: o.Leaf = None,
     optimized: o.Optimized = None,
     parties: o.Parties = 2,
     samples: o.Samples = 2,
@@ -192,6 +194,7 @@ def bench_cmd(
     kw = dict(data=data, data_dir=data_dir, samples=samples, optimized=optimized, pricing=pricing, host=host)
     kw.update(runs=runs, warmup=warmup, timeout=timeout, networks=networks, link=link, public_coeffs=public_coeffs)
     kw.update(batch=batch, weights=weights, pretrained=pretrained, input_shape=input_shape, num_classes=num_classes)
+    kw.update(leaf=leaf or ())
     who = "running " + pricing.describe() if host is None else f"{host.role} {host.rank}: waiting for the others"
     with out.status(who + " (the first bench also measures the cost model)"):
         r = ro.bench(model, log=lambda m: err.print(escape(m), soft_wrap=True), **kw)
@@ -236,14 +239,13 @@ def train_cmd(
     weights: o.Weights = None,
     pretrained: o.Pretrained = False,
     input_shape: o.Shape = None,
+    leaf: o.Leaf = None,
     seed: o.TrainSeed = 0,
 ) -> None:
     """Train a baseline: SGD + cosine, a checkpoint each epoch (OUTPUT.ckpt), --resume, Ctrl-C saves."""
     ro.check_writable(output, "-o")
     torch.manual_seed(seed)
-    m = ro.load_model(
-        model, weights=weights, pretrained=pretrained, data=data, data_dir=data_dir, input_shape=input_shape
-    )
+    m = _load(model, weights, pretrained, data, data_dir, input_shape, leaf)
     options = dict(epochs=epochs, lr=lr, batch_size=batch_size, max_train=max_train, device=device, seed=seed)
     r = ro.train(m.model, m.data, output, resume=resume, **options)
     out.print(f"val accuracy {r.val_accuracy:.2%}, test accuracy {r.test_accuracy:.2%}; wrote {output}")
@@ -257,6 +259,7 @@ def rank_cmd(
     data: o.Data = "fashion-mnist",
     data_dir: o.DataDir = None,
     input_shape: o.Shape = None,
+    leaf: o.Leaf = None,
     strategy: o.Strategy = "taylor",
     replace: o.Replace = "poly",
     granularity: o.Granularity = "channel",
@@ -276,15 +279,13 @@ def rank_cmd(
         strategy=strategy,
         replace=replace,
         granularity=granularity,
-        kinds=_kinds(kinds),
+        kinds=kinds or (),
         rank_samples=samples,
         rank_finetune_steps=finetune_steps,
         device=device,
         seed=seed,
     )
-    m = ro.load_model(
-        model, weights=weights, pretrained=pretrained, data=data, data_dir=data_dir, input_shape=input_shape
-    )
+    m = _load(model, weights, pretrained, data, data_dir, input_shape, leaf)
     crit = ro.rank(m.model, m.data, config, progress=True)
     out.print(render.rank_table(crit))
     _json(json_path, crit.to_dict())
@@ -307,6 +308,7 @@ def _optimize_config(o: dict) -> ro.OptimizeConfig:
 def optimize_cmd(
     model: o.Model,
     output: o.FolderOut,
+    leaf: o.Leaf = None,
     budget: o.OptimizeBudget = None,
     budgets: o.Budgets = None,
     weights: o.Weights = None,
@@ -343,19 +345,17 @@ def optimize_cmd(
     if budget is not None and budgets is not None:
         raise ro.ConfigError("give --budget or --budgets, not both")
     options = {k: v for k, v in locals().items() if k not in ("model", "output", "budget", "budgets", "weights")}
-    for k in ("pretrained", "data", "data_dir", "input_shape", "kind_budget", "snl_epochs", "cache_dir"):
+    for k in ("pretrained", "data", "data_dir", "input_shape", "kind_budget", "snl_epochs", "cache_dir", "leaf"):
         del options[k]
-    options.update(kinds=_kinds(kinds), kind_budgets=_kind_budgets(kind_budget), rank_epochs=snl_epochs)
+    options.update(kinds=kinds or (), kind_budgets=_kind_budgets(kind_budget), rank_epochs=snl_epochs)
     config = _optimize_config({**options, "cache": _str(cache_dir)})
     ro.check_writable(output, "-o", folder=True)
-    m = ro.load_model(
-        model, weights=weights, pretrained=pretrained, data=data, data_dir=data_dir, input_shape=input_shape
-    )
+    m = _load(model, weights, pretrained, data, data_dir, input_shape, leaf)
     # each budget in a folder of its own, with the frontier's pareto.md; no budget: the search's folders
     levels = _ints(budgets, "--budgets") or ([budget] if budget is not None or not config.searches else None)
     ro.check_optimize(m.model, m.data, None, levels, output, config)
     if weights is None and not pretrained:
-        err.print("warning: no --weights or --pretrained given, so the model being optimized is untrained")
+        err.print("warning: no --weights or --pretrained given: the model optimized is untrained", soft_wrap=True)
     r = ro.optimize(m.model, m.data, None, levels, output, config, base_spec=m.name, progress=True)
     _print(render.optimize_lines(r if isinstance(r, list) else [r], auto=config.searches))
     if levels is not None:

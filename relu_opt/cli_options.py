@@ -148,7 +148,11 @@ RunPretrained = Annotated[
 ]
 RunBudget = Annotated[
     int | None,
-    option("--budget", help="ReLUs to keep. Default: the lowest modeled latency within --max-drop (1 point)."),
+    option(
+        "--budget",
+        help="ReLUs to keep. Default: the lowest modeled latency within --max-drop (1 point); with --selector "
+        "count, a tenth of the ReLUs.",
+    ),
 ]
 RunBudgets = Annotated[str | None, option("--budgets", help="Several budgets, comma separated.")]
 BaselineEpochs = Annotated[int, option("--baseline-epochs", help="Epochs to train a baseline.")]

@@ -28,6 +28,24 @@ def register_leaf(cls: type) -> type:
     return cls
 
 
+def register_leaves(model: nn.Module, names: Iterable[str]) -> None:
+    """Make the module classes `names` (class names, or submodule names whose class is meant) fx leaves
+    in every later trace of this process: optimize, rank and bench trace the model again."""
+    by_name = dict(model.named_modules())
+    for m in model.modules():
+        if type(m).__name__ in names:
+            register_leaf(type(m))
+    for name in names:
+        if name in by_name:
+            register_leaf(type(by_name[name]))
+
+
+def user_leaves(model: nn.Module) -> tuple[str, ...]:
+    """Return the class names of `model`'s modules registered as leaves that are not relu-opt's own."""
+    mine = {type(m) for m in model.modules() if type(m) in _LEAF_TYPES}
+    return tuple(sorted(c.__name__ for c in mine if not c.__module__.startswith("relu_opt")))
+
+
 class ReluOptTracer(fx.Tracer):
     """An fx Tracer that keeps named module classes opaque and remembers where tracing broke."""
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from relu_opt.errors import InputShapeError, ModelSpecError, WeightsError
+from relu_opt.errors import InputShapeError, ModelSpecError, WeightsError, first_line
 from relu_opt.models import create_model, get_entry
 
 _SPEC_HELP = "MODEL is a zoo name (see `relu-opt models`), path/to/file.py:ClassOrFactory, or package.module:factory"
@@ -147,8 +147,12 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise WeightsError(f"cannot read '{path}' as a weights-only torch checkpoint: {first}") from exc
+        why = first_line(exc)
+        why = "not a state dict of tensors" if "weights_only" in why or why.isdigit() else why  # not torch's advice
+        raise WeightsError(
+            f"cannot read '{path}' as a weights-only torch checkpoint ({why}); save one with "
+            "torch.save(model.state_dict(), path)"
+        ) from exc
     state = _state_dict_of(obj, path)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
@@ -220,7 +224,7 @@ def load_model(
 ) -> Loaded:
     """Return the Loaded model named by `spec` (with dataset `data` when given), checked on its input."""
     from relu_opt import validation
-    from relu_opt.graph import parse_input_shape
+    from relu_opt.graph import parse_input_shape, register_leaves
 
     validation.check_int("num_classes", num_classes)
     validation.check_input_file(weights, "--weights")
@@ -235,12 +239,14 @@ def load_model(
     else:
         if not isinstance(spec, str) or not spec.strip():
             raise ModelSpecError(f"model {spec!r} is not a model spec. {_SPEC_HELP}")
-        default = None if ":" in spec else getattr(_zoo_entry(spec), "default_input_shape", None)
+        early = resolve_model(spec) if ":" in spec and data else None  # a file's model: its own default shape
+        zoo = None if ":" in spec else _zoo_entry(spec)
+        default = early.default_input_shape if early else getattr(zoo, "default_input_shape", None)
         ds = _dataset_for(data, data_dir, shape, spec, default) if data else None
         classes = ds.num_classes if ds is not None else num_classes
         channels = ds.input_shape[1] if ds is not None else (shape[1] if shape else None)
         wanted = pretrained if isinstance(pretrained, str) else ((data or True) if pretrained else False)
-        built = resolve_model(spec, classes, channels, pretrained=wanted)
+        built = early or resolve_model(spec, classes, channels, pretrained=wanted)
     shape = tuple(ds.input_shape) if ds is not None else (shape or built.default_input_shape)
     if shape is None:
         raise InputShapeError(
@@ -248,6 +254,7 @@ def load_model(
         )
     shape = tuple(shape)
     validation.check_leaf(built.model, list(leaf))
+    register_leaves(built.model, list(leaf))
     fix = (
         f"give a model that takes the {data} inputs ({','.join(map(str, shape))})"
         if ds is not None

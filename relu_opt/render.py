@@ -251,7 +251,7 @@ def optimize_lines(results: list, auto: bool) -> list:
         t.add_row(
             "-" if r.budget is None else f"{r.budget:,}",
             f"{r.elements_after:,}",
-            f"{r.elements_before / max(r.elements_after, 1):.1f}x",
+            "all" if r.elements_after == 0 else f"{r.elements_before / r.elements_after:.1f}x",
             f"{r.accuracy_before:.2f}%",
             f"{r.accuracy_after:.2f}%",
             r.outdir,

@@ -76,8 +76,10 @@ def create_model(
         ("in_channels", in_channels, rec.in_channels),
     ):
         if given is not None and given != shipped:
+            flag = "--num-classes" if what == "num_classes" else "--input-shape"
             raise ModelSpecError(
                 f"{what}={given} does not match the pretrained '{name}' ({rec.dataset}), which has {what}={shipped}; "
-                f"leave {what} out or train your own weights"
+                f"leave {what} out (on the command line: {flag} "
+                f"matching {rec.input_shape}) or train your own weights"
             )
     return load_pretrained(entry.factory(num_classes=rec.num_classes, in_channels=rec.in_channels, **kwargs), rec)

@@ -61,8 +61,9 @@ class OptimizeConfig:
     public_coeffs: bool = False  # unfoldable polynomials keep public coefficients under PI (plan.json)
 
     def __post_init__(self) -> None:
-        if isinstance(self.kinds, list | str):  # a list from Python, or one kind's name
-            object.__setattr__(self, "kinds", (self.kinds,) if isinstance(self.kinds, str) else tuple(self.kinds))
+        if isinstance(self.kinds, list | str):  # a list, or names separated by commas ("relu,gelu")
+            names = self.kinds.split(",") if isinstance(self.kinds, str) else self.kinds
+            object.__setattr__(self, "kinds", tuple(k.strip() if isinstance(k, str) else k for k in names if k != ""))
         if isinstance(self.kind_budgets, dict | list):
             items = self.kind_budgets.items() if isinstance(self.kind_budgets, dict) else self.kind_budgets
             object.__setattr__(self, "kind_budgets", tuple(tuple(i) for i in items))
@@ -180,6 +181,7 @@ def check_config(config: OptimizeConfig) -> None:
     for name in ("rounds_budget", "latency_budget"):
         v.check_float(name, getattr(config, name))
     v.check_device(config.device)
+    v.check_int("seed", config.seed, 0)
     if config.selector == "count" and (config.rounds_budget is not None or config.latency_budget is not None):
         raise ConfigError(
             "--rounds-budget and --latency-budget need --selector latency (the count selector ignores costs)"

@@ -8,6 +8,7 @@ from pathlib import Path
 from relu_opt import atomic
 from relu_opt.data import Dataset
 from relu_opt.errors import ExportError
+from relu_opt.graph import user_leaves
 from relu_opt.onnx_export import export
 from relu_opt.optimizer.config import OptimizeConfig
 from relu_opt.optimizer.planner import Planned
@@ -32,6 +33,7 @@ def save(p: Planned, tuned: dict, data: Dataset, config: OptimizeConfig, outdir:
             "weights": p.start,
             "base_weights": p.ranked.weights,
         },
+        leaf=user_leaves(p.teacher),
         avgpool=config.avgpool,
         public_coeffs=config.public_coeffs,
     )

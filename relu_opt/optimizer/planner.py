@@ -66,7 +66,7 @@ def _sites(model: nn.Module, data: Dataset, config: OptimizeConfig) -> tuple[fx.
     if not site_info:
         raise BudgetError(
             f"the model has no sites of the kinds {', '.join(config.kinds) or 'it has'} to optimize; "
-            "see `relu-opt count` for its kinds and pass them with --kinds (max-pools: use --avgpool)"
+            "see `relu-opt count` for its kinds and pass them with --kinds (max-pools: avgpool=True in the Python API)"
         )
     present = {info.kind for info in site_info.values()}
     absent = [k for k, _ in config.kind_budgets if k not in present]
