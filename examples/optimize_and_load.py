@@ -12,7 +12,7 @@ if __name__ == "__main__":
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "optimized_digits")
     m = relu_opt.load_model("small_cnn", data="digits")  # sklearn's bundled 8x8 digits: runs in seconds
     trained = relu_opt.train(m.model, m.data, out / "weights.pt", epochs=4)
-    print(f"trained: test accuracy {trained.test_accuracy:.1%}")
+    print(f"trained: test accuracy {trained.test_accuracy:.1f}%")
     total = relu_opt.count(m.model, torch.zeros(m.input_shape)).total_relu
     crit = relu_opt.rank(m.model, m.data, work=out / "rankings", rank_samples=256)
     print("most critical site:", max(crit.scores, key=crit.site_score))

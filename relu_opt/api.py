@@ -388,7 +388,7 @@ def bench(
 
 @dataclass(frozen=True)
 class TrainOutcome:
-    """A training run: its history, and accuracies (fractions) on the validation and test splits."""
+    """A training run: its history, and accuracies in percent (as OptimizeResult's) on validation and test."""
 
     result: TrainResult
     val_accuracy: float
@@ -427,7 +427,7 @@ def train(
     if output is not None:
         atomic.save_torch(model.cpu().state_dict(), output)
     _, test_acc = evaluate(model, data.test)
-    return TrainOutcome(result, result.val_acc, test_acc, None if output is None else str(output))
+    return TrainOutcome(result, 100 * result.val_acc, 100 * test_acc, None if output is None else str(output))
 
 
 def run(

@@ -248,7 +248,7 @@ def train_cmd(
     m = _load(model, weights, pretrained, data, data_dir, input_shape, leaf)
     options = dict(epochs=epochs, lr=lr, batch_size=batch_size, max_train=max_train, device=device, seed=seed)
     r = ro.train(m.model, m.data, output, resume=resume, **options)
-    out.print(f"val accuracy {r.val_accuracy:.2%}, test accuracy {r.test_accuracy:.2%}; wrote {output}")
+    out.print(f"val accuracy {r.val_accuracy:.2f}%, test accuracy {r.test_accuracy:.2f}%; wrote {output}")
 
 
 @command("rank")

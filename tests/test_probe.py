@@ -860,7 +860,7 @@ def _check_loaded(m, d):
 
 
 def _check_trained(r, d):
-    assert isinstance(r, relu_opt.TrainOutcome) and 0.0 <= r.test_accuracy <= 1.0
+    assert isinstance(r, relu_opt.TrainOutcome) and 0.0 <= r.test_accuracy <= 100.0
     assert (d / "sub" / "net.pt").is_file()
 
 
