@@ -25,11 +25,11 @@ from relu_opt.backends import HostRole, Network, Pricing
 from relu_opt.data import Dataset, load_dataset
 from relu_opt.encrypted import BenchResult
 from relu_opt.errors import ConfigError, InputShapeError
-from relu_opt.graph import parse_input_shape, propagate_shapes, trace
-from relu_opt.loading import Loaded, load_model
+from relu_opt.graph import parse_input_shape, trace
+from relu_opt.loading import Loaded, dataset_for, load_model
 from relu_opt.onnx_export import DEFAULT_OPSET, ExportResult
 from relu_opt.optimizer import OptimizeConfig, OptimizeResult
-from relu_opt.passes.census import Census, census
+from relu_opt.passes.census import Census, census_of
 from relu_opt.pipeline import RunConfig, RunResult
 from relu_opt.plan import load
 from relu_opt.ranking import Criticality
@@ -92,11 +92,14 @@ def _example(model: nn.Module, example: torch.Tensor) -> torch.Tensor:
 
 def count(model: nn.Module, example: torch.Tensor, leaf: Iterable[str | type] = (), name: str = "") -> Census:
     """Return the Census (every non-linear site and its elements per sample) of `model` on `example`."""
-    example = _example(model, example)
+    return census_of(model, _example(model, example), name, _leaves(model, leaf))
+
+
+def _leaves(model: nn.Module, leaf) -> tuple:
+    """Return `leaf` as a tuple (one name or class alone is one leaf), its names checked against `model`."""
     leaf = (leaf,) if isinstance(leaf, str | type) else tuple(leaf)
-    validation.check_leaf(model, [name for name in leaf if isinstance(name, str)])
-    gm = propagate_shapes(trace(model, leaf), example)
-    return census(gm, name or type(model).__name__, tuple(example.shape))
+    validation.check_leaf(model, [n for n in leaf if isinstance(n, str)])
+    return leaf
 
 
 def export(
@@ -113,12 +116,12 @@ def export(
 
     validation.check_output_file(path, "path")
     validation.check_int("opset", opset, 7, 21)
-    example = _example(model, example)
+    example, leaf = _example(model, example), _leaves(model, leaf)
     if public_coeffs:
         from relu_opt.passes.public_poly import publicize_polys
 
         model, leaf = publicize_polys(trace(model, leaf)), ()
-    totals = count(model, example, leaf).totals_by_kind
+    totals = census_of(model, example, "", leaf).totals_by_kind
     return write_onnx(model, example, path, opset=opset, census_totals=totals)
 
 
@@ -205,8 +208,7 @@ def check_optimize(
     _fits(model, data)
     from relu_opt.optimizer.planner import check_budgets
 
-    for b in levels or [cfg.budget]:  # the model's sites of the kinds asked for, and each budget against them
-        check_budgets(model, data, replace(cfg, budget=b))
+    check_budgets(model, data, cfg, levels or ())  # the model's sites of the kinds asked, each budget against them
     validation.check_output_dir(outdir, "outdir")
     return cfg
 
@@ -264,10 +266,7 @@ def _samples(x, y, data, data_dir, samples: int, shape: tuple[int, ...], dealer:
         return x, y
     if data is None:
         return torch.randn((samples, *shape[1:]), generator=torch.Generator().manual_seed(0)), None
-    if data == "synthetic":  # random inputs of the model's own shape
-        ds = load_dataset("synthetic", data_dir, shape=tuple(shape[1:]), num_classes=10)
-    else:
-        ds = _dataset(data, data_dir)
+    ds = dataset_for(data, data_dir, None, "MODEL", shape) if data == "synthetic" else _dataset(data, data_dir)
     if tuple(ds.input_shape[1:]) != tuple(shape[1:]):
         raise InputShapeError(
             f"dataset '{ds.name}' has inputs {ds.input_shape[1:]} but the model takes {tuple(shape[1:])}; "
@@ -310,7 +309,7 @@ def bench(
     from relu_opt.backends import LAN, WAN, load_link
     from relu_opt.encrypted import bench as bench_local
     from relu_opt.encrypted import bench_host
-    from relu_opt.plan import check_fits, read_plan
+    from relu_opt.plan import read_plan, weights_mismatch
 
     pricing = pricing or Pricing()
     if not isinstance(pricing, Pricing):
@@ -366,12 +365,12 @@ def bench(
     warnings: list[str] = []
     if isinstance(optimized, str | os.PathLike):
         folder, plan = str(optimized), read_plan(optimized)
-        mismatch = check_fits(plan, model, folder)
+        optimized = load(folder, model=model)  # rebuilt on MODEL once its architecture is checked to fit
+        mismatch = weights_mismatch(plan, model, folder)
         if mismatch and (host is None or (not dealer and host.rank == 0)):  # only the owner holds the weights
             log(f"warning: {mismatch}")
             warnings.append(mismatch)
         public_coeffs = public_coeffs or plan.public_coeffs
-        optimized = load(folder, model=model)  # the architecture checked above, so any model object works
         validation.check_optimized_fits(optimized, model, tuple(x[:1].shape), folder)
     elif optimized is not None:
         validation.check_optimized_fits(optimized, model, tuple(x[:1].shape), "optimized")

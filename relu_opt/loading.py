@@ -189,7 +189,7 @@ class Loaded:
     data: object | None = None  # relu_opt.data.Dataset
 
 
-def _dataset_for(data: str, data_dir, input_shape: tuple[int, ...] | None, spec: str, default_shape):
+def dataset_for(data: str, data_dir, input_shape: tuple[int, ...] | None, spec: str, default_shape):
     """Return dataset `data`; `synthetic` takes `input_shape` (else the model's default), 10 classes."""
     from relu_opt.data import load_dataset
 
@@ -220,7 +220,6 @@ def load_model(
     input_shape: str | tuple[int, ...] | None = None,
     num_classes: int | None = None,
     leaf: tuple[str, ...] | list[str] = (),
-    weights_needed: bool = True,
 ) -> Loaded:
     """Return the Loaded model named by `spec` (with dataset `data` when given), checked on its input."""
     from relu_opt import validation
@@ -235,14 +234,14 @@ def load_model(
         if pretrained:
             raise ModelSpecError("pretrained= is for zoo names; load the weights into your module yourself")
         built = LoadedModel(spec, type(spec).__name__, getattr(spec, "default_input_shape", None))
-        ds = _dataset_for(data, data_dir, shape, built.name, built.default_input_shape) if data else None
+        ds = dataset_for(data, data_dir, shape, built.name, built.default_input_shape) if data else None
     else:
         if not isinstance(spec, str) or not spec.strip():
             raise ModelSpecError(f"model {spec!r} is not a model spec. {_SPEC_HELP}")
         early = resolve_model(spec) if ":" in spec and data else None  # a file's model: its own default shape
         zoo = None if ":" in spec else _zoo_entry(spec)
         default = early.default_input_shape if early else getattr(zoo, "default_input_shape", None)
-        ds = _dataset_for(data, data_dir, shape, spec, default) if data else None
+        ds = dataset_for(data, data_dir, shape, spec, default) if data else None
         classes = ds.num_classes if ds is not None else num_classes
         channels = ds.input_shape[1] if ds is not None else (shape[1] if shape else None)
         wanted = pretrained if isinstance(pretrained, str) else ((data or True) if pretrained else False)
@@ -262,7 +261,7 @@ def load_model(
     )
     classes = ds.num_classes if ds is not None else None
     validation.check_model_input(built.model, shape, f"'{built.name}'", num_classes=classes, fix=fix)
-    if weights is not None and weights_needed:
+    if weights is not None:
         load_weights(built.model, weights)
     return Loaded(built.model.eval(), built.name, shape, ds)
 

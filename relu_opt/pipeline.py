@@ -27,11 +27,10 @@ from relu_opt.cache import cache_dir, file_digest
 from relu_opt.checked_io import load_cache, load_torch
 from relu_opt.data import Dataset, load_dataset
 from relu_opt.errors import ConfigError
-from relu_opt.graph import propagate_shapes, trace
 from relu_opt.loading import load_weights, resolve_model
 from relu_opt.models.pretrained import list_pretrained, load_pretrained
 from relu_opt.optimizer import OptimizeConfig, OptimizeResult, check_budget, optimize, optimize_lowest_latency
-from relu_opt.passes.census import Census, census
+from relu_opt.passes.census import census_of
 from relu_opt.plan import load
 from relu_opt.training import TrainConfig, evaluate, fit
 from relu_opt.validation import check_model_input
@@ -113,11 +112,6 @@ class RunResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def census_of(model: torch.nn.Module, example: torch.Tensor, name: str) -> Census:
-    """Return the Census of `model` on `example`."""
-    return census(propagate_shapes(trace(model), example), name, tuple(example.shape))
 
 
 def versions(pricing: Pricing) -> dict[str, str]:

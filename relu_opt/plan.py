@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from relu_opt.activations import MaskedSite
+from relu_opt.activations import GRANULARITIES, MaskedSite
 from relu_opt.checked_io import load_torch, read_json
 from relu_opt.errors import ConfigError, CorruptFileError, ModelSpecError, ReluOptError, first_line
 from relu_opt.graph import propagate_shapes, trace
@@ -86,7 +86,7 @@ class Plan:
         if Path(self.state).name != self.state:
             raise ValueError(f"state '{self.state}' must be a file name in the plan's folder")
         for sp in self.sites:
-            if not 0 <= sp.kept <= sp.elements or sp.granularity not in ("site", "channel", "pixel"):
+            if not 0 <= sp.kept <= sp.elements or sp.granularity not in GRANULARITIES:
                 raise ValueError(f"site {sp.site}: kept {sp.kept} of {sp.elements}, granularity '{sp.granularity}'")
             ops.get_kind(sp.kind)
 
@@ -175,11 +175,9 @@ def read_plan(outdir: str | os.PathLike) -> Plan:
         raise CorruptFileError(f"plan '{plan_path}' is malformed ({type(exc).__name__}: {exc}); {_PLAN_FIX}") from None
 
 
-def check_fits(plan: Plan, model: nn.Module, folder: str | os.PathLike) -> str | None:
+def check_fits(plan: Plan, model: nn.Module, folder: str | os.PathLike) -> None:
     """Raise ConfigError unless `model` is the architecture the plan in `folder` was made from (its input
-    shape, the same sites with the same elements); return a warning when its weights differ from those
-    the plan recorded (accuracy comparisons are then between different models), else None."""
-    from relu_opt.cache import state_digest
+    shape and classes, the same sites with the same elements)."""
     from relu_opt.errors import ConfigError
     from relu_opt.sites import find_sites
     from relu_opt.validation import check_model_input
@@ -201,6 +199,13 @@ def check_fits(plan: Plan, model: nn.Module, folder: str | os.PathLike) -> str |
         raise ConfigError(
             f"'{folder}' was optimized from another model than MODEL ({plan.base_model}; sites differ: {shown}); {fix}"
         )
+
+
+def weights_mismatch(plan: Plan, model: nn.Module, folder: str | os.PathLike) -> str | None:
+    """Return a warning when `model`'s weights differ from those the plan recorded (accuracy comparisons
+    are then between different models), else None."""
+    from relu_opt.cache import state_digest
+
     recorded = plan.meta.get("base_weights")
     if recorded and recorded != state_digest(model):
         return f"MODEL's weights are not those '{folder}' was optimized from, so accuracies compare different models"

@@ -13,6 +13,7 @@ findings: the tool misbehaves there (see each reason).
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import shutil
@@ -39,32 +40,39 @@ class Launched(Exception):  # noqa: N818 - a sentinel, not an error
 
 # --- what the cases prepare in their folder ----------------------------------------------------------
 
-MODELS_PY = textwrap.dedent(
+
+class Tiny(nn.Module):
+    """Another architecture for 1x8x8 inputs and 10 classes (other sites than small_cnn)."""
+
+    default_input_shape = (1, 1, 8, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).relu().mean((2, 3)))
+
+
+class WithAux(nn.Module):
+    """Forward returns (logits, features)."""
+
+    default_input_shape = (1, 1, 8, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 10, 3)
+
+    def forward(self, x):
+        h = self.conv(x).relu()
+        return h.mean((2, 3)), h
+
+
+# the models.py the CLI cases import: the classes above by their own source, then those only the CLI uses
+MODELS_PY = "import torch\nfrom torch import nn\n\n\n" + "\n\n".join(map(inspect.getsource, (Tiny, WithAux)))
+MODELS_PY += textwrap.dedent(
     """
-    import torch
-    from torch import nn
-
-    class Tiny(nn.Module):
-        default_input_shape = (1, 1, 8, 8)
-
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(1, 4, 3, padding=1)
-            self.fc = nn.Linear(4, 10)
-
-        def forward(self, x):
-            return self.fc(self.conv(x).relu().mean((2, 3)))
-
-    class WithAux(nn.Module):
-        default_input_shape = (1, 1, 8, 8)
-
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(1, 10, 3)
-
-        def forward(self, x):
-            h = self.conv(x).relu()
-            return h.mean((2, 3)), h
 
     class NoShape(nn.Module):
         def __init__(self):
@@ -104,34 +112,6 @@ def small1() -> nn.Module:
     """small_cnn for the digits data (1 channel, 10 classes)."""
     torch.manual_seed(0)
     return create_model("small_cnn", num_classes=10, in_channels=1).eval()
-
-
-class Tiny(nn.Module):
-    """Another architecture for 1x8x8 inputs and 10 classes (other sites than small_cnn)."""
-
-    default_input_shape = (1, 1, 8, 8)
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3, padding=1)
-        self.fc = nn.Linear(4, 10)
-
-    def forward(self, x):
-        return self.fc(self.conv(x).relu().mean((2, 3)))
-
-
-class WithAux(nn.Module):
-    """Forward returns (logits, features)."""
-
-    default_input_shape = (1, 1, 8, 8)
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 10, 3)
-
-    def forward(self, x):
-        h = self.conv(x).relu()
-        return h.mean((2, 3)), h
 
 
 @pytest.fixture(scope="session")

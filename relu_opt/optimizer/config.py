@@ -7,10 +7,10 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from relu_opt import validation as v
+from relu_opt.activations import GRANULARITIES
 from relu_opt.backends import Pricing
 from relu_opt.errors import BudgetError, ConfigError
 
-GRANULARITIES = ("site", "channel", "pixel")
 POLY_PER = ("channel", "layer")
 
 
@@ -126,30 +126,6 @@ def check_budget(budget: int, total: int, what: str = "ReLU") -> None:
         )
 
 
-def _check_types(config: OptimizeConfig) -> None:
-    for name, kind in (
-        ("budget", int),
-        ("degree", int),
-        ("batch_size", int),
-        ("rank_samples", int),
-        ("rank_finetune_steps", int),
-        ("fit_samples", int),
-        ("max_train", int),
-        ("seed", int),
-    ):
-        value = getattr(config, name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
-            raise ConfigError(f"{v.flag(name)} {value!r} is a {type(value).__name__}; give an integer")
-    for name in ("epochs", "lr", "temperature", "kd_alpha", "anneal", "range_weight", "rank_epochs", "max_drop"):
-        value = getattr(config, name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise ConfigError(f"{v.flag(name)} {value!r} is a {type(value).__name__}; give a number")
-    for name in ("rounds_budget", "latency_budget", "train_range"):
-        value = getattr(config, name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise ConfigError(f"{v.flag(name)} {value!r} is a {type(value).__name__}; give a number")
-
-
 def check_config(config: OptimizeConfig) -> None:
     """Raise ConfigError naming the first option of `config` that is unknown, of the wrong type, out of
     range, or one that does not apply to what was asked."""
@@ -158,13 +134,14 @@ def check_config(config: OptimizeConfig) -> None:
     from relu_opt.replacements import REPLACEMENTS
     from relu_opt.selection import SELECTORS
 
-    _check_types(config)
     v.check_choice("strategy", config.strategy, sorted(STRATEGIES))
     v.check_choice("replace", config.replace, REPLACEMENTS)
     v.check_choice("granularity", config.granularity, GRANULARITIES)
     v.check_choice("poly_per", config.poly_per, POLY_PER)
     v.check_choice("selector", config.selector, SELECTORS)
     v.check_int("degree", config.degree, 1, 4)
+    if config.budget is not None and (isinstance(config.budget, bool) or not isinstance(config.budget, int)):
+        raise ConfigError(f"--budget {config.budget!r} is a {type(config.budget).__name__}; give an integer")
     if config.budget is not None and config.budget < 0:
         raise ConfigError(f"--budget {config.budget} is negative; give the elements per sample to keep (0 or more)")
     v.check_float("epochs", config.epochs, above=None, minimum=0.0)  # 0: no fine-tuning at all

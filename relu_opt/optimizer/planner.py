@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,17 +114,20 @@ def select(ranked: Ranked, example: torch.Tensor, config: OptimizeConfig, caps: 
         raise BudgetError(str(exc)) from None
 
 
-def check_budgets(model: nn.Module, data: Dataset, config: OptimizeConfig):
-    """Return (teacher, sites, kinds, totals, caps, shared): the model's sites of config.kinds with the
-    budgets checked against them (BudgetError or ConfigError naming what does not fit)."""
+def check_budgets(model: nn.Module, data: Dataset, config: OptimizeConfig, budgets: Iterable[int | None] = ()):
+    """Return (teacher, sites, kinds, totals, caps, shared): the model's sites of config.kinds with
+    config.budget, and each of `budgets` (a frontier's), checked against them (BudgetError or ConfigError
+    naming what does not fit); the model is traced once for all."""
     teacher, site_info = _sites(model, data, config)
     kinds = tuple(dict.fromkeys(info.kind for info in site_info.values()))
     totals = {k: sum(i.elements for i in site_info.values() if i.kind == k) for k in kinds}
     caps = dict(config.kind_budgets)
     shared = [k for k in kinds if k not in caps]
     what = "ReLU" if kinds == ("relu",) else "/".join(shared or kinds)
-    if config.budget is not None:
-        check_budget(config.budget, sum(totals[k] for k in shared) if shared else sum(totals.values()), what)
+    limit = sum(totals[k] for k in shared) if shared else sum(totals.values())
+    for b in dict.fromkeys((config.budget, *budgets)):  # in the order given, each once
+        if b is not None:
+            check_budget(b, limit, what)
     return teacher, site_info, kinds, totals, caps, shared
 
 

@@ -201,6 +201,14 @@ def _target_name(node: fx.Node) -> str:
     return str(node.target)
 
 
+def census_of(model: nn.Module, example: torch.Tensor, name: str = "", leaf=()) -> Census:
+    """Return the Census of `model` traced (with `leaf` classes opaque) and shape-propagated on `example`."""
+    from relu_opt.graph import propagate_shapes, trace
+
+    gm = propagate_shapes(trace(model, leaf), example)
+    return census(gm, name or type(model).__name__, tuple(example.shape))
+
+
 def census(gm: fx.GraphModule, model_name: str = "", input_shape: tuple[int, ...] = ()) -> Census:
     """Return the Census of a shape-propagated GraphModule (see relu_opt.graph.propagate_shapes)."""
     items: list[_Item] = []
