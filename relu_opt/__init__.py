@@ -28,7 +28,7 @@ from relu_opt.api import (
     write_json,
     zoo,
 )
-from relu_opt.backends import HostRole, Network, Pricing, parse_network
+from relu_opt.backends import DEFAULT_BACKEND, HostRole, Network, Pricing, list_backends, parse_network
 from relu_opt.encrypted import BenchResult
 from relu_opt.errors import ConfigError, ReluOptError
 from relu_opt.models import create_model, list_models, register_model
@@ -42,6 +42,7 @@ from relu_opt.training import TrainConfig, TrainingInterrupted
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_BACKEND",
     "DEFAULT_OPSET",
     "BenchResult",
     "Census",
@@ -55,6 +56,7 @@ __all__ = [
     "OptimizeConfig",
     "OptimizeResult",
     "Pricing",
+    "list_backends",
     "ReluOptError",
     "RunConfig",
     "RunResult",

@@ -73,26 +73,6 @@ def _str(path: Path | None) -> str | None:
     return None if path is None else str(path)
 
 
-def _ints(text: str | None, option: str) -> list[int] | None:
-    """Return the integers of 'N1,N2,...' (None for None)."""
-    parts = None if text is None else [p.strip().replace("_", "") for p in text.split(",")]
-    if parts is not None and not all(p.lstrip("-").isdigit() for p in parts):
-        what = "has an empty entry" if "" in parts else "must be integers separated by commas, e.g. 2000,1000"
-        raise ro.ConfigError(f"{option} '{text}' {what}")
-    return None if parts is None else [int(p) for p in parts]
-
-
-def _kind_budgets(items: list[str] | None) -> tuple[tuple[str, int], ...]:
-    pairs = []
-    for item in items or []:
-        kind, _, value = item.partition("=")
-        n = _ints(value, f"--kind-budget {item}") if value.strip() else None
-        if not kind.strip() or n is None or len(n) != 1:
-            raise ro.ConfigError(f"--kind-budget '{item}' must be KIND=N, e.g. --kind-budget relu6=20000")
-        pairs.append((kind.strip(), n[0]))
-    return tuple(pairs)
-
-
 def _load(model, weights, pretrained, data, data_dir, input_shape, leaf):
     kw = dict(weights=weights, pretrained=pretrained, data=data, data_dir=data_dir, input_shape=input_shape)
     return ro.load_model(model, leaf=leaf or (), **kw)
@@ -180,6 +160,8 @@ def bench_cmd(
     link: o.Link = None,
     public_coeffs: o.BenchPublicCoeffs = False,
     dealer: o.Dealer = None,
+    backend: o.BackendOpt = ro.DEFAULT_BACKEND,
+    protocol: o.Protocol = None,
     cache_dir: o.CacheDir = None,
 ) -> None:
     """Run the original, optimized and linear-floor models with real parties (and the dealer); report online
@@ -187,7 +169,7 @@ def bench_cmd(
     ro.check_writable(json_path, "--json")
     host = ro.HostRole.from_options(role, rank, world_size, parties, master_addr, master_port, ifname)
     n = host.world_size if host is not None else parties
-    pricing = ro.Pricing(dealer=dealer, parties=n, cache=_str(cache_dir))
+    pricing = ro.Pricing(backend, dealer, n, cache=_str(cache_dir), protocol=protocol)
     networks = (ro.parse_network("lan", lan), ro.parse_network("wan", wan))
     if pricing.insecure and host is not None and not host.is_dealer:  # a local bench says it with its others
         err.print(f"[bold red]warning:[/] --dealer {pricing.dealer_name}: {pricing.insecure}", soft_wrap=True)
@@ -293,9 +275,8 @@ def rank_cmd(
 
 def _optimize_config(o: dict) -> ro.OptimizeConfig:
     """Return the OptimizeConfig of the options optimize and run share."""
-    pricing = ro.Pricing(
-        dealer=o.pop("dealer"), parties=o.pop("parties"), network=o.pop("network"), cache=o.pop("cache")
-    )
+    keys = ("backend", "dealer", "parties", "network", "cache", "protocol")
+    pricing = ro.Pricing(**{k: o.pop(k) for k in keys})
     return ro.OptimizeConfig(pricing=pricing, **o)
 
 
@@ -338,6 +319,8 @@ def optimize_cmd(
     public_coeffs: o.PublicCoeffs = False,
     parties: o.Parties = 2,
     dealer: o.Dealer = None,
+    backend: o.BackendOpt = ro.DEFAULT_BACKEND,
+    protocol: o.Protocol = None,
     cache_dir: o.CacheDir = None,
     seed: o.OptimizeSeed = 0,
 ) -> None:
@@ -347,12 +330,12 @@ def optimize_cmd(
     options = {k: v for k, v in locals().items() if k not in ("model", "output", "budget", "budgets", "weights")}
     for k in ("pretrained", "data", "data_dir", "input_shape", "kind_budget", "snl_epochs", "cache_dir", "leaf"):
         del options[k]
-    options.update(kinds=kinds or (), kind_budgets=_kind_budgets(kind_budget), rank_epochs=snl_epochs)
+    options.update(kinds=kinds or (), kind_budgets=o.kind_budgets(kind_budget), rank_epochs=snl_epochs)
     config = _optimize_config({**options, "cache": _str(cache_dir)})
     ro.check_writable(output, "-o", folder=True)
     m = _load(model, weights, pretrained, data, data_dir, input_shape, leaf)
     # each budget in a folder of its own, with the frontier's pareto.md; no budget: the search's folders
-    levels = _ints(budgets, "--budgets") or ([budget] if budget is not None or not config.searches else None)
+    levels = o.ints(budgets, "--budgets") or ([budget] if budget is not None or not config.searches else None)
     ro.check_optimize(m.model, m.data, None, levels, output, config)
     if weights is None and not pretrained:
         err.print("warning: no --weights or --pretrained given: the model optimized is untrained", soft_wrap=True)
@@ -378,13 +361,15 @@ def run_cmd(
     baseline_epochs: o.BaselineEpochs = 3,
     epochs: o.Epochs = 1.0,
     max_train: o.MaxTrain = None,
-    samples: o.Samples = 8,
+    samples: o.RunSamples = None,
     batch: o.RunBatch = 1,
     parties: o.Parties = 2,
     timeout: o.Timeout = 300,
     runs_dir: o.RunsDir = Path("runs"),
     cache_dir: o.CacheDir = None,
     dealer: o.Dealer = None,
+    backend: o.BackendOpt = ro.DEFAULT_BACKEND,
+    protocol: o.Protocol = None,
     device: o.Device = "cpu",
     public_coeffs: o.PublicCoeffs = False,
     selector: o.Selector = "latency",
@@ -400,13 +385,14 @@ def run_cmd(
     optimize.update(max_drop=max_drop, device=device, public_coeffs=public_coeffs, selector=selector)
     optimize.update(rounds_budget=rounds_budget, latency_budget=latency_budget)
     optimize.update(dealer=dealer, parties=parties, network=network, cache=_str(cache_dir))
+    optimize.update(backend=backend, protocol=protocol)
     config = ro.RunConfig(
         model=model,
         data=data,
         data_dir=_str(data_dir),
         weights=_str(weights),
         pretrained=pretrained,
-        budgets=tuple(_ints(budgets, "--budgets") or ([budget] if budget is not None else [])),
+        budgets=tuple(o.ints(budgets, "--budgets") or ([budget] if budget is not None else [])),
         baseline_epochs=baseline_epochs,
         samples=samples,
         bench_batch=batch,

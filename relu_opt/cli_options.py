@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from relu_opt.backends import DEFAULT_BACKEND, list_backends
+
 HELP = {
     "--input-shape": "Example input shape N,C,H,W (default: the model's own; --data synthetic takes any).",
     "--weights": "State dict to load (torch.save(model.state_dict())).",
@@ -29,10 +31,14 @@ HELP = {
     "--rounds-budget": "Modeled rounds of one forward (latency selector).",
     "--latency-budget": "Modeled seconds of one forward on --network (latency selector).",
     "--network": "Network the latency selector prices: lan, wan or RTT_MS,MB_PER_S.",
+    "--backend": f"Engine that runs and prices the model: {', '.join(list_backends())} (default {DEFAULT_BACKEND}; "
+    "spu is SecretFlow SPU, see --protocol). Selection is priced by this backend's cost model.",
+    "--protocol": "Protocol of a backend with several. spu: cheetah (default; dealer-free 2PC, HE linear layers, "
+    "silent OT), semi2k (only with --dealer party0: INSECURE) or aby3 (3 parties, --parties 3).",
     "--parties": "Computing parties (the dealer comes on top).",
-    "--dealer": "Who deals the Beaver triples. Default 'third-party': a process that is neither party (on separate "
-    "hosts, a third host with --role dealer), its traffic reported as offline cost. 'party0': party 0 deals, so "
-    "it can read the client's input: INSECURE, labelled so everywhere.",
+    "--dealer": "Who deals the Beaver triples. The default backend's 'third-party': a process that is neither party "
+    "(on separate hosts, a third host with --role dealer), its traffic reported as offline cost. 'party0': party 0 "
+    "deals, so it can read the client's input: INSECURE, labelled so everywhere. SPU's cheetah and aby3: none.",
     "--cache-dir": "Cost-model and run cache (default $RELU_OPT_CACHE, else ~/.cache/relu-opt).",
     "--timeout": "Seconds before stuck parties are stopped.",
     "--epochs": "Fine-tuning epochs (fractions train on a subset; 0: none).",
@@ -81,6 +87,8 @@ RoundsBudget = Annotated[float | None, option("--rounds-budget")]
 LatencyBudget = Annotated[float | None, option("--latency-budget")]
 NetworkOpt = Annotated[str, option("--network")]
 Parties = Annotated[int, option("--parties")]
+BackendOpt = Annotated[str, option("--backend")]
+Protocol = Annotated[str | None, option("--protocol")]
 Dealer = Annotated[str | None, option("--dealer")]
 CacheDir = Annotated[Path | None, option("--cache-dir")]
 Timeout = Annotated[float, option("--timeout")]
@@ -91,6 +99,9 @@ Budgets = Annotated[str | None, option("--budgets")]
 Seed = Annotated[int, option("--seed")]
 Kinds = Annotated[str | None, option("--kinds")]
 Samples = Annotated[int, option("--samples")]
+RunSamples = Annotated[
+    int | None, option("--samples", help="Test samples run encrypted (default: 8, under --backend spu 4).")
+]
 Opset = Annotated[int, option("--opset", help="ONNX opset (7-21).")]
 Optimized = Annotated[Path | None, option("--optimized", help="A `relu-opt optimize` folder to compare.")]
 Batch = Annotated[
@@ -165,3 +176,28 @@ RunModel = Annotated[str, typer.Argument(help="Model spec (zoo name, file.py:Cla
 RunDir = Annotated[Path, typer.Argument(help="A folder `relu-opt run` wrote.", show_default=False)]
 MasterAddrOpt = Annotated[str | None, option("--master-addr", help="Party 0's address (default 127.0.0.1).")]
 MasterPortOpt = Annotated[int | None, option("--master-port", help="Party 0's rendezvous port (default 29500).")]
+
+
+def ints(text: str | None, option: str) -> list[int] | None:
+    """Return the integers of 'N1,N2,...' (None for None)."""
+    from relu_opt.errors import ConfigError
+
+    parts = None if text is None else [p.strip().replace("_", "") for p in text.split(",")]
+    if parts is not None and not all(p.lstrip("-").isdigit() for p in parts):
+        what = "has an empty entry" if "" in parts else "must be integers separated by commas, e.g. 2000,1000"
+        raise ConfigError(f"{option} '{text}' {what}")
+    return None if parts is None else [int(p) for p in parts]
+
+
+def kind_budgets(items: list[str] | None) -> tuple[tuple[str, int], ...]:
+    """Return --kind-budget KIND=N items as (kind, n) pairs."""
+    from relu_opt.errors import ConfigError
+
+    pairs = []
+    for item in items or []:
+        kind, _, value = item.partition("=")
+        n = ints(value, f"--kind-budget {item}") if value.strip() else None
+        if not kind.strip() or n is None or len(n) != 1:
+            raise ConfigError(f"--kind-budget '{item}' must be KIND=N, e.g. --kind-budget relu6=20000")
+        pairs.append((kind.strip(), n[0]))
+    return tuple(pairs)

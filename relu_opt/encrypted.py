@@ -50,6 +50,9 @@ class ModelReport:
     round_trips: float = 0.0  # of the link, waited for online (what latency charges; a round may be several)
     offline_round_trips: float = 0.0  # waited for the dealer's answers
     predicted_round_trips: float | None = None
+    sends_per_party: list[int] = field(default_factory=list)  # messages per party (engines that count them)
+    linear_share: float | None = None  # of the bytes sent, the part in linear layers (engines that profile ops)
+    predicted_linear_share: float | None = None
 
     @property
     def wall_s_spread(self) -> float:
@@ -142,6 +145,8 @@ def _report(
         return net.with_offline_s(online(net), offline, m.offline_round_trips)
 
     predicted = cost_model.cost(prepared, batch) if cost_model is not None and prepared is not None else None
+    linear_bytes = getattr(cost_model, "linear_bytes", None) if prepared is not None else None
+    sent = sum(m.sent_per_party)
     return ModelReport(
         name=m.name,
         relu_elements=m.relu_elements,
@@ -174,6 +179,11 @@ def _report(
         round_trips=m.round_trips,
         offline_round_trips=m.offline_round_trips,
         predicted_round_trips=None if predicted is None else predicted.round_trips,
+        sends_per_party=m.sends_per_party,
+        linear_share=sum(m.linear_sent_per_party) / sent if m.linear_sent_per_party and sent else None,
+        predicted_linear_share=linear_bytes(prepared, batch) / predicted.bytes
+        if linear_bytes is not None and predicted and predicted.bytes
+        else None,
     )
 
 
@@ -212,7 +222,7 @@ def _result(pricing: Pricing, batch, reports, warnings, networks, link, samples=
         hosts,
         samples,
         pricing.backend,
-        pricing.engine().title,
+        pricing.engine().describe(pricing),
         pricing.dealer_name,
         pricing.insecure,
     )

@@ -54,7 +54,7 @@ class RunConfig:
     # costs a fine-tuning: the default job starts at 0.35 to finish in 10 minutes
     latency_levels: tuple[float, ...] = (0.35, 0.5, 0.7)
     baseline_epochs: int = 3
-    samples: int = 8
+    samples: int | None = None  # test samples benched; None: the backend's default_samples
     bench_batch: int | None = 1  # samples per encrypted forward: 1 measures what one private query costs
     bench_runs: int = 2
     timeout: float = 300
@@ -235,7 +235,7 @@ def run(
     after = census_of(optimized, example, f"{cfg.model} @ {result_label(best.to_dict())}")
 
     t = time.perf_counter()
-    test = data.test.subset(cfg.samples)
+    test = data.test.subset(cfg.samples or pricing.engine().default_samples)
     per = "one query at a time" if cfg.bench_batch == 1 else f"batches of {cfg.bench_batch or len(test)}"
     log(f"bench: {pricing.describe()}, {len(test)} test samples, {per}")
     cost = pricing.cost_model(timeout=cfg.timeout, note=log)

@@ -48,6 +48,8 @@ def bench_table(r) -> Table:
         "cmp": lambda m: f"{m.comparisons:,}",
         "rounds": lambda m: str(m.rounds),
         "MB/party": lambda m: f"{max(m.bytes_per_party) / 1e6:.1f}",
+        "msgs/party": lambda m: "/".join(f"{n:,}" for n in m.sends_per_party) if m.sends_per_party else None,
+        "linear %": lambda m: None if m.linear_share is None else f"{100 * m.linear_share:.0f}",
         "off MB": lambda m: f"{m.offline_bytes / 1e6:.1f}",
         "wall": lambda m: f"{m.wall_s_median:.2f}",
         "link": lambda m: f"{m.predicted_s:.2f}",
@@ -64,15 +66,20 @@ def bench_table(r) -> Table:
         del cols["off MB"], cols["+off"]
     n = r.samples or r.batch
     shown = f"batch {r.batch}" + (f" of {n} samples" if n != r.batch else "")
-    title = f"{r.title}, {r.parties} parties, dealer {r.dealer}, {shown}, seconds" + _insecure(r)
+    dealer = "no dealer" if r.dealer == "none" else f"dealer {r.dealer}"
+    title = f"{r.title}, {r.parties} parties, {dealer}, {shown}, seconds" + _insecure(r)
     t = compact_table(title, ("model", *cols))
     captions = [f"party {r.hosts['rank']} over {r.hosts['interface']}"] if r.hosts else []
     nets = ", ".join(f"{k.upper()} {v['rtt_ms']:g} ms {v['bandwidth_MBps']:g} MB/s" for k, v in r.networks.items())
     if r.link:
         nets += f", link {r.link['rtt_ms']:.3g} ms {r.link['bandwidth_MBps']:.3g} MB/s"
     captions.append(f"wall: measured here; {nets}: modeled (measured compute + round trips x RTT + bytes/bandwidth)")
-    if "+off" in cols:
+    if "+off" in cols and r.dealer == "none":
+        captions.append("off MB: the first forward's setup (OT, keys) on top of the steady state; +off: WAN with it")
+    elif "+off" in cols:
         captions.append("off MB: to and from the dealer; +off: WAN with it on the same link")
+    if "msgs/party" in cols:
+        captions.append("rounds: the quieter party's messages (the round trips a forward waits for, estimated)")
     if r.insecure:
         captions.append(f"[bold red]{r.insecure}[/] (--dealer {r.dealer})")
     if captions:
@@ -112,8 +119,10 @@ def _is_none(m, column: str) -> bool:
         "top-1 = plain": "top1_agreement",
         "accuracy": "accuracy",
         "plain acc": "plain_accuracy",
+        "msgs/party": "sends_per_party",
+        "linear %": "linear_share",
     }.get(column)
-    return attr is not None and getattr(m, attr) is None
+    return attr is not None and getattr(m, attr) in (None, [])
 
 
 def prediction_table(r) -> Table | None:
@@ -122,13 +131,17 @@ def prediction_table(r) -> Table | None:
     if not models:
         return None
     offline = any(m.offline_bytes or m.predicted_offline_bytes for m in models)
+    share = any(m.predicted_linear_share is not None and m.linear_share is not None for m in models)
     cols = ("model", "rounds", "predicted", "MB/party", "predicted") + (("off MB", "predicted") if offline else ())
+    cols += ("linear %", "predicted") if share else ()
     t = compact_table("cost model vs measured" + _insecure(r), cols)
     for m in models:
         row = [m.name, str(m.rounds), f"{m.predicted_rounds:.0f}"]
         row += [f"{max(m.bytes_per_party) / 1e6:.2f}", f"{m.predicted_bytes / 1e6:.2f}"]
         if offline:
             row += [f"{m.offline_bytes / 1e6:.2f}", f"{(m.predicted_offline_bytes or 0) / 1e6:.2f}"]
+        if share:
+            row += [f"{100 * (m.linear_share or 0):.0f}", f"{100 * (m.predicted_linear_share or 0):.0f}"]
         t.add_row(*row)
     return t
 

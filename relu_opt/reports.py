@@ -58,7 +58,8 @@ def modeled_markdown(modeled: dict | None) -> str:
         "only: online = round trips of the link x RTT (a round may wait for several) + the bytes each party sends "
         "one way / bandwidth (LAN 0.5 ms, 1000 MB/s; "
         "WAN 40 ms, 100 MB/s); +offline adds the dealer's bytes and the round trips waited for it on the same "
-        "link. `relu-opt bench` measures compute too.\n\n"
+        "link (for a protocol without a dealer, its one-time setup: Cheetah's OT and keys). `relu-opt bench` "
+        "measures compute too.\n\n"
         + _md_table(["model", "rounds", "MB per party", "offline MB", "LAN s", "WAN s", "WAN s +offline"], rows)
     )
     if "original" in costs and "optimized" in costs:
@@ -443,6 +444,7 @@ def run_markdown(r: dict) -> str:
             f"{m.get('wan_total_s', m['wan_s']):.3f} | {pred} | {pred_mb} | {pred_off} |"
         )
     lines += ["", "Predicted: the cost model, for what was benched (same batch)."]
+    lines += cost_split_lines(b["models"])
     lines += [
         "",
         "### Agreement with plaintext",
@@ -474,6 +476,28 @@ def run_markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+def cost_split_lines(models: list[dict]) -> list[str]:
+    """Return the bench's split of bytes between linear layers and the rest (engines that profile ops)."""
+    if all(m.get("linear_share") is None for m in models):
+        return []
+    lines = [
+        "",
+        "### Linear layers vs non-linear sites",
+        "",
+        "| model | bytes in linear layers | in non-linear sites and the rest | predicted linear | messages per party |",
+        "|---|---|---|---|---|",
+    ]
+    for m in models:
+        share, pred = m.get("linear_share"), m.get("predicted_linear_share")
+        msgs = "/".join(f"{n:,}" for n in m.get("sends_per_party") or []) or "-"
+        pct = ["-" if v is None else f"{100 * v:.0f}%" for v in (share, None if share is None else 1 - share, pred)]
+        lines.append(f"| {m['name']} | {' | '.join(pct)} | {msgs} |")
+    return lines + [
+        "",
+        "Measured from the engine's per-op profile of the steady-state forward; predicted by the cost model.",
+    ]
+
+
 def insecure_label(b: dict) -> str | None:
     """Return a bench JSON's INSECURE label: its own, or for a bench from before dealers were chosen
     (party 0 dealt every triple then) the label it would have had."""
@@ -493,7 +517,8 @@ def bench_title(b: dict) -> str:
     from relu_opt.backends import Pricing
 
     engine = b.get("title") or Pricing().engine().title  # a bench from before backends had names ran on it
-    title = f"{engine}, {b['parties']} parties, dealer {b.get('dealer', 'party0')}"
+    dealer = b.get("dealer", "party0")
+    title = f"{engine}, {b['parties']} parties, " + ("no dealer" if dealer == "none" else f"dealer {dealer}")
     label = insecure_label(b)
     return title + (f", {label}" if label else "")
 
@@ -558,7 +583,8 @@ def _run_modeled_lines(r: dict) -> list[str]:
         "The cost model's prediction per sample (batch 1)"
         + (f", priced for {priced}" if priced else "")
         + ", before the bench: LAN/WAN seconds are communication only (online: round trips x RTT + bytes one way / "
-        "bandwidth; +offline: the dealer's bytes and the round trips waited for it on the same link).",
+        "bandwidth; +offline: the dealer's bytes and the round trips waited for it on the same link, or a dealer-free "
+        "protocol's one-time setup).",
         "",
         "| model | test accuracy | rounds | MB per party | offline MB | LAN s | WAN s | WAN vs baseline | "
         "WAN s +offline | vs baseline |",

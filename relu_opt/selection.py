@@ -241,6 +241,10 @@ class LatencySelector:
         def lat(kept: dict[str, int]) -> float:
             return prices.latency(*prices.total(kept), net)
 
+        everything = {s: info.elements for s, info in sites.items()}
+        # a selection slower than the original on some network is no saving there (under Cheetah a
+        # square's bytes can cost more on a LAN than the ReLU's round trips it saves on a WAN): _no_slower
+
         def fits(kept: dict[str, int]) -> bool:
             shared = sum(k for s, k in kept.items() if sites[s].kind not in caps)
             if constraints.elements is not None and shared > constraints.elements:
@@ -285,12 +289,12 @@ class LatencySelector:
                 f"even with every site replaced the model needs {prices.total(none)[0]:.0f} rounds and "
                 f"{lat(none):.3g} s on {net.name}, over the constraints ({constraints.describe()})"
             )
-        everything = {s: info.elements for s, info in sites.items()}
         removable = max(lat(everything) - lat(none), 1e-9)
         rate = self.share * sum(float(v.clamp(min=0).sum()) for v in score.values()) / removable
         opened: list[str] = []
         kept, value, cost = none, 0.0, lat(none)
         reasons: dict[str, str] = {}
+        cheaper: dict[str, str] = {}  # sites whose op costs less than their replacement
         while True:
             best = None
             for s in sites:
@@ -306,6 +310,9 @@ class LatencySelector:
                     continue
                 gain, extra = v2 - value, lat(k2) - cost
                 ratio = gain / extra if extra > 1e-12 else math.inf
+                if extra <= 1e-12:
+                    p = prices.sites[s]
+                    cheaper[s] = f"keeping it costs less than its replacement on {net.name} ({_versus(p)})"
                 if ratio < rate:
                     reasons[s] = f"criticality per second {ratio:.3g} is below the model's {rate:.3g}"
                     continue
@@ -316,7 +323,8 @@ class LatencySelector:
             ratio, s, kept, value = best
             cost = lat(kept)
             opened.append(s)
-            reasons[s] = f"opened #{len(opened)}: criticality per second {ratio:.3g}"
+            reasons[s] = f"opened #{len(opened)}: " + (cheaper.get(s) or f"criticality per second {ratio:.3g}")
+        kept = self._no_slower(kept, everything, prices, reasons, fits)
         keep = {}
         for s in sites:
             n = kept[s] // crit.unit_elements[s]
@@ -325,6 +333,33 @@ class LatencySelector:
             keep[s] = flat.reshape(crit.scores[s].shape)
         choices = _choices(crit, sites, keep, prices, lambda s, a: reasons.get(s, ""))
         return Selection(keep, choices, self.name, constraints.describe(), **_summary(prices, kept))
+
+    @staticmethod
+    def _no_slower(
+        kept: dict[str, int], everything: dict[str, int], prices: Prices, reasons: dict, fits
+    ) -> dict[str, int]:
+        """Return `kept`, or where it is slower than the original on some network, `kept` with the sites whose
+        op costs less there than their replacement kept whole (most saving first) as far as the constraints
+        allow."""
+        for n in _NETWORKS:
+            ceiling = prices.latency(*prices.total(everything), n) * (1 + 1e-9)
+            if prices.latency(*prices.total(kept), n) <= ceiling:
+                continue
+            saving = {
+                s: prices.latency(*p.cost(kept[s]), n) - prices.latency(p.keep_rounds, p.keep_bytes, n)
+                for s, p in prices.sites.items()
+            }
+            for s in sorted((s for s in kept if saving[s] > 0), key=saving.get, reverse=True):
+                wider = {**kept, s: everything[s]}
+                if not fits(wider):
+                    continue
+                kept = wider
+                reasons[s] = f"kept whole: its replacement made the model slower than the original on {n.name} " + (
+                    f"({_versus(prices.sites[s])})"
+                )
+                if prices.latency(*prices.total(kept), n) <= ceiling:
+                    break
+        return kept
 
     @staticmethod
     def _skip_fill(kept: dict[str, int], owners: list[str], crit, sites, fits) -> dict[str, int]:
@@ -394,3 +429,11 @@ def price_sites(
 
 
 _NETWORKS = (WAN, LAN)
+
+
+def _versus(p: SitePrice) -> str:
+    """Return a site's kept and replaced prices, e.g. "12 vs 4 round trips, 0.10 vs 0.40 MB"."""
+    return (
+        f"{p.keep_rounds:.0f} vs {p.replace_rounds:.0f} round trips, {p.keep_bytes / 1e6:.2f} vs "
+        f"{p.replace_bytes / 1e6:.2f} MB"
+    )

@@ -312,3 +312,34 @@ def test_a_round_costs_the_round_trips_the_model_counts_on_a_delayed_link(tmp_pa
     mine = f"dh{os.getpid() % 10000:04d}"
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
     assert not [ns for ns in names if ns.startswith(mine)]  # every namespace removed
+
+
+@pytest.mark.slow
+@pytest.mark.parties
+@pytest.mark.multihost
+@pytest.mark.skipif(importlib.util.find_spec("spu") is None, reason="SecretFlow SPU is not installed")
+@pytest.mark.skipif(_shaped_link().available() is not None, reason="needs root with ip and tc")
+def test_spu_parties_on_two_namespaces(tmp_path):
+    """The SPU backend between two hosts (network namespaces on a bridge): each party started by the same
+    command with its rank, meeting through the rendezvous, then over SPU's own link on the veth pair."""
+    sl = _shaped_link()
+    argv = ["bench", "small_cnn", "--input-shape", "1,1,28,28", "--samples", "2", "--batch", "1"]
+    argv += ["--backend", "spu", "--timeout", "300", "--json", str(tmp_path / "{rank}.json")]
+    try:
+        with sl.Hosts(None, n=2) as hosts:
+            before = hosts.tx_bytes(0)
+            res = hosts.run_parties(argv, timeout=420)
+            sent = hosts.tx_bytes(0) - before
+    finally:
+        assert not any(ns.startswith("ro") and len(ns) == 12 for ns in _my_namespaces()), "namespaces left"
+    for rank, r in enumerate(res):
+        assert r.returncode == 0, r.stdout[-2000:]
+        assert "SPU CHEETAH, 2 parties, no dealer, batch 1 of 2 samples" in r.stdout
+        assert f"party {rank} over ro" in r.stdout
+    d = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
+    assert d[0]["models"] == d[1]["models"] and d[0]["backend"] == "spu"
+    orig = d[0]["models"][0]
+    # party 0's veth end carried at least what SPU counted party 0 sending: per model, the first forward
+    # (setup + steady state) and one more (2 samples, one at a time)
+    counted = sum(2 * m["sent_per_party"][0] + m["offline_sent_per_party"][0] for m in d[0]["models"])
+    assert sent >= counted > 0 and orig["offline_bytes"] > 5e6

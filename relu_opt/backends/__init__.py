@@ -45,7 +45,8 @@ __all__ = [
 ]
 
 _BACKENDS: dict[str, Backend] = {}
-_BUILTIN = {"crypten": "relu_opt.backends.crypten"}  # name -> module that registers it on import
+# name -> the module that registers it on import
+_BUILTIN = {"crypten": "relu_opt.backends.crypten", "spu": "relu_opt.backends.spu"}
 
 
 def register_backend(cls: type[Backend]) -> type[Backend]:

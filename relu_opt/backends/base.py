@@ -88,6 +88,10 @@ class CostModel(ABC):
     def to_dict(self) -> dict:
         """Return the JSON form the cache holds."""
 
+    def frozen(self) -> CostModel:
+        """Return this cost model unable to measure anything more (for a caller that must not start parties)."""
+        return self
+
 
 @dataclass(frozen=True)
 class Measurement:
@@ -112,7 +116,9 @@ class Measurement:
     offline_received_per_party: list[int] = field(default_factory=list)  # bytes each party gets from it
     offline_requests: int = 0  # requests to the dealer per forward
     round_trips: float = 0.0  # round trips of the link the parties wait for online (a round may cost several)
-    offline_round_trips: float = 0.0  # round trips waited for the dealer's answers
+    offline_round_trips: float = 0.0  # round trips waited for the dealer's answers (or a protocol's setup)
+    sends_per_party: list[int] = field(default_factory=list)  # messages each party sends (engines that count them)
+    linear_sent_per_party: list[int] = field(default_factory=list)  # of sent_per_party: in linear layers
 
     @property
     def wall_s_median(self) -> float:
@@ -204,9 +210,13 @@ class Backend(ABC):
     title: str = ""  # how reports name it
     dealers: dict[str, Dealer] = {}
     default_dealer: str = ""
+    protocols: tuple[str, ...] = ()  # what --protocol chooses among; () for an engine with one protocol
+    default_samples: int = 8  # test samples `relu-opt run` benches unless told
+    default_protocol: str | None = None
 
-    def dealer(self, name: str | None = None) -> Dealer:
-        """Return the Dealer `name` (the honest default when None); ConfigError naming the choices."""
+    def dealer(self, name: str | None = None, protocol: str | None = None) -> Dealer:
+        """Return the Dealer `name` under `protocol` (the honest default when None); ConfigError naming the
+        choices."""
         name = self.default_dealer if name is None else name
         if name not in self.dealers:
             raise ConfigError(
@@ -214,6 +224,14 @@ class Backend(ABC):
                 + ", ".join(f"{k} ({d.description})" for k, d in self.dealers.items())
             )
         return self.dealers[name]
+
+    def validate(self, pricing: Pricing) -> None:
+        """Raise ConfigError when `pricing` (parties, protocol) does not fit this engine or it is not installed."""
+        return None
+
+    def describe(self, pricing: Pricing) -> str:
+        """Return how reports name the engine and protocol `pricing` measures with."""
+        return self.title
 
     # ---- graphs ---------------------------------------------------------------------------------------
     @abstractmethod

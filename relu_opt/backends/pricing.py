@@ -16,14 +16,16 @@ from relu_opt.errors import ConfigError
 
 @dataclass(frozen=True)
 class Pricing:
-    """What prices a plan: backend, dealer (None = the backend's honest default), parties, the network the
-    latency selector prices (lan, wan or RTT_MS,MB_PER_S) and the cost-model cache (None: the default)."""
+    """What prices a plan: backend, its protocol (None = the backend's default), dealer (None = the
+    backend's honest default), parties, the network the latency selector prices (lan, wan or
+    RTT_MS,MB_PER_S) and the cost-model cache (None: the default)."""
 
     backend: str = DEFAULT_BACKEND
     dealer: str | None = None
     parties: int = 2
     network: str = "wan"
     cache: str | None = None
+    protocol: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.parties, int) or isinstance(self.parties, bool) or self.parties < 2:
@@ -32,9 +34,22 @@ class Pricing:
             from relu_opt.validation import check_output_dir
 
             check_output_dir(self.cache, "--cache-dir")
-        self.engine()  # an unknown backend fails here, with the choices
+        engine = self.engine()  # an unknown backend fails here, with the choices
+        if self.protocol is not None and self.protocol not in engine.protocols:
+            if not engine.protocols:
+                raise ConfigError(f"--protocol is not for --backend {self.backend} (it has one protocol); leave it out")
+            raise ConfigError(
+                f"--protocol {self.protocol} is not a protocol of --backend {self.backend}; choose "
+                + ", ".join(engine.protocols)
+            )
         self.dealer_info()
         self.net()
+        engine.validate(self)
+
+    @property
+    def protocol_name(self) -> str | None:
+        """Return the protocol measured with: the given one or the backend's default (None for one-protocol engines)."""
+        return self.protocol or self.engine().default_protocol
 
     def engine(self) -> Backend:
         """Return the Backend object."""
@@ -44,11 +59,11 @@ class Pricing:
 
     def dealer_info(self) -> Dealer:
         """Return the Dealer this pricing measures with."""
-        return self.engine().dealer(self.dealer)
+        return self.engine().dealer(self.dealer, self.protocol_name)
 
     @property
     def dealer_name(self) -> str:
-        return self.engine().default_dealer if self.dealer is None else self.dealer
+        return self.dealer_info().name
 
     @property
     def insecure(self) -> str | None:
@@ -69,11 +84,13 @@ class Pricing:
 
     def key(self) -> dict:
         """Return what identifies these prices (not the cache folder): for keys of cached work."""
-        return {"backend": self.backend, "dealer": self.dealer_name, "parties": self.parties}
+        key = {"backend": self.backend, "dealer": self.dealer_name, "parties": self.parties}
+        return key | ({"protocol": self.protocol_name} if self.protocol_name else {})
 
     def describe(self) -> str:
         """Return one line naming what prices a plan, e.g. "crypten, 2 parties, dealer third-party"."""
-        text = f"{self.engine().title}, {self.parties} parties, dealer {self.dealer_name}"
+        dealer = "no dealer" if self.dealer_name == "none" else f"dealer {self.dealer_name}"
+        text = f"{self.engine().describe(self)}, {self.parties} parties, {dealer}"
         return text + (f" ({self.insecure})" if self.insecure else "")
 
     def cost_model(self, measure: bool = True, timeout: float = 300, note: Callable[[str], None] | None = None):
@@ -81,7 +98,9 @@ class Pricing:
         under the backend with real parties and cached; None when none is cached and `measure` is off."""
         engine = self.engine()
         cached = engine.load_cost_model(self, note)
-        if cached is not None or not measure:
+        if not measure:
+            return None if cached is None else cached.frozen()
+        if cached is not None:
             return cached
         from relu_opt.validation import check_output_dir
 

@@ -31,6 +31,7 @@ import torch
 from onnx import numpy_helper
 
 from relu_opt import atomic
+from relu_opt.backends.processes import heartbeat_path
 from relu_opt.errors import BackendError, first_line
 
 MODEL_OWNER = 0
@@ -67,11 +68,6 @@ class PartyJob:
     @classmethod
     def load(cls, path: str | os.PathLike) -> PartyJob:
         return cls(**json.loads(Path(path).read_text()))
-
-
-def heartbeat_path(result: str) -> Path | None:
-    """Return the file the process writing `result` touches every half second while it lives."""
-    return Path(result + ".alive") if result else None
 
 
 def start_watchdog(job: PartyJob) -> None:

@@ -1,0 +1,139 @@
+"""Start a backend's party processes (and dealer) on this machine and collect their results, failing fast:
+the first process to fail (one killed by a signal before the others it took down) is named. Shared by
+every backend; what each process runs is the backend's own module."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from relu_opt.errors import BackendError
+
+
+def free_port() -> int:
+    """Return a TCP port on localhost that is free now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def heartbeat_path(result: str) -> Path | None:
+    """Return the file the process writing `result` touches every half second while it lives."""
+    return Path(result + ".alive") if result else None
+
+
+@dataclass(frozen=True)
+class Member:
+    """One process to start: who it is (for errors), `python -m MODULE JOB`, its result and log files."""
+
+    name: str
+    job: Path
+    result: Path
+    log: Path
+    is_party: bool = True
+
+
+def _tail(path: Path, lines: int = 3) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(t.strip() for t in text[-lines:])
+
+
+def _error_of(result: Path, log: Path, who: str, code: int) -> str:
+    try:
+        data = json.loads(result.read_text())
+        if not data.get("ok", True):
+            return data["error"]
+    except (OSError, ValueError):
+        pass
+    how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+    tail = _tail(log)
+    return f"{who} {how}" + (f": {tail}" if tail else "")
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 3
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def _frozen(results: list[Path], codes: list[int | None], stale: float, started: float) -> int | None:
+    """Return the index of a running process whose last heartbeat (or, before its first, the launch at
+    `started`) is older than `stale` seconds, or None. A process that waits on the others still beats; one
+    that is stopped or hung in its own code does not."""
+    now = time.time()
+    for i, (result, code) in enumerate(zip(results, codes)):
+        if code is None:
+            try:
+                last, allowed = heartbeat_path(str(result)).stat().st_mtime, stale
+            except OSError:  # before its first beat: imports take a while on a loaded machine
+                last, allowed = started, max(stale, 30.0)
+            if now - last > allowed:
+                return i
+    return None
+
+
+def run_members(members: list[Member], module: str, timeout: float, stale: float | None = None) -> list[dict]:
+    """Start each member as `python -m MODULE JOB` in a process group of its own and wait for all; return
+    the parties' results (in order). Raises BackendError when one fails, stops beating for `stale` seconds
+    or the run outlasts `timeout`; every process is gone when it returns or raises."""
+    procs: list[subprocess.Popen] = []
+    others = "parties" if all(m.is_party for m in members) else "processes"
+    try:
+        for m in members:
+            m.result.unlink(missing_ok=True)
+            with open(m.log, "w") as logf:
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", module, str(m.job)],
+                        stdout=logf,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,  # its own process group, so it can be killed whole
+                    )
+                )
+        deadline = time.monotonic() + timeout
+        stale, started = stale or max(10.0, timeout / 4), time.time()
+        while True:
+            codes = [p.poll() for p in procs]
+            if all(c == 0 for c in codes):
+                break
+            failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
+            if failed:
+                first = min(failed, key=lambda i: (codes[i] >= 0, i))  # killed by a signal: the cause
+                m = members[first]
+                why = _error_of(m.result, m.log, m.name, codes[first])
+                raise BackendError(f"{why}; the other {others} were stopped")
+            frozen = _frozen([m.result for m in members], codes, stale, started)
+            if frozen is not None:
+                raise BackendError(
+                    f"{members[frozen].name} stopped responding (no sign of life for more than {stale:g}s: it hung "
+                    f"or was frozen); the other {others} were stopped"
+                )
+            if time.monotonic() > deadline:
+                waiting = [members[i].name for i, c in enumerate(codes) if c is None]
+                raise BackendError(
+                    f"{', '.join(waiting)} did not finish within --timeout {timeout:g}s and were stopped"
+                )
+            time.sleep(0.1)
+    finally:
+        _stop(procs)
+    return [json.loads(m.result.read_text()) for m in members if m.is_party]
