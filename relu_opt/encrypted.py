@@ -101,6 +101,7 @@ class BenchResult:
         """Return the JSON schema `relu-opt bench --json` writes."""
         return {
             "backend": self.backend,
+            "title": self.title,
             "dealer": self.dealer,
             "insecure": self.insecure,
             "parties": self.parties,

@@ -75,7 +75,9 @@ def bench_table(r) -> Table:
         nets += f", link {r.link['rtt_ms']:.3g} ms {r.link['bandwidth_MBps']:.3g} MB/s"
     captions.append(f"wall: measured here; {nets}: modeled (measured compute + round trips x RTT + bytes/bandwidth)")
     if "+off" in cols and r.dealer == "none":
-        captions.append("off MB: the first forward's setup (OT, keys) on top of the steady state; +off: WAN with it")
+        captions.append(
+            "off MB: the setup (OT, keys; once per session) the first forward pays; +off: that first query on WAN"
+        )
     elif "+off" in cols:
         captions.append("off MB: to and from the dealer; +off: WAN with it on the same link")
     if "msgs/party" in cols:
@@ -172,8 +174,13 @@ def run_summary(r) -> list:
     wan = b.get("networks", {}).get("wan", {})
     t.caption = (
         f"wall s: measured here; WAN s: modeled on {wan.get('rtt_ms', '?'):g} ms, {wan.get('bandwidth_MBps', '?'):g} "
-        "MB/s (measured compute + round trips x RTT + bytes/bandwidth), online; off MB: to and from the dealer; "
-        f"+off: WAN with it on the same link; top-1 agreement with plaintext: {agree}"
+        "MB/s (measured compute + round trips x RTT + bytes/bandwidth), online; off MB: "
+        + (
+            "the setup (once per session); +off: a session's first query, with it"
+            if b.get("dealer") == "none"
+            else "to and from the dealer; +off: WAN with it on the same link"
+        )
+        + f"; top-1 agreement with plaintext: {agree}"
     )
     t.caption_justify = "left"
     accs = {"original": base["test_accuracy"], "optimized": opt["accuracy_after"], "floor": None}

@@ -245,7 +245,7 @@ class LatencySelector:
         # a selection slower than the original on some network is no saving there (under Cheetah a
         # square's bytes can cost more on a LAN than the ReLU's round trips it saves on a WAN): _no_slower
 
-        def fits(kept: dict[str, int]) -> bool:
+        def fits(kept: dict[str, int], latency: bool = True) -> bool:
             shared = sum(k for s, k in kept.items() if sites[s].kind not in caps)
             if constraints.elements is not None and shared > constraints.elements:
                 return False
@@ -255,7 +255,11 @@ class LatencySelector:
             rounds, nbytes = prices.total(kept)
             if constraints.rounds is not None and rounds > constraints.rounds + 1e-9:
                 return False
-            return constraints.latency_s is None or prices.latency(rounds, nbytes, net) <= constraints.latency_s
+            return (
+                not latency
+                or constraints.latency_s is None
+                or prices.latency(rounds, nbytes, net) <= constraints.latency_s
+            )
 
         def fill(opened: list[str]) -> tuple[dict[str, int], float] | None:
             """Units of the opened sites by priority (each keeps its best unit); None if they cannot fit."""
@@ -324,7 +328,12 @@ class LatencySelector:
             cost = lat(kept)
             opened.append(s)
             reasons[s] = f"opened #{len(opened)}: " + (cheaper.get(s) or f"criticality per second {ratio:.3g}")
-        kept = self._no_slower(kept, everything, prices, reasons, fits)
+        kept = self._no_slower(kept, everything, prices, reasons, lambda k: fits(k, latency=False))
+        if not fits(kept):
+            raise ValueError(
+                f"no selection within {constraints.describe()} is as fast as the original on both LAN and WAN "
+                f"(the closest needs {lat(kept):.3g} s on {net.name})"
+            )
         keep = {}
         for s in sites:
             n = kept[s] // crit.unit_elements[s]
@@ -339,8 +348,8 @@ class LatencySelector:
         kept: dict[str, int], everything: dict[str, int], prices: Prices, reasons: dict, fits
     ) -> dict[str, int]:
         """Return `kept`, or where it is slower than the original on some network, `kept` with the sites whose
-        op costs less there than their replacement kept whole (most saving first) as far as the constraints
-        allow."""
+        op costs less there than their replacement kept whole (most saving first) as far as the element and
+        round budgets allow (a latency budget it then breaks makes the selection fail)."""
         for n in _NETWORKS:
             ceiling = prices.latency(*prices.total(everything), n) * (1 + 1e-9)
             if prices.latency(*prices.total(kept), n) <= ceiling:

@@ -195,3 +195,38 @@ def test_refit_in_order_moves_the_training_clamp_to_the_new_inputs():
         h.remove()
     for name, m in sites.items():
         assert torch.allclose(m.replacement.input_range, 2.0 * seen[name], rtol=1e-5), name
+
+
+def test_latency_selector_is_never_slower_than_the_original_on_lan_or_wan():
+    """Cheetah-like prices: a replacement saves many round trips (WAN) but costs more bytes (LAN). A selection
+    made for WAN that would be slower on a LAN keeps sites whole, most saving first, until it is not."""
+    from relu_opt.backends import LAN
+
+    sites, crit, _ = _toy(channels=8, per_channel=125_000)
+    e = 8 * 125_000
+    costly = SitePrice("relu", e, 40, e * 98, 1, e * 200, 41, 98, 200)  # its replacement is slower on a LAN
+    cheap = SitePrice("relu", e, 40, e * 98, 1, e * 96, 41, 98, 96)
+    table = {"s0": costly, "s1": costly, "s2": cheap, "s3": cheap}
+    prices = Prices(table, other_rounds=5, other_bytes=1e5, network=WAN)
+    everything = {s: e for s in sites}
+    original = {n.name: prices.latency(*prices.total(everything), n) for n in (LAN, WAN)}
+    none = {s: 0 for s in sites}
+    assert prices.latency(*prices.total(none), LAN) > original["lan"]  # replacing all is slower on a LAN
+    with pytest.raises(ValueError, match="as fast as the original on both LAN and WAN"):
+        get_selector("latency").select(crit, sites, Constraints(latency_s=0.4 * original["wan"]), prices)
+    sel = get_selector("latency").select(crit, sites, Constraints(latency_s=0.6 * original["wan"]), prices)
+    kept = {c.site: c.kept for c in sel.choices}
+    assert prices.latency(*prices.total(kept), LAN) <= original["lan"] * (1 + 1e-9)
+    assert prices.latency(*prices.total(kept), WAN) <= 0.6 * original["wan"]
+    actions = {c.site: c.action for c in sel.choices}
+    assert "keep" in (actions["s0"], actions["s1"]) and "replace" in actions.values()
+
+
+def test_a_site_whose_replacement_costs_more_is_kept_and_the_choice_says_why():
+    sites, crit, _ = _toy(channels=8, per_channel=125_000)
+    e = 8 * 125_000
+    dearer = SitePrice("relu", e, 5, e * 98, 1, e * 400, 6, 98, 400)  # a square's bytes outweigh its round trips
+    prices = Prices({s: dearer for s in sites}, other_rounds=5, other_bytes=1e5, network=WAN)
+    sel = get_selector("latency").select(crit, sites, Constraints(), prices)
+    assert all(c.action == "keep" for c in sel.choices)
+    assert all("keeping it costs less than its replacement on wan (5 vs 1 round trips" in c.why for c in sel.choices)

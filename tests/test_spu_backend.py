@@ -145,6 +145,7 @@ def test_without_spu_the_backend_is_one_line_naming_the_fix(monkeypatch):
     assert Pricing().describe().startswith("CrypTen")  # everything else still works
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_protocol_for_crypten_in_one_line(tmp_path):
     import subprocess
 

@@ -11,7 +11,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,39 @@ def free_port() -> int:
 def heartbeat_path(result: str) -> Path | None:
     """Return the file the process writing `result` touches every half second while it lives."""
     return Path(result + ".alive") if result else None
+
+
+def watchdog(
+    result: str, rank: int, who: str, timeout: float, grace: float = 0.0, check: Callable[[], str | None] = lambda: None
+) -> None:
+    """Exit this process (code 2, its error in `result`) when it outlives `timeout` + `grace` seconds or when
+    `check` returns a message, and (code 3) when its parent is gone: no orphans, no hangs. Meanwhile touch
+    the heartbeat file, so a launcher can tell a frozen process from one that waits."""
+    parent, deadline, beat = os.getppid(), time.monotonic() + timeout + grace, heartbeat_path(result)
+
+    def fail(msg: str) -> None:
+        from relu_opt import atomic
+
+        with contextlib.suppress(OSError):  # the result's folder may be gone already
+            atomic.write_json(result, {"rank": rank, "ok": False, "error": msg})
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+        os._exit(2)
+
+    def watch():
+        while True:
+            if beat is not None:
+                with contextlib.suppress(OSError):
+                    beat.touch()
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                os._exit(3)
+            msg = check()
+            if msg:
+                fail(msg)
+            if time.monotonic() > deadline:
+                fail(f"{who} did not finish within --timeout {timeout:g}s")
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 @dataclass(frozen=True)

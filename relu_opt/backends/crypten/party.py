@@ -12,13 +12,11 @@ the input. Which provider deals the Beaver triples is `job.dealer`:
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
 import re
 import sys
-import threading
 import time
 import traceback
 import warnings
@@ -31,7 +29,7 @@ import torch
 from onnx import numpy_helper
 
 from relu_opt import atomic
-from relu_opt.backends.processes import heartbeat_path
+from relu_opt.backends.processes import watchdog
 from relu_opt.errors import BackendError, first_line
 
 MODEL_OWNER = 0
@@ -75,33 +73,17 @@ def start_watchdog(job: PartyJob) -> None:
     hangs), or when one answer of the dealer takes longer than DEALER_WAIT_S or a quarter of
     `job.timeout`, whichever is more (the dealer hung or its link is down); touch the heartbeat file
     meanwhile, so a launcher can tell a frozen process from one that waits."""
-    parent, deadline = os.getppid(), time.monotonic() + job.timeout + job.grace
-    beat = heartbeat_path(job.result)
 
-    def fail(msg: str) -> None:
-        with contextlib.suppress(OSError):  # the result's folder may be gone already
-            write_error(job.result, job.rank, msg)
-        print(f"error: {msg}", file=sys.stderr, flush=True)
-        os._exit(2)
+    def dealer_hung() -> str | None:
+        since = _WAITING.get("dealer")
+        if since is not None and time.monotonic() - since > max(DEALER_WAIT_S, job.timeout / 4):
+            return (
+                f"{who(job)} waited {time.monotonic() - since:.0f}s for one answer of the dealer; the dealer "
+                "hung or its link is down"
+            )
+        return None
 
-    def watch():
-        while True:
-            if beat is not None:
-                with contextlib.suppress(OSError):
-                    beat.touch()
-            time.sleep(0.5)
-            if os.getppid() != parent:
-                os._exit(3)
-            since = _WAITING.get("dealer")
-            if since is not None and time.monotonic() - since > max(DEALER_WAIT_S, job.timeout / 4):
-                fail(
-                    f"{who(job)} waited {time.monotonic() - since:.0f}s for one answer of the dealer; the dealer "
-                    "hung or its link is down"
-                )
-            if time.monotonic() > deadline:
-                fail(f"{who(job)} did not finish within --timeout {job.timeout:g}s")
-
-    threading.Thread(target=watch, daemon=True).start()
+    watchdog(job.result, job.rank, who(job), job.timeout, job.grace, dealer_hung)
 
 
 def who(job: PartyJob) -> str:

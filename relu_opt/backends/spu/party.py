@@ -19,7 +19,6 @@ import os
 import re
 import statistics
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ import numpy as np
 
 from relu_opt import atomic
 from relu_opt.backends import rendezvous as rdv
-from relu_opt.backends.processes import free_port, heartbeat_path
+from relu_opt.backends.processes import free_port, watchdog
 from relu_opt.errors import BackendError, first_line
 
 MODEL_OWNER, DATA_OWNER = 0, 1
@@ -136,27 +135,7 @@ class _Log:
 
 def start_watchdog(job: SpuJob) -> None:
     """Exit when the process outlives `job.timeout` (+ grace) or its parent; touch the heartbeat meanwhile."""
-    parent, deadline, beat = os.getppid(), time.monotonic() + job.timeout + job.grace, heartbeat_path(job.result)
-
-    def watch():
-        while True:
-            if beat is not None:
-                with contextlib.suppress(OSError):
-                    beat.touch()
-            time.sleep(0.5)
-            if os.getppid() != parent:
-                os._exit(3)
-            if time.monotonic() > deadline:
-                with contextlib.suppress(OSError):
-                    atomic.write_json(job.result, {"rank": job.rank, "ok": False, "error": _timeout(job)})
-                print(f"error: {_timeout(job)}", file=sys.stderr, flush=True)
-                os._exit(2)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
-def _timeout(job: SpuJob) -> str:
-    return f"party {job.rank} did not finish within --timeout {job.timeout:g}s"
+    watchdog(job.result, job.rank, f"party {job.rank}", job.timeout, job.grace)
 
 
 def _link(job: SpuJob, store):
