@@ -35,8 +35,13 @@ def _optimize(name: str, pricing: ro.Pricing, work: Path) -> Path:
     return Path((r[-1] if isinstance(r, list) else r).outdir)
 
 
+def _result(folder: Path) -> dict:
+    d = json.loads((folder / "report.json").read_text())
+    return d.get("result", d)
+
+
 def _choices(folder: Path) -> dict[str, str]:
-    sel = json.loads((folder / "report.json").read_text()).get("selection") or {}
+    sel = _result(folder).get("selection") or {}
     return {c["site"]: f"{c['action']} {c['kept']}/{c['elements']}" for c in sel.get("choices", [])}
 
 
@@ -49,7 +54,7 @@ def main() -> None:
     plans = {name: _optimize(name, p, args.work) for name, p in ENGINES.items()}
     rows, t0 = [], time.time()
     for plan, folder in plans.items():
-        report = json.loads((folder / "report.json").read_text())
+        report = _result(folder)
         for engine, pricing in ENGINES.items():
             b = ro.bench("resnet20", pretrained=True, data="fashion-mnist", optimized=folder, pricing=pricing,
                          samples=args.samples, batch=1, timeout=900)  # fmt: skip
