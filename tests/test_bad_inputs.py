@@ -633,7 +633,15 @@ def test_ctrl_c_in_train_then_resume_writes_the_weights(tmp_path):
     out = tmp_path / "w.pt"
     # Enough work per epoch (1,024 images) that a loaded machine cannot finish all 40 before the signal lands.
     args = ["train", "small_cnn", "--data", "digits", "--epochs", "40", "--max-train", "1024", "-o", out]
-    proc = subprocess.Popen(_cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT at its default in the child: a shell's background job (`.ci/run &`) starts with it ignored, and
+    # Python then installs no KeyboardInterrupt handler
+    proc = subprocess.Popen(
+        _cli(*args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     _wait_for(tmp_path / "w.pt.ckpt", time.monotonic() + 120)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
