@@ -146,7 +146,7 @@ def _report(
         return net.with_offline_s(online(net), offline, m.offline_round_trips)
 
     predicted = cost_model.cost(prepared, batch) if cost_model is not None and prepared is not None else None
-    linear_bytes = getattr(cost_model, "linear_bytes", None) if prepared is not None else None
+    linear = cost_model.linear_bytes(prepared, batch) if cost_model is not None and prepared is not None else None
     sent = sum(m.sent_per_party)
     return ModelReport(
         name=m.name,
@@ -182,9 +182,7 @@ def _report(
         predicted_round_trips=None if predicted is None else predicted.round_trips,
         sends_per_party=m.sends_per_party,
         linear_share=sum(m.linear_sent_per_party) / sent if m.linear_sent_per_party and sent else None,
-        predicted_linear_share=linear_bytes(prepared, batch) / predicted.bytes
-        if linear_bytes is not None and predicted and predicted.bytes
-        else None,
+        predicted_linear_share=linear / predicted.bytes if linear is not None and predicted.bytes else None,
     )
 
 

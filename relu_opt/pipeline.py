@@ -116,14 +116,10 @@ class RunResult:
 
 def versions(pricing: Pricing) -> dict[str, str]:
     """Return the versions of the libraries a result depends on (the backend's engine included)."""
-    from importlib.metadata import PackageNotFoundError, version
+    from relu_opt.backends.base import package_version
 
     out = {"python": sys.version.split()[0]}
-    for pkg in ("relu-opt", "torch", "onnx", "onnxruntime"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "not installed"
+    out.update({pkg: package_version(pkg, "not installed") for pkg in ("relu-opt", "torch", "onnx", "onnxruntime")})
     return {**out, **pricing.engine().versions()}
 
 

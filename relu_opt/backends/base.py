@@ -25,6 +25,18 @@ if TYPE_CHECKING:
     from relu_opt.backends.pricing import Pricing
 
 INSECURE_LABEL = "INSECURE: party 0 can read the input"
+
+
+def package_version(name: str, missing: str = "missing") -> str:
+    """Return the installed version of package `name`, or `missing`."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return missing
+
+
 DEFAULT_BACKEND = "crypten"  # what every command runs on unless told otherwise
 
 
@@ -87,6 +99,10 @@ class CostModel(ABC):
     @abstractmethod
     def to_dict(self) -> dict:
         """Return the JSON form the cache holds."""
+
+    def linear_bytes(self, gm: fx.GraphModule, batch: int = 1) -> float | None:
+        """Return the modeled bytes of the linear layers alone, or None where the model does not tell them apart."""
+        return None
 
     def frozen(self) -> CostModel:
         """Return this cost model unable to measure anything more (for a caller that must not start parties)."""

@@ -20,10 +20,10 @@ from pathlib import Path
 from relu_opt.errors import BackendError
 
 
-def free_port() -> int:
-    """Return a TCP port on localhost that is free now."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port free now on `host`, an address of this machine (default localhost)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 

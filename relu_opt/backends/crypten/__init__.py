@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch import nn
 
 from relu_opt.backends import register_backend
-from relu_opt.backends.base import Backend, Dealer, HostRole, Measurement, PartyRun
+from relu_opt.backends.base import Backend, Dealer, HostRole, Measurement, PartyRun, package_version
 from relu_opt.backends.pricing import Pricing
 
 
@@ -103,12 +103,6 @@ class CrypTenBackend(Backend):
         return calibrate(pricing.parties, pricing.dealer_name, timeout, refresh, pricing.cache)
 
     def versions(self) -> dict[str, str]:
-        from importlib.metadata import PackageNotFoundError, version
-
         import relu_opt
 
-        try:
-            crypten = version("crypten")
-        except PackageNotFoundError:
-            crypten = "missing"
-        return {"relu-opt": relu_opt.__version__, "crypten": crypten, "torch": torch.__version__}
+        return {"relu-opt": relu_opt.__version__, "crypten": package_version("crypten"), "torch": torch.__version__}

@@ -17,6 +17,7 @@ from torch import nn
 
 from relu_opt import atomic
 from relu_opt.activations import ChannelAffine, MaskedReLU, Poly, Square
+from relu_opt.backends.base import package_version
 from relu_opt.backends.crypten.cost_model import CrypTenCostModel, Sample, features, fit
 from relu_opt.cache import cache_dir
 from relu_opt.checked_io import load_cache, read_json
@@ -151,9 +152,4 @@ def calibrate(
 
 
 def _crypten_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("crypten")
-    except PackageNotFoundError:
-        return "unknown"
+    return package_version("crypten", "unknown")  # "unknown": the name cached cost models carry

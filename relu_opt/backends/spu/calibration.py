@@ -20,6 +20,7 @@ from torch import nn
 
 from relu_opt import atomic
 from relu_opt.activations import ChannelAffine, MaskedReLU, Poly, Square
+from relu_opt.backends.base import package_version
 from relu_opt.backends.spu.cost_model import (
     SpuCostModel,
     fit_formula,
@@ -123,12 +124,7 @@ def suite_key() -> str:
 
 
 def spu_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("spu")
-    except PackageNotFoundError:
-        return "missing"
+    return package_version("spu")
 
 
 def _cache_path(protocol: str, parties: int, dealer: str, cache: str | os.PathLike | None) -> Path:

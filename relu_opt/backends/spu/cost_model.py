@@ -33,25 +33,12 @@ FORMULA_TERMS = ("1", "M*K", "M*N", "K*N")
 
 
 def linear_key(mod: nn.Module, in_shape: tuple[int, ...]) -> str:
-    """Return what decides a module's cost under SPU: its type, input shape and configuration (parameter
-    and buffer shapes: a partial site's kept and replaced counts are its index buffers' lengths)."""
+    """Return what decides a conv or linear layer's cost under SPU: its type, input shape and configuration."""
     shape = "x".join(str(s) for s in in_shape)
     if isinstance(mod, nn.Linear):
         return f"linear:{shape}:{mod.out_features}:{int(mod.bias is not None)}"
-    if isinstance(mod, nn.modules.conv._ConvNd):
-        conf = (
-            mod.out_channels,
-            mod.kernel_size,
-            mod.stride,
-            mod.padding,
-            mod.dilation,
-            mod.groups,
-            mod.bias is not None,
-        )
-        return f"{type(mod).__name__.lower()}:{shape}:" + ":".join(str(c) for c in conf)
-    tensors = [*mod.named_parameters(), *mod.named_buffers()]
-    inner = ",".join(type(m).__name__ for m in mod.modules())
-    return f"{inner}:{shape}:" + ",".join(f"{n}{list(t.shape)}" for n, t in tensors)
+    conf = (mod.out_channels, mod.kernel_size, mod.stride, mod.padding, mod.dilation, mod.groups, mod.bias is not None)
+    return f"{type(mod).__name__.lower()}:{shape}:" + ":".join(str(c) for c in conf)
 
 
 def linear_dims(mod: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -62,22 +49,16 @@ def linear_dims(mod: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[int,
     return out_shape[0] * math.prod(out_shape[2:]), k * mod.groups, mod.out_channels
 
 
-def module_at(gm: fx.GraphModule, node: fx.Node, batch: int = 1) -> tuple[str, nn.Module, tuple, tuple] | None:
-    """Return (key, module, input shape, output shape) at `batch` for a call_module node with shapes, else None."""
+def linear_layer(gm: fx.GraphModule, node: fx.Node, batch: int = 1) -> tuple[str, nn.Module, tuple, tuple] | None:
+    """Return (key, module, input shape, output shape) at `batch` for a conv or linear node, else None."""
     if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
         return None
     mod = gm.get_submodule(node.target)
     out, inp = meta_shape(node), meta_shape(node.args[0])
-    if out is None or inp is None:
+    if not isinstance(mod, LINEAR_MODULES) or out is None or inp is None:
         return None
     in_shape = (batch,) + tuple(inp[1:])
     return linear_key(mod, in_shape), mod, in_shape, (batch,) + tuple(out[1:])
-
-
-def linear_layer(gm: fx.GraphModule, node: fx.Node, batch: int = 1) -> tuple[str, nn.Module, tuple, tuple] | None:
-    """Return (key, module, input shape, output shape) at `batch` for a conv or linear node, else None."""
-    found = module_at(gm, node, batch)
-    return found if found is not None and isinstance(found[1], LINEAR_MODULES) else None
 
 
 def other_features(gm: fx.GraphModule, node: fx.Node, batch: int = 1) -> tuple[Counter, Counter]:
@@ -107,9 +88,8 @@ class SpuCostModel(CostModel):
     setup_trips: float = 0.0
     fit_max_rel_err: float = 0.0  # on the larger half of the suite's samples, bytes
     dealer: str = "none"
-    samples: dict = field(
-        default_factory=dict
-    )  # suite model -> [bytes, trips, seconds] measured, without its linear layers
+    # suite model -> its measured [bytes, trips, seconds] without its linear layers (what the prices fit)
+    samples: dict = field(default_factory=dict)
     estimated: set = field(default_factory=set, compare=False)  # keys priced by the formula, not measured
     measure: object = field(default=None, compare=False, repr=False)  # callable(layers) -> {key: prices}, or None
 
@@ -145,11 +125,6 @@ class SpuCostModel(CostModel):
         if missing and self.measure is not None:  # each layer the table lacks: measured once, then cached
             self.linear.update(self.measure(missing))
         total = super().cost(gm, batch)
-        first = [
-            self.linear[f[0]][3:5] for n in gm.graph.nodes if (f := module_at(gm, n, batch)) and f[0] in self.linear
-        ]
-        once = max(first, default=[0.0, 0.0], key=lambda v: v[0] if v else 0.0) or [0.0, 0.0]
-        total = total + Cost(once[1], once[0], round_trips=once[1])  # the first product's one-time part
         # the setup (Cheetah's OT, keys): once per runtime, paid where a dealer's traffic would be
         return Cost(total.rounds, total.bytes, self.setup_bytes, 0.0, total.round_trips, self.setup_trips)
 
@@ -164,7 +139,6 @@ class SpuCostModel(CostModel):
         return {k: dict(zip(("bytes", "round_trips", "seconds"), v)) for k, v in parts.items()}
 
     def linear_bytes(self, gm: fx.GraphModule, batch: int = 1) -> float:
-        """Return the modeled bytes of the linear layers alone."""
         return self.split(gm, batch)["linear"]["bytes"]
 
     def missing(self, gm: fx.GraphModule, batch: int = 1) -> list[tuple[str, nn.Module, tuple, tuple]]:

@@ -184,7 +184,8 @@ def run_host(
     with private_dir("spu-party") as tmp:
         work = Path(tmp)
         specs, hashes = write_models(models, xb, work, owner=host.rank == 0)
-        np.save(work / "inputs.npy", x.detach().float().numpy())
+        if host.rank == 1:  # the data owner's samples; the others never read them
+            np.save(work / "inputs.npy", x.detach().float().numpy())
         job = {
             "command": "bench",
             "backend": "spu",

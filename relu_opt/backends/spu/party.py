@@ -7,7 +7,7 @@ input; a third ABY3 party owns nothing. Nothing is opened but the logits, which 
 
 Each model gets a fresh SPU runtime, so its first forward pays its own setup (Cheetah's OT and HE keys,
 the correlated randomness a protocol precomputes): that forward is reported apart as setup, and the
-later forwards' median as the steady state.
+later forwards' mean as the steady state.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -99,14 +100,13 @@ def stats_of(text: str) -> dict:
     if not total:
         raise BackendError("SPU wrote no profile for a forward (enable_pphlo_profile); cannot count its traffic")
     sent, received, sends, recvs = (int(v) for v in total[-1])
-    linear, ops = {"sent": 0, "received": 0, "s": 0.0}, {}
+    linear = {"sent": 0, "received": 0, "s": 0.0}
     for op, _, dur, s, r, _, _ in _OP.findall(text):
-        ops[op] = ops.get(op, 0) + int(s)
         if op in LINEAR_PPHLO:
             linear["sent"] += int(s)
             linear["received"] += int(r)
             linear["s"] += float(dur)
-    return {"sent": sent, "received": received, "sends": sends, "recvs": recvs, "linear": linear, "ops": ops}
+    return {"sent": sent, "received": received, "sends": sends, "recvs": recvs, "linear": linear}
 
 
 class _Log:
@@ -144,10 +144,8 @@ def _link(job: SpuJob, store):
 
     route = rdv.route_to(job.master_addr)  # this host's address on the interface that reaches party 0
     ip = route.local_ip
-    store.set(f"{rdv.PREFIX}spu/{job.rank}", f"{ip}:{free_port_on(ip)}")
+    store.set(f"{rdv.PREFIX}spu/{job.rank}", f"{ip}:{free_port(ip)}")
     keys = [f"{rdv.PREFIX}spu/{r}" for r in range(job.world_size)]
-    from datetime import timedelta
-
     store.wait(keys, timedelta(seconds=job.timeout))
     desc = libspu.link.Desc()
     desc.recv_timeout_ms = int(job.timeout * 1000)
@@ -156,17 +154,6 @@ def _link(job: SpuJob, store):
     for r, key in enumerate(keys):
         desc.add_party(f"party{r}", store.get(key).decode())
     return libspu.link.create_brpc(desc, job.rank)
-
-
-def free_port_on(ip: str) -> int:
-    """Return a TCP port free now on the local address `ip`."""
-    if ip.startswith("127."):
-        return free_port()
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((ip, 0))
-        return s.getsockname()[1]
 
 
 def _shares(io, lctx, job: SpuJob, owner: int, value: np.ndarray | None, vis):
@@ -219,21 +206,17 @@ def _run_model(lctx, job: SpuJob, spec: dict, x: np.ndarray | None, n: int, log:
             lctx.send(MODEL_OWNER, _encode(out))
     steady = forwards[1:]
 
-    def med(key):  # the mean: Cheetah refills its OT pool every so many forwards, so amortize over them
-        return int(round(statistics.mean(f[key] for f in steady)))
+    def mean(values) -> int:  # not the median: Cheetah refills its OT pool every so many forwards
+        return int(round(statistics.mean(values)))
 
     return {
         "name": spec["name"],
-        "first": {k: forwards[0][k] for k in ("sent", "received", "sends", "recvs", "wall_s")},
-        "sent": med("sent"),
-        "received": med("received"),
-        "sends": med("sends"),
-        "recvs": med("recvs"),
+        "first": {k: forwards[0][k] for k in ("sent", "sends")},
+        "sent": mean(f["sent"] for f in steady),
+        "received": mean(f["received"] for f in steady),
+        "sends": mean(f["sends"] for f in steady),
         "wall_s_runs": [f["wall_s"] for f in steady],
-        "sent_runs": [f["sent"] for f in forwards],
-        "linear_sent": int(statistics.mean(f["linear"]["sent"] for f in steady)),
-        "linear_s": statistics.mean(f["linear"]["s"] for f in steady),
-        "sent_by_op": {op: int(statistics.mean(f["ops"].get(op, 0) for f in steady)) for op in steady[-1]["ops"]},
+        "linear_sent": mean(f["linear"]["sent"] for f in steady),
         "logits": [row for b in sorted(logits) for row in logits[b]][:n] if logits else [],
     }
 
@@ -280,8 +263,6 @@ def store_n(store, job: SpuJob, x: np.ndarray | None) -> int:
     """Return the number of samples: the data owner says it to the others (only the count is public)."""
     if job.rank == DATA_OWNER:
         store.set(f"{rdv.PREFIX}spu/n", str(len(x)))
-    from datetime import timedelta
-
     store.wait([f"{rdv.PREFIX}spu/n"], timedelta(seconds=job.timeout))
     return int(store.get(f"{rdv.PREFIX}spu/n"))
 
