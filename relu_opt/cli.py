@@ -316,6 +316,7 @@ def optimize_cmd(
     rounds_budget: o.RoundsBudget = None,
     latency_budget: o.LatencyBudget = None,
     network: o.NetworkOpt = "wan",
+    prune: o.Prune = None,
     public_coeffs: o.PublicCoeffs = False,
     parties: o.Parties = 2,
     dealer: o.Dealer = None,
@@ -376,6 +377,7 @@ def run_cmd(
     rounds_budget: o.RoundsBudget = None,
     latency_budget: o.LatencyBudget = None,
     network: o.NetworkOpt = "wan",
+    prune: o.Prune = None,
 ) -> None:
     """The main job: baseline, optimize, verified ONNX, an encrypted bench with real parties and a dealer that
     is neither of them, and a report folder."""
@@ -383,7 +385,7 @@ def run_cmd(
         raise ro.ConfigError("give --budget or --budgets, not both")
     optimize = dict(strategy=strategy, replace=replace, granularity=granularity, epochs=epochs, max_train=max_train)
     optimize.update(max_drop=max_drop, device=device, public_coeffs=public_coeffs, selector=selector)
-    optimize.update(rounds_budget=rounds_budget, latency_budget=latency_budget)
+    optimize.update(rounds_budget=rounds_budget, latency_budget=latency_budget, prune=prune)
     optimize.update(dealer=dealer, parties=parties, network=network, cache=_str(cache_dir))
     optimize.update(backend=backend, protocol=protocol)
     config = ro.RunConfig(

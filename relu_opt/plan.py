@@ -63,6 +63,7 @@ class Plan:
     state: str = "model.pt"
     meta: dict = field(default_factory=dict)
     public_coeffs: bool = False  # polynomials fold_poly cannot fold run with public coefficients (opt-in)
+    pruning: dict = field(default_factory=dict)  # structure removed before the sites (relu_opt/pruning.py)
 
     @property
     def kept(self) -> int:
@@ -102,6 +103,7 @@ class Plan:
             state=d.get("state", "model.pt"),
             meta=d.get("meta", {}),
             public_coeffs=bool(d.get("public_coeffs", False)),
+            pruning=dict(d.get("pruning") or {}),
         )
 
 
@@ -144,9 +146,17 @@ def site_modules(gm: fx.GraphModule, sites: Iterable[SitePlan]) -> dict[str, nn.
 def apply_plan(base: nn.Module, plan: Plan, example: torch.Tensor | None = None) -> fx.GraphModule:
     """Return the base model rewritten by `plan` (masks all-ones, coefficients zero until loaded)."""
     example = torch.zeros(plan.input_shape) if example is None else example
-    gm = propagate_shapes(trace(base, plan.leaf), example)
+    gm = pruned(propagate_shapes(trace(base, plan.leaf), example), plan, example)
     gm = replace_sites(gm, site_modules(gm, plan.sites))
     return propagate_shapes(maxpool_to_avgpool(gm) if plan.avgpool else gm, example)
+
+
+def pruned(gm: fx.GraphModule, plan: Plan, example: torch.Tensor) -> fx.GraphModule:
+    """Return the traced base `gm` with the plan's structure removal replayed (itself when none)."""
+    from relu_opt.pruning import Pruning, apply_pruning
+
+    p = Pruning.from_dict(plan.pruning)
+    return gm if p.empty else apply_pruning(gm, p, example)
 
 
 def with_module_names(gm: fx.GraphModule, sites: Iterable[SitePlan]) -> tuple[SitePlan, ...]:
@@ -190,7 +200,11 @@ def check_fits(plan: Plan, model: nn.Module, folder: str | os.PathLike) -> None:
             f"the optimized model in '{folder}' outputs shape (1, {plan.num_classes}) but MODEL outputs "
             f"{out.output_shape}; {fix}"
         )
-    gm = propagate_shapes(trace(copy.deepcopy(model).eval()), torch.zeros(plan.input_shape))
+    example = torch.zeros(plan.input_shape)
+    try:
+        gm = pruned(propagate_shapes(trace(copy.deepcopy(model).eval()), example), plan, example)
+    except (ValueError, RuntimeError, KeyError, IndexError) as exc:
+        raise ConfigError(f"'{folder}' removed structure MODEL does not have ({first_line(exc)}); {fix}") from None
     kinds = sorted({s.kind for s in plan.sites})
     mine = {s: (i.kind, i.elements) for s, i in find_sites(gm, kinds, "site").items()}
     wrong = [s.site for s in plan.sites if mine.get(s.site) != (s.kind, s.elements)]

@@ -9,7 +9,15 @@ from rich import box
 from rich.table import Table
 
 from relu_opt.passes.census import Census
-from relu_opt.reports import CHOICE_COLUMNS, after, bench_title, choice_rows, insecure_label, ratio_line
+from relu_opt.reports import (
+    CHOICE_COLUMNS,
+    after,
+    bench_title,
+    choice_rows,
+    insecure_label,
+    ratio_line,
+    structure_line,
+)
 
 
 def census_table(c: Census) -> Table:
@@ -282,6 +290,7 @@ def optimize_lines(results: list, auto: bool) -> list:
             per = ", ".join(f"{k} {v['before']:,} -> {v['after']:,}" for k, v in r.kinds.items())
             lines.append(f"{r.outdir}: elements per sample by kind (ONNX after): {per}")
     lines += [t for t in (choices_table(r.selection) for r in results) if t is not None]
+    lines += [f"{r.outdir}: structure: {structure_line(r.pruning)}" for r in results if r.pruning]
     return lines
 
 

@@ -129,7 +129,14 @@ def optimize_markdown(r, modeled: dict | None = None) -> str:
         + _md_table(["site", "elements", "ReLUs kept", "kept", "rest", "poly fit rel. MSE"], rows)
         + modeled_markdown(modeled)
         + selection_markdown(getattr(r, "selection", None) or {})
+        + (f"\n## Structure\n\n{structure_line(r.pruning)}\n" if getattr(r, "pruning", None) else "")
     )
+
+
+def structure_line(pruning: dict) -> str:
+    """Return what structure a result removed and why that mode, as one line."""
+    mode, why = pruning.get("mode", "none"), pruning.get("why", "")
+    return f"{pruning.get('removed', 'nothing pruned')} (--prune {mode}: {why})"
 
 
 def result_key(o: dict) -> str:

@@ -59,6 +59,9 @@ class OptimizeConfig:
     latency_budget: float | None = None  # modeled seconds of one forward on pricing.network
     pricing: Pricing = field(default_factory=Pricing)  # backend, dealer, parties, network, cost-model cache
     public_coeffs: bool = False  # unfoldable polynomials keep public coefficients under PI (plan.json)
+    # structure removal toward a latency goal (relu_opt/pruning.py): "none", "channels", or None: channels
+    # when the backend's linear layers carry more than a quarter of the modeled latency
+    prune: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.kinds, list | str):  # a list, or names separated by commas ("relu,gelu")
@@ -103,7 +106,7 @@ class OptimizeConfig:
         # fields added later, and renamed ones, keep the keys results were cached under
         d["calib_samples"] = d.pop("fit_samples")
         d["recalibrate_bn"] = d.pop("refresh_bn_stats")
-        for k in ("kinds", "kind_budgets", "public_coeffs", "range_weight", "rank_finetune_steps"):
+        for k in ("kinds", "kind_budgets", "public_coeffs", "range_weight", "rank_finetune_steps", "prune"):
             if not d[k]:
                 del d[k]
         del d["pricing"]  # the network was a field of its own before, and the default prices keep their keys
@@ -130,6 +133,7 @@ def check_config(config: OptimizeConfig) -> None:
     """Raise ConfigError naming the first option of `config` that is unknown, of the wrong type, out of
     range, or one that does not apply to what was asked."""
     from relu_opt import ops
+    from relu_opt.pruning import MODES
     from relu_opt.ranking import STRATEGIES
     from relu_opt.replacements import REPLACEMENTS
     from relu_opt.selection import SELECTORS
@@ -139,6 +143,8 @@ def check_config(config: OptimizeConfig) -> None:
     v.check_choice("granularity", config.granularity, GRANULARITIES)
     v.check_choice("poly_per", config.poly_per, POLY_PER)
     v.check_choice("selector", config.selector, SELECTORS)
+    if config.prune is not None:
+        v.check_choice("prune", config.prune, MODES)
     v.check_int("degree", config.degree, 1, 4)
     if config.budget is not None and (isinstance(config.budget, bool) or not isinstance(config.budget, int)):
         raise ConfigError(f"--budget {config.budget!r} is a {type(config.budget).__name__}; give an integer")

@@ -36,6 +36,7 @@ def save(p: Planned, tuned: dict, data: Dataset, config: OptimizeConfig, outdir:
         leaf=user_leaves(p.teacher),
         avgpool=config.avgpool,
         public_coeffs=config.public_coeffs,
+        pruning={k: v for k, v in p.pruning.items() if k in ("keep", "branches", "channels", "loss")},
     )
     outdir.mkdir(parents=True, exist_ok=True)
     atomic.save_torch(p.student.state_dict(), outdir / "model.pt")
@@ -87,4 +88,5 @@ def save(p: Planned, tuned: dict, data: Dataset, config: OptimizeConfig, outdir:
         finetune=tuned["finetune"],
         kinds={k: {"before": p.totals[k], "after": after[k], "budget": p.caps.get(k)} for k in p.kinds},
         selection=p.selection.to_dict(),
+        pruning=p.pruning,
     )

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,10 +20,12 @@ from relu_opt.graph import propagate_shapes, trace
 from relu_opt.optimizer.config import OptimizeConfig, check_budget
 from relu_opt.optimizer.fitting import FittedReplacements, fit_replacements
 from relu_opt.optimizer.ranking_cache import cached_ranking, content_key
+from relu_opt.optimizer.structure import lower_bound_s, prune_mode, structure_candidates
 from relu_opt.passes.base import GraphPass, run_passes
 from relu_opt.passes.replace import maxpool_to_avgpool, replace_sites, site_op
-from relu_opt.plan import SitePlan, with_module_names
+from relu_opt.plan import SitePlan, mask_shape, with_module_names
 from relu_opt.poly_fit import refit_in_order
+from relu_opt.pruning import Pruning
 from relu_opt.ranking import Criticality
 from relu_opt.sites import SiteInfo, find_sites
 from relu_opt.training import note
@@ -54,10 +57,13 @@ class Planned:
     caps: dict[str, int]
     shared: list[str]
     start: str = "original"  # which weights fine-tuning starts from: the original's, or a strategy's
+    original: fx.GraphModule | None = None  # the unpruned model, the teacher, when structure was removed
+    pruning: dict = field(default_factory=dict)  # mode, why, and the Pruning (relu_opt/pruning.py)
 
     @property
     def teacher(self) -> fx.GraphModule:
-        return self.ranked.teacher
+        """Return the model distilled from: the original, never the pruned one."""
+        return self.original if self.original is not None else self.ranked.teacher
 
 
 def _sites(model: nn.Module, data: Dataset, config: OptimizeConfig) -> tuple[fx.GraphModule, dict[str, SiteInfo]]:
@@ -85,8 +91,8 @@ def rank_model(model: nn.Module, data: Dataset, config: OptimizeConfig, work: Pa
     return _rank(teacher, site_info, model, data, config, work, progress)
 
 
-def _rank(teacher, site_info, model, data, config, work, progress) -> Ranked:
-    fitted = fit_replacements(teacher, data, config, site_info)
+def _rank(teacher, site_info, model, data, config, work, progress, fitted=None) -> Ranked:
+    fitted = fitted or fit_replacements(teacher, data, config, site_info)
     content = content_key(model, data)
     crit = cached_ranking(work, teacher, data, config, fitted, site_info, content, progress)
     return Ranked(teacher, site_info, fitted, crit, content, state_digest(model))
@@ -135,12 +141,20 @@ def plan(model: nn.Module, data: Dataset, config: OptimizeConfig, work: Path, pr
     """Return the Planned rewrite: sites found, ranked, selected under the budgets, replaced and refitted."""
     example = data.train.x[:1]
     teacher, site_info, kinds, totals, caps, shared = check_budgets(model, data, config)
-    ranked = _rank(teacher, site_info, model, data, config, work, progress)
+    mode, why = "none", "no latency goal to spend structure on"
+    if config.latency_budget is not None:
+        mode, why = prune_mode(teacher, example, config)
+    pruning = Pruning()
+    if mode == "channels":
+        ranked, selection, pruning = _with_structure(teacher, data, config, caps, work, progress)
+        site_info = ranked.sites
+    else:
+        ranked = _rank(teacher, site_info, model, data, config, work, progress)
+        selection = select(ranked, example, config, caps)
     crit, fitted = ranked.criticality, ranked.fitted
-    selection = select(ranked, example, config, caps)
-    base = teacher
+    base = ranked.teacher
     if crit.weights is not None:  # snl trained the weights with its masks: fine-tuning goes on from them
-        base = copy.deepcopy(teacher)
+        base = copy.deepcopy(base)
         base.load_state_dict(crit.weights, strict=False)
     sites, new_modules = [], {}
     nodes = {n.name: n for n in base.graph.nodes}
@@ -158,5 +172,43 @@ def plan(model: nn.Module, data: Dataset, config: OptimizeConfig, work: Path, pr
     sample = [x for x, _ in batches(data.train.subset(config.fit_samples), 256)]
     errors = {**fitted.errors, **refit_in_order(student, sample, train_range=config.train_range)}
     plan_sites = with_module_names(student, sites)
-    start = "original" if base is teacher else f"{crit.strategy} (trained with its masks)"
-    return Planned(ranked, student, plan_sites, selection, errors, kinds, totals, caps, shared, start)
+    start = "original" if crit.weights is None else f"{crit.strategy} (trained with its masks)"
+    structure = {"mode": mode, "why": why, "removed": pruning.describe(), **pruning.to_dict()}
+    original = None if pruning.empty else teacher
+    return Planned(
+        ranked, student, plan_sites, selection, errors, kinds, totals, caps, shared, start, original, structure
+    )
+
+
+def _uniform(sites: dict[str, SiteInfo]) -> Criticality:
+    """Return a criticality of equal scores: what a selection's feasibility is checked with before ranking."""
+    shapes = {s: mask_shape(i.shape, i.granularity) for s, i in sites.items()}
+    unit = {s: i.elements // math.prod(shapes[s]) for s, i in sites.items()}
+    granularity = next(iter(sites.values())).granularity
+    return Criticality("uniform", granularity, {s: torch.ones(shapes[s]) for s in shapes}, unit)
+
+
+def _with_structure(teacher, data, config, caps, work, progress) -> tuple[Ranked, object, Pruning]:
+    """Return (ranked, selection, pruning) for the least important structure (nothing first) with which
+    the selector meets the latency goal (BudgetError naming the closest when none does)."""
+    example = data.train.x[:1]
+    last: BudgetError | None = None
+    tried = 0
+    for cand, base in structure_candidates(teacher, data, config, work):
+        if not cand.empty and lower_bound_s(base, example, config) > config.latency_budget:
+            continue
+        site_info = find_sites(base, config.kinds or None, config.granularity)
+        if not site_info:
+            continue
+        fitted = fit_replacements(base, data, config, site_info)
+        try:
+            select(Ranked(base, site_info, fitted, _uniform(site_info), "", ""), example, config, caps)
+            ranked = _rank(base, site_info, base, data, config, work, progress, fitted)
+            selection = select(ranked, example, config, caps)
+        except BudgetError as exc:
+            last, tried = exc, tried + 1
+            continue
+        if not cand.empty:
+            note(f"structure: {cand.describe()} (estimated loss {cand.loss:.3g}) lets the selector meet the goal")
+        return ranked, selection, cand
+    raise last or BudgetError(f"no structure candidate meets the {config.label}")

@@ -42,6 +42,7 @@ class OptimizeResult:
     finetune: dict = field(default_factory=dict)
     kinds: dict = field(default_factory=dict)  # kind -> {"before", "after" (ONNX), "budget"}
     selection: dict = field(default_factory=dict)  # relu_opt.selection.Selection: choices per site, modeled cost
+    pruning: dict = field(default_factory=dict)  # structure removed: mode, why, what (relu_opt/pruning.py)
 
     def to_dict(self) -> dict:
         """Return the JSON written as report.json."""
