@@ -285,11 +285,3 @@ def candidate(
         loss += float(s[idx].sum())
         channels.append((root, tuple(sorted(idx))))
     return Pruning(keep, pruning.branches, tuple(channels), loss)
-
-
-def candidates(
-    gm: fx.GraphModule, example: torch.Tensor, scores: StructureScores, fractions=KEEP_FRACTIONS
-) -> list[Pruning]:
-    """Return every candidate (each keep fraction with 0, 1, 2, ... branches dropped), least loss first."""
-    out = [candidate(gm, example, scores, f, b) for f in fractions for b in range(len(scores.branches) + 1)]
-    return sorted(out, key=lambda p: (p.loss, -p.keep, len(p.branches)))

@@ -289,6 +289,11 @@ class LatencySelector:
 
         none = {s: 0 for s in sites}
         if not fits(none):
+            cheapest = self._cheapest(prices, everything, net)
+            if cheapest != none and fits(cheapest):  # keeping some sites is what makes the goal (Cheetah)
+                why = "kept whole: keeping it costs less than its replacement on {} ({}), and the goal needs that"
+                reasons = {s: why.format(net.name, _versus(prices.sites[s])) for s, k in cheapest.items() if k}
+                return self._selection(crit, sites, cheapest, order, prices, constraints, reasons)
             raise ValueError(
                 f"even with every site replaced the model needs {prices.total(none)[0]:.0f} rounds and "
                 f"{lat(none):.3g} s on {net.name}, over the constraints ({constraints.describe()})"
@@ -334,6 +339,10 @@ class LatencySelector:
                 f"no selection within {constraints.describe()} is as fast as the original on both LAN and WAN "
                 f"(the closest needs {lat(kept):.3g} s on {net.name})"
             )
+        return self._selection(crit, sites, kept, order, prices, constraints, reasons)
+
+    def _selection(self, crit, sites, kept, order, prices, constraints, reasons) -> Selection:
+        """Return the Selection keeping `kept` elements per site, the highest priorities first."""
         keep = {}
         for s in sites:
             n = kept[s] // crit.unit_elements[s]
@@ -342,6 +351,16 @@ class LatencySelector:
             keep[s] = flat.reshape(crit.scores[s].shape)
         choices = _choices(crit, sites, keep, prices, lambda s, a: reasons.get(s, ""))
         return Selection(keep, choices, self.name, constraints.describe(), **_summary(prices, kept))
+
+    @staticmethod
+    def _cheapest(prices: Prices, everything: dict[str, int], net) -> dict[str, int]:
+        """Return each site whole where keeping it costs less on `net` than its replacement, else replaced."""
+        return {
+            s: everything[s]
+            if prices.latency(p.keep_rounds, p.keep_bytes, net) < prices.latency(p.replace_rounds, p.replace_bytes, net)
+            else 0
+            for s, p in prices.sites.items()
+        }
 
     @staticmethod
     def _no_slower(

@@ -165,6 +165,11 @@ def test_structure_is_paid_only_where_the_non_linear_choices_cannot_meet_the_goa
         cfg = OptimizeConfig(**{**base.__dict__, "latency_budget": deep_goal, "prune": "none"})
         optimize(model, data, cfg, tmp_path / "none", progress=False)
     assert deep.pruning["channels"]
+    trials = deep.pruning["trials"]  # one candidate per channel fraction, compared after a short distillation
+    assert len({t["keep"] for t in trials}) == len(trials) >= 1
+    if len(trials) > 1:
+        best = max(trials, key=lambda t: t["trial_val_accuracy"])
+        assert best["keep"] == deep.pruning["keep"] and best["removed"] == deep.pruning["removed"]
     assert modeled_latency(load(tmp_path / "deep", model=model), data.train.x[:1], base) <= deep_goal * 1.01
     loaded = load(tmp_path / "deep", model=model)
     assert sum(p.numel() for p in loaded.parameters()) < sum(p.numel() for p in model.parameters())

@@ -230,3 +230,24 @@ def test_a_site_whose_replacement_costs_more_is_kept_and_the_choice_says_why():
     sel = get_selector("latency").select(crit, sites, Constraints(), prices)
     assert all(c.action == "keep" for c in sel.choices)
     assert all("keeping it costs less than its replacement on wan (5 vs 1 round trips" in c.why for c in sel.choices)
+
+
+def test_a_goal_that_only_keeping_sites_meets_is_met_by_keeping_them():
+    """Under Cheetah a square costs more bytes than the ReLU it replaces: on a link where bytes decide, a goal
+    between the original's cost and the all-replaced cost is met only by keeping sites, which the selector
+    now does (it used to refuse: 'even with every site replaced ...')."""
+    from relu_opt.backends import Network
+
+    sites, crit, _ = _toy()
+    e = 80
+    price = SitePrice("relu", e, 2, e * 98, 2, e * 309, 4, 98, 309)
+    slow = Network("slow", 1e-4, 1e4)
+    prices = Prices({s: price for s in sites}, other_rounds=5, other_bytes=1e5, network=slow)
+    kept_all = prices.latency(*prices.total({s: e for s in sites}), slow)
+    replaced = prices.latency(*prices.total({s: 0 for s in sites}), slow)
+    assert kept_all < replaced
+    sel = get_selector("latency").select(crit, sites, Constraints(latency_s=kept_all * 1.01, network=slow), prices)
+    assert all(c.action == "keep" for c in sel.choices)
+    assert all("keeping it costs less than its replacement on slow" in c.why for c in sel.choices)
+    with pytest.raises(ValueError, match="even with every site replaced"):
+        get_selector("latency").select(crit, sites, Constraints(latency_s=kept_all * 0.99, network=slow), prices)

@@ -20,12 +20,12 @@ from relu_opt.graph import propagate_shapes, trace
 from relu_opt.optimizer.config import OptimizeConfig, check_budget
 from relu_opt.optimizer.fitting import FittedReplacements, fit_replacements
 from relu_opt.optimizer.ranking_cache import cached_ranking, content_key
-from relu_opt.optimizer.structure import lower_bound_s, prune_mode, structure_candidates
+from relu_opt.optimizer.structure import cached_scores, lower_bound_s, prune_mode, trial_accuracy
 from relu_opt.passes.base import GraphPass, run_passes
 from relu_opt.passes.replace import maxpool_to_avgpool, replace_sites, site_op
 from relu_opt.plan import SitePlan, mask_shape, with_module_names
 from relu_opt.poly_fit import refit_in_order
-from relu_opt.pruning import Pruning
+from relu_opt.pruning import KEEP_FRACTIONS, Pruning, apply_pruning, candidate
 from relu_opt.ranking import Criticality
 from relu_opt.sites import SiteInfo, find_sites
 from relu_opt.training import note
@@ -144,13 +144,24 @@ def plan(model: nn.Module, data: Dataset, config: OptimizeConfig, work: Path, pr
     mode, why = "none", "no latency goal to spend structure on"
     if config.latency_budget is not None:
         mode, why = prune_mode(teacher, example, config)
-    pruning = Pruning()
+    pruning, trials = Pruning(), []
     if mode == "channels":
-        ranked, selection, pruning = _with_structure(teacher, data, config, caps, work, progress)
-        site_info = ranked.sites
+        ranked, selection, pruning, trials = _with_structure(teacher, data, config, caps, work, progress)
     else:
         ranked = _rank(teacher, site_info, model, data, config, work, progress)
         selection = select(ranked, example, config, caps)
+    student, sites, errors, start = _build(ranked, selection, config, data)
+    plan_sites = with_module_names(student, sites)
+    structure = {"mode": mode, "why": why, "removed": pruning.describe(), **pruning.to_dict(), "trials": trials}
+    original = None if pruning.empty else teacher
+    return Planned(
+        ranked, student, plan_sites, selection, errors, kinds, totals, caps, shared, start, original, structure
+    )
+
+
+def _build(ranked: Ranked, selection, config: OptimizeConfig, data: Dataset):
+    """Return (student, site plans, fit errors, start): ranked.teacher with the selection's sites replaced."""
+    example = data.train.x[:1]
     crit, fitted = ranked.criticality, ranked.fitted
     base = ranked.teacher
     if crit.weights is not None:  # snl trained the weights with its masks: fine-tuning goes on from them
@@ -158,7 +169,7 @@ def plan(model: nn.Module, data: Dataset, config: OptimizeConfig, work: Path, pr
         base.load_state_dict(crit.weights, strict=False)
     sites, new_modules = [], {}
     nodes = {n.name: n for n in base.graph.nodes}
-    for site, info in site_info.items():
+    for site, info in ranked.sites.items():
         kept = int(selection.keep[site].sum()) * crit.unit_elements[site]
         name = fitted.names[site]
         sites.append(
@@ -171,13 +182,8 @@ def plan(model: nn.Module, data: Dataset, config: OptimizeConfig, work: Path, pr
     student = run_passes(student, [GraphPass(maxpool_to_avgpool)] if config.avgpool else [], example)
     sample = [x for x, _ in batches(data.train.subset(config.fit_samples), 256)]
     errors = {**fitted.errors, **refit_in_order(student, sample, train_range=config.train_range)}
-    plan_sites = with_module_names(student, sites)
     start = "original" if crit.weights is None else f"{crit.strategy} (trained with its masks)"
-    structure = {"mode": mode, "why": why, "removed": pruning.describe(), **pruning.to_dict()}
-    original = None if pruning.empty else teacher
-    return Planned(
-        ranked, student, plan_sites, selection, errors, kinds, totals, caps, shared, start, original, structure
-    )
+    return student, sites, errors, start
 
 
 def _uniform(sites: dict[str, SiteInfo]) -> Criticality:
@@ -188,27 +194,55 @@ def _uniform(sites: dict[str, SiteInfo]) -> Criticality:
     return Criticality("uniform", granularity, {s: torch.ones(shapes[s]) for s in shapes}, unit)
 
 
-def _with_structure(teacher, data, config, caps, work, progress) -> tuple[Ranked, object, Pruning]:
-    """Return (ranked, selection, pruning) for the least important structure (nothing first) with which
-    the selector meets the latency goal (BudgetError naming the closest when none does)."""
+def _fitting(base, empty: bool, data, config, caps, work, progress):
+    """Return (ranked, selection) when the selector meets the goal on `base`, else the BudgetError why not."""
     example = data.train.x[:1]
-    last: BudgetError | None = None
-    tried = 0
-    for cand, base in structure_candidates(teacher, data, config, work):
-        if not cand.empty and lower_bound_s(base, example, config) > config.latency_budget:
-            continue
-        site_info = find_sites(base, config.kinds or None, config.granularity)
-        if not site_info:
-            continue
-        fitted = fit_replacements(base, data, config, site_info)
-        try:
-            select(Ranked(base, site_info, fitted, _uniform(site_info), "", ""), example, config, caps)
-            ranked = _rank(base, site_info, base, data, config, work, progress, fitted)
-            selection = select(ranked, example, config, caps)
-        except BudgetError as exc:
-            last, tried = exc, tried + 1
-            continue
-        if not cand.empty:
-            note(f"structure: {cand.describe()} (estimated loss {cand.loss:.3g}) lets the selector meet the goal")
-        return ranked, selection, cand
-    raise last or BudgetError(f"no structure candidate meets the {config.label}")
+    if not empty and lower_bound_s(base, example, config) > config.latency_budget:
+        return BudgetError(f"with no non-linearity at all it misses the {config.label}")
+    site_info = find_sites(base, config.kinds or None, config.granularity)
+    if not site_info:
+        return BudgetError("it has no sites left to optimize")
+    fitted = fit_replacements(base, data, config, site_info)
+    try:
+        if not empty:  # equal scores first: whether any selection fits, before ranking the smaller model
+            select(Ranked(base, site_info, fitted, _uniform(site_info), "", ""), example, config, {})
+        ranked = _rank(base, site_info, base, data, config, work, progress, fitted)
+        return ranked, select(ranked, example, config, caps)
+    except BudgetError as exc:
+        return exc
+
+
+def _with_structure(teacher, data, config, caps, work, progress):
+    """Return (ranked, selection, pruning, trials): nothing pruned where the selector meets the latency goal
+    so; else, per channel fraction, the fewest residual branches dropped (least important first) with which
+    it does, each candidate fine-tuned briefly and the best on validation kept (BudgetError when none)."""
+    example = data.train.x[:1]
+    found = _fitting(teacher, True, data, config, caps, work, progress)
+    if not isinstance(found, BudgetError):
+        return *found, Pruning(), []
+    scores = cached_scores(teacher, data, config, work)
+    shortlist = []
+    for keep in KEEP_FRACTIONS:
+        for n in range(len(scores.branches) + 1):
+            cand = candidate(teacher, example, scores, keep, n)
+            if cand.empty:
+                continue
+            fits = _fitting(apply_pruning(teacher, cand, example), False, data, config, caps, work, progress)
+            if not isinstance(fits, BudgetError):
+                shortlist.append((cand, *fits))
+                break
+    if not shortlist:
+        raise BudgetError(f"{found}; no channel fraction or residual branches removed meet it either")
+    trials = []
+    for cand, ranked, selection in shortlist:
+        student = _build(ranked, selection, config, data)[0] if len(shortlist) > 1 else None
+        acc = trial_accuracy(teacher, student, cand, data, config, work) if student is not None else None
+        trials.append({"removed": cand.describe(), "keep": cand.keep, "branches": len(cand.branches),
+                       "estimated_loss": cand.loss, "trial_val_accuracy": acc})  # fmt: skip
+    best = max(range(len(shortlist)), key=lambda i: trials[i]["trial_val_accuracy"] or 0.0)
+    cand, ranked, selection = shortlist[best]
+    note(
+        f"structure: {cand.describe()} meets the {config.label}"
+        + (f" (best of {len(trials)} trials)" if len(trials) > 1 else "")
+    )
+    return ranked, selection, cand, trials

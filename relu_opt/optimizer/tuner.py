@@ -62,7 +62,10 @@ def tune(p: Planned, data: Dataset, config: OptimizeConfig, checkpoint: Path, pr
         max_train=max_train(config, len(data.train)),
         device=config.device,
         seed=config.seed,
-        freeze_bn=config.freeze_bn,
+        # structure removed and every site kept: no polynomial can upset BatchNorm, whose statistics must
+        # follow the smaller model
+        freeze_bn=config.freeze_bn
+        and (p.original is None or any(isinstance(m, MaskedSite) for m in p.student.modules())),
     )
     poly_params = [q for n, q in p.student.named_parameters() if n.endswith("coeffs")]
     other = [q for n, q in p.student.named_parameters() if not n.endswith("coeffs")]
