@@ -32,9 +32,9 @@ HELP = {
     "--latency-budget": "Modeled seconds of one forward on --network (latency selector).",
     "--network": "Network the latency selector prices: lan, wan or RTT_MS,MB_PER_S.",
     "--prune": "Structure removed toward a latency goal beside the non-linear choices: 'channels' (output channels "
-    "and residual branches, least Taylor importance first, only where the non-linear choices alone cannot meet "
-    "the goal) or 'none'. Default: channels when the backend's linear layers carry over 25% of the modeled "
-    "latency on --network (said in the report).",
+    "and residual branches, only where the non-linear choices alone cannot meet the goal; candidates compared "
+    "after a short distillation) or 'none'. Default: channels when the backend's linear layers carry over 25% "
+    "of the modeled latency on --network (said in the report).",
     "--backend": f"Engine that runs and prices the model: {', '.join(list_backends())} (default {DEFAULT_BACKEND}; "
     "spu is SecretFlow SPU, see --protocol). Selection is priced by this backend's cost model.",
     "--protocol": "Protocol of a backend with several. spu: cheetah (default; dealer-free 2PC, HE linear layers, "
