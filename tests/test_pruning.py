@@ -132,6 +132,7 @@ def test_structure_is_paid_only_where_the_non_linear_choices_cannot_meet_the_goa
     (nothing pruned: never worse); below their floor, structure goes, and the folder loads as the smaller
     model with the outputs it saved."""
     from relu_opt.backends import Pricing
+    from relu_opt.cache import state_digest
     from relu_opt.models import create_model
     from relu_opt.optimizer import OptimizeConfig, modeled_latency, optimize
     from relu_opt.plan import load
@@ -176,6 +177,7 @@ def test_structure_is_paid_only_where_the_non_linear_choices_cannot_meet_the_goa
     assert 100 * evaluate(loaded, data.test)[1] == pytest.approx(deep.accuracy_after, abs=1e-6)
     plan = json.loads((tmp_path / "deep" / "plan.json").read_text())
     assert plan["pruning"]["channels"] == deep.pruning["channels"]
+    assert plan["meta"]["base_weights"] == state_digest(model)  # the original's, so bench checks its MODEL
 
 
 def test_prune_mode_is_checked_and_defaults_by_the_linear_share():

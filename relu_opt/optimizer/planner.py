@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -147,6 +147,7 @@ def plan(model: nn.Module, data: Dataset, config: OptimizeConfig, work: Path, pr
     pruning, trials = Pruning(), []
     if mode == "channels":
         ranked, selection, pruning, trials = _with_structure(teacher, data, config, caps, work, progress)
+        ranked = replace(ranked, weights=state_digest(model))  # plan.json names the original's weights
     else:
         ranked = _rank(teacher, site_info, model, data, config, work, progress)
         selection = select(ranked, example, config, caps)
