@@ -140,8 +140,7 @@ def _groups(gm: fx.GraphModule, example: torch.Tensor):
     import torch_pruning as tp
 
     dg = tp.DependencyGraph().build_dependency(gm, example_inputs=example)
-    linears = [(n, m) for n, m in gm.named_modules() if isinstance(m, LINEAR)]
-    last = [m for n, m in linears[-1:]]
+    last = [m for m in gm.modules() if isinstance(m, LINEAR)][-1:]
     names = {m: n for n, m in gm.named_modules()}
     out = []
     for group in dg.get_all_groups(ignored_layers=last, root_module_types=list(LINEAR)):
@@ -215,6 +214,12 @@ def _out_handler(dep) -> bool:
     return dep.handler in (tp.prune_conv_out_channels, tp.prune_linear_out_channels)
 
 
+def _root_index(i) -> int:
+    """Return the root channel a torch-pruning index maps to (its own index where it carries no root's)."""
+    root = getattr(i, "root_idx", None)
+    return int(root if root is not None else getattr(i, "idx", i))
+
+
 def structure_scores(gm: fx.GraphModule, data: Dataset, samples: int = 5000) -> StructureScores:
     """Return the StructureScores of `gm` from one gradient pass of cross-entropy over `samples` train samples:
     gates of ones on every branch and every layer's output channels, whose gradients are sum a * dL/da."""
@@ -247,7 +252,7 @@ def structure_scores(gm: fx.GraphModule, data: Dataset, samples: int = 5000) -> 
                     if _out_handler(dep) and layer in layer_gates:
                         g = params[layer_gates[layer]].grad.reshape(-1)
                         at = torch.tensor([int(getattr(i, "idx", i)) for i in idxs])
-                        pos = torch.tensor([int(getattr(i, "root_idx", None) or getattr(i, "idx", i)) for i in idxs])
+                        pos = torch.tensor([_root_index(i) for i in idxs])
                         total.index_add_(0, pos, g[at])
                 chans[root] = chans[root] + total.abs()
     return StructureScores(chans, sal)

@@ -16,6 +16,7 @@ from relu_opt.optimizer.result import OptimizeResult, SiteResult
 from relu_opt.passes.census import census
 from relu_opt.passes.pi import prepare_for_pi
 from relu_opt.plan import Plan
+from relu_opt.pruning import Pruning
 
 
 def save(p: Planned, tuned: dict, data: Dataset, config: OptimizeConfig, outdir: Path, base: str, t0: float):
@@ -36,7 +37,7 @@ def save(p: Planned, tuned: dict, data: Dataset, config: OptimizeConfig, outdir:
         leaf=user_leaves(p.teacher),
         avgpool=config.avgpool,
         public_coeffs=config.public_coeffs,
-        pruning={k: v for k, v in p.pruning.items() if k in ("keep", "branches", "channels", "loss")},
+        pruning=Pruning.from_dict(p.pruning).to_dict(),
     )
     outdir.mkdir(parents=True, exist_ok=True)
     atomic.save_torch(p.student.state_dict(), outdir / "model.pt")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.fx as fx
+from torch import nn
 
 from relu_opt import atomic
 from relu_opt.checked_io import load_cache, read_json
@@ -31,16 +32,25 @@ LINEAR_SHARE = 0.25  # --prune's default is channels when linear layers carry mo
 TRIAL_EPOCHS = 0.5
 
 
+def _seconds(prepared: fx.GraphModule, config: OptimizeConfig) -> float:
+    """Return the modeled online seconds of a prepared graph on config.pricing's network."""
+    c = config.pricing.cost_model(note=note).cost(prepared)
+    return config.pricing.net().communication_s(c.round_trips, c.bytes)
+
+
 def linear_share(gm: fx.GraphModule, example: torch.Tensor, config: OptimizeConfig) -> float:
     """Return the fraction of the model's modeled latency (config.pricing's network) its linear floor keeps."""
-    pricing = config.pricing
-    engine, cost = pricing.engine(), pricing.cost_model(note=note)
+    engine = config.pricing.engine()
     prepared = engine.prepare(gm, example[:1])
-    whole, floor = cost.cost(prepared), cost.cost(engine.floor(prepared, example[:1]))
-    net = pricing.net()
-    return net.communication_s(floor.round_trips, floor.bytes) / max(
-        net.communication_s(whole.round_trips, whole.bytes), 1e-12
-    )
+    return _seconds(engine.floor(prepared, example[:1]), config) / max(_seconds(prepared, config), 1e-12)
+
+
+def keeps_bn_frozen(config: OptimizeConfig, student: nn.Module, pruned: bool) -> bool:
+    """Return whether fine-tuning keeps BatchNorm statistics fixed: as configured, except where structure was
+    removed and every site kept (no polynomial can upset them, and they must follow the smaller model)."""
+    from relu_opt.activations import MaskedSite
+
+    return config.freeze_bn and (not pruned or any(isinstance(m, MaskedSite) for m in student.modules()))
 
 
 def prune_mode(gm: fx.GraphModule, example: torch.Tensor, config: OptimizeConfig) -> tuple[str, str]:
@@ -80,9 +90,9 @@ def trial_accuracy(
     if key in done:
         return float(done[key])
     model = copy.deepcopy(student)
-    masked = [m for m in model.modules() if isinstance(m, MaskedSite)]
-    for m in masked:
-        m.blend = 0.0  # the replacements as they will run
+    for m in model.modules():
+        if isinstance(m, MaskedSite):
+            m.blend = 0.0  # the replacements as they will run
     cfg = TrainConfig(
         epochs=1,
         lr=config.lr,
@@ -90,7 +100,7 @@ def trial_accuracy(
         max_train=max(config.batch_size, int(TRIAL_EPOCHS * len(data.train))),
         device=config.device,
         seed=config.seed,
-        freeze_bn=config.freeze_bn and bool(masked),
+        freeze_bn=keeps_bn_frozen(config, model, pruned=True),
     )
     fit(model, data, cfg, loss_fn=kd_loss(teacher, config.temperature, config.kd_alpha), progress=False)
     acc = 100 * evaluate(model.eval(), data.val, device=config.device)[1]
@@ -109,11 +119,16 @@ def hash_of(cand: Pruning) -> str:
 
 def lower_bound_s(gm: fx.GraphModule, example: torch.Tensor, config: OptimizeConfig) -> float:
     """Return the modeled seconds of `gm` with no non-linearity at all: no selection can be faster."""
-    pricing = config.pricing
-    engine = pricing.engine()
-    floor = engine.floor(engine.prepare(gm, example[:1]), example[:1])
-    c = pricing.cost_model(note=note).cost(floor)
-    return pricing.net().communication_s(c.round_trips, c.bytes)
+    engine = config.pricing.engine()
+    return _seconds(engine.floor(engine.prepare(gm, example[:1]), example[:1]), config)
 
 
-__all__ = ["LINEAR_SHARE", "TRIAL_EPOCHS", "linear_share", "lower_bound_s", "prune_mode", "trial_accuracy"]
+__all__ = [
+    "LINEAR_SHARE",
+    "TRIAL_EPOCHS",
+    "keeps_bn_frozen",
+    "linear_share",
+    "lower_bound_s",
+    "prune_mode",
+    "trial_accuracy",
+]

@@ -13,6 +13,7 @@ from relu_opt.data import Dataset
 from relu_opt.finetune import check_drop, guarded_fit
 from relu_opt.optimizer.config import OptimizeConfig
 from relu_opt.optimizer.planner import Planned
+from relu_opt.optimizer.structure import keeps_bn_frozen
 from relu_opt.range_penalty import penalized, range_penalty
 from relu_opt.training import LossFn, TrainConfig, evaluate, kd_loss, refresh_bn_stats
 
@@ -62,10 +63,7 @@ def tune(p: Planned, data: Dataset, config: OptimizeConfig, checkpoint: Path, pr
         max_train=max_train(config, len(data.train)),
         device=config.device,
         seed=config.seed,
-        # structure removed and every site kept: no polynomial can upset BatchNorm, whose statistics must
-        # follow the smaller model
-        freeze_bn=config.freeze_bn
-        and (p.original is None or any(isinstance(m, MaskedSite) for m in p.student.modules())),
+        freeze_bn=keeps_bn_frozen(config, p.student, pruned=p.original is not None),
     )
     poly_params = [q for n, q in p.student.named_parameters() if n.endswith("coeffs")]
     other = [q for n, q in p.student.named_parameters() if not n.endswith("coeffs")]
