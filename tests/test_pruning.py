@@ -85,7 +85,7 @@ def test_pruned_residual_and_concat_model_matches_an_independent_count(tmp_path)
     pruned model runs, exports to verified ONNX, and its census, MACs and modeled cost equal those of the
     same narrow architecture built directly (never pruned) with the pruned weights, counted by hooks."""
     model = _trained_catres()
-    data = load_dataset("synthetic", input_shape=(1, 1, 12, 12))
+    data = load_dataset("synthetic", shape=(1, 12, 12))
     x = data.train.x[:1]
     gm = propagate_shapes(trace(copy.deepcopy(model)), x)
     assert set(P.residual_branches(gm)) == {"add"}  # the block's add; the concatenation is no branch
@@ -188,6 +188,9 @@ def test_prune_mode_is_checked_and_defaults_by_the_linear_share():
 
     with pytest.raises(ConfigError, match="--prune 'layers' is not known; choose one of none, channels"):
         OptimizeConfig(prune="layers")
+    with pytest.raises(ConfigError, match="--prune channels spends structure toward a latency goal"):
+        OptimizeConfig(prune="channels", budget=100)  # refused, not ignored
+    assert OptimizeConfig(prune="channels").searches and OptimizeConfig(prune="none", budget=100).prune == "none"
     model = create_model("small_cnn", num_classes=4, in_channels=1).eval()
     x = torch.zeros(1, 1, 28, 28)
     gm = propagate_shapes(trace(model), x)

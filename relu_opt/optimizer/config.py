@@ -145,6 +145,11 @@ def check_config(config: OptimizeConfig) -> None:
     v.check_choice("selector", config.selector, SELECTORS)
     if config.prune is not None:
         v.check_choice("prune", config.prune, MODES)
+    if config.prune == "channels" and config.latency_budget is None and not config.searches:
+        raise ConfigError(
+            "--prune channels spends structure toward a latency goal; give --latency-budget, or no budget at all "
+            "(the lowest-latency search), or leave --prune out"
+        )
     v.check_int("degree", config.degree, 1, 4)
     if config.budget is not None and (isinstance(config.budget, bool) or not isinstance(config.budget, int)):
         raise ConfigError(f"--budget {config.budget!r} is a {type(config.budget).__name__}; give an integer")
