@@ -8,6 +8,7 @@ import sys
 if "torch" not in sys.modules:  # torch's C++ warnings (a peer's closed socket: 50 stack frames) drown our one line
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 
+from relu_opt import distributed  # noqa: F401 (relu_opt.distributed: rank, is_main, on_main)
 from relu_opt.api import (
     Loaded,
     ModelInfo,

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from relu_opt import validation
+from relu_opt import distributed, validation
 from relu_opt.backends import HostRole, Network, Pricing
 from relu_opt.data import Dataset, load_dataset
 from relu_opt.encrypted import BenchResult
@@ -170,6 +170,7 @@ def rank(
     _fits(model, data)
     work = Path(work) if work is not None else cache_dir() / "rankings"
     validation.check_output_dir(work, "work")
+    distributed.setup(cfg.device)
     return rank_model(model, data, cfg, work, progress).criticality
 
 
@@ -238,18 +239,22 @@ def optimize(
     cfg = check_optimize(model, data, budget, budgets, outdir, config, **options)
     levels = None if budgets is None else list(budgets)
     outdir = Path(outdir)
+    distributed.setup(cfg.device)
     if levels is not None:
         results = optimize_frontier(model, data, levels, cfg, outdir, base_spec, progress)
     elif cfg.searches:
         results = [optimize_lowest_latency(model, data, cfg, outdir, base_spec, progress)]
     else:
         results = [optimize_one(model, data, cfg, outdir, base_spec, progress)]
-    for r in results:
-        write_optimize_report(r, Path(r.outdir), cfg.pricing)
-    if levels is not None:
-        write_pareto(results, outdir)
-        return results
-    return results[0]
+
+    def reports() -> None:
+        for r in results:
+            write_optimize_report(r, Path(r.outdir), cfg.pricing)
+        if levels is not None:
+            write_pareto(results, outdir)
+
+    distributed.on_main(reports)
+    return results if levels is not None else results[0]
 
 
 def _samples(x, y, data, data_dir, samples: int, shape: tuple[int, ...], dealer: bool):
@@ -420,6 +425,7 @@ def train(
     validation.check_device(cfg.device)
     validation.check_output_file(output, "output")
     _fits(model, data)
+    distributed.setup(cfg.device)
     torch.manual_seed(cfg.seed)
     ckpt = None if output is None else Path(output).with_name(Path(output).name + ".ckpt")
     result = fit(model, data, cfg, checkpoint=ckpt, resume=resume)
@@ -443,6 +449,7 @@ def run(
     if not isinstance(config, RunConfig):
         raise ConfigError(f"config is a {type(config).__name__}, not a relu_opt.pipeline.RunConfig")
     validation.check_output_dir(runs_dir, "runs_dir")
+    distributed.setup(config.optimize.device)
     return run_job(config, runs_dir=runs_dir, command=command, log=log)
 
 

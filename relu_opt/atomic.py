@@ -16,8 +16,13 @@ from relu_opt.errors import ConfigError
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to `path` atomically; returns the path. A crash leaves the old file or none."""
+    """Write `data` to `path` atomically; returns the path. A crash leaves the old file or none. Of several
+    ranks (relu_opt.distributed) only rank 0 writes, unless a rank works alone on work of its own."""
+    from relu_opt import distributed
+
     path = Path(path)
+    if not distributed.writes():
+        return path
     if path.exists() and not path.is_file():  # never rename over a device (/dev/null), pipe or folder
         raise ConfigError(f"'{path}' exists and is not a regular file; write to a file path instead")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -64,13 +64,19 @@ def load_cache(
 ) -> Any | None:
     """Return reader(path) for a cache file, or None when it is missing or damaged; a damaged file is
     removed (and `note` told) so the caller rebuilds it."""
+    from relu_opt import distributed
+
     path = Path(path)
-    if not path.is_file():
-        return None
-    try:
-        return reader(path)
-    except (CorruptFileError, KeyError, TypeError, ValueError) as exc:
-        path.unlink(missing_ok=True)
-        if note is not None:
-            note(f"note: removed a damaged cache file and rebuilding it ({exc})")
-        return None
+
+    def read() -> Any | None:
+        if not path.is_file():
+            return None
+        try:
+            return reader(path)
+        except (CorruptFileError, KeyError, TypeError, ValueError) as exc:
+            path.unlink(missing_ok=True)
+            if note is not None:
+                note(f"note: removed a damaged cache file and rebuilding it ({exc})")
+            return None
+
+    return distributed.on_main(read)  # with several ranks, what rank 0 (the one that writes) has

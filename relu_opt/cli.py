@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -25,24 +26,29 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-out, err = Console(), Console(stderr=True)
+out, err = Console(quiet=(_worker := os.environ.get("RANK", "0") != "0")), Console(stderr=True, quiet=_worker)
 _debug = {"on": bool(os.environ.get("RELU_OPT_DEBUG"))}
 
 
 def _fail(message: str, code: int) -> None:
     if _debug["on"]:
         raise
-    err.print(escape(message), soft_wrap=True)
+    if (line := ro.distributed.error_line(message)) is not None:  # of a torchrun job's ranks, each error once
+        Console(stderr=True).print(escape(line), soft_wrap=True)
     raise typer.Exit(code) from None
 
 
-def command(*args, **kwargs):
-    """app.command that prints a ReluOptError as one line and exits 2 (traceback with --debug)."""
+def command(*args, nproc: bool = False, **kwargs):
+    """app.command that prints a ReluOptError as one line and exits 2 (traceback with --debug); with `nproc`
+    the command also takes --nproc N and then runs as N torchrun ranks."""
 
     def deco(fn):
         @functools.wraps(fn)
         def wrapper(*a, **k):
             try:
+                if (n := k.pop("nproc", 1)) > 1 and not ro.distributed.launched():  # as N torchrun ranks
+                    raise typer.Exit(ro.distributed.spawn(n, sys.argv[1:]))
+                ro.distributed.setup(k.get("device", "cpu"))  # a torchrun rank joins its job first
                 return fn(*a, **k)
             except ro.TrainingInterrupted as exc:
                 _fail(str(exc), 130)
@@ -54,6 +60,9 @@ def command(*args, **kwargs):
             except KeyboardInterrupt:
                 _fail("interrupted; finished stages are saved, so the same command resumes", 130)
 
+        if nproc:
+            sig = inspect.signature(fn, eval_str=True)
+            wrapper.__signature__ = sig.replace(parameters=[*sig.parameters.values(), o.NPROC])
         return app.command(*args, **kwargs)(wrapper)
 
     return deco
@@ -206,7 +215,7 @@ def link_cmd(
     _json(json_path, m.to_dict())
 
 
-@command("train")
+@command("train", nproc=True)
 def train_cmd(
     model: o.Model,
     output: o.WeightsOut,
@@ -230,10 +239,10 @@ def train_cmd(
     m = _load(model, weights, pretrained, data, data_dir, input_shape, leaf)
     options = dict(epochs=epochs, lr=lr, batch_size=batch_size, max_train=max_train, device=device, seed=seed)
     r = ro.train(m.model, m.data, output, resume=resume, **options)
-    out.print(f"val accuracy {r.val_accuracy:.2f}%, test accuracy {r.test_accuracy:.2f}%; wrote {output}")
+    out.print(render.train_line(r), soft_wrap=True)
 
 
-@command("rank")
+@command("rank", nproc=True)
 def rank_cmd(
     model: o.Model,
     weights: o.Weights = None,
@@ -282,6 +291,7 @@ def _optimize_config(o: dict) -> ro.OptimizeConfig:
 
 @command(
     "optimize",
+    nproc=True,
     epilog="Budgets: --budget (elements per sample, exact on the ONNX graph), --rounds-budget and --latency-budget "
     "(modeled by the backend's cost model on --network). With none, the lowest modeled latency (0.25, 0.35, 0.5, "
     "0.7 of the original's) whose validation accuracy stays within --max-drop (default 1 point).",
@@ -346,7 +356,7 @@ def optimize_cmd(
         out.print(f"wrote {output}/pareto.md and pareto.png")
 
 
-@command("run")
+@command("run", nproc=True)
 def run_cmd(
     model: o.RunModel = "resnet20",
     data: o.Data = "fashion-mnist",
@@ -415,10 +425,12 @@ def report_cmd(
 
 
 def _exit_on_signal(signum, _frame) -> None:
-    """Turn SIGTERM and SIGHUP into an exit that runs every cleanup (parties stopped, temp files removed)."""
+    """Turn SIGTERM and SIGHUP into an exit that runs every cleanup (parties stopped, temp files removed); in a
+    torchrun job (it stops the ranks when one fails) the training cut short says why instead."""
     resumes = len(sys.argv) > 1 and sys.argv[1] in ("run", "optimize", "train")
     hint = "; finished stages are saved, so the same command resumes" if resumes else ""
-    err.print(f"stopped by signal {signum}{hint}", soft_wrap=True)
+    if ro.distributed.world_size() == 1:
+        err.print(f"stopped by signal {signum}{hint}", soft_wrap=True)
     raise SystemExit(128 + signum)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Annotated
 
@@ -80,6 +81,20 @@ Pretrained = Annotated[bool, option("--pretrained")]
 Data = Annotated[str, option("--data")]
 DataDir = Annotated[Path | None, option("--data-dir")]
 Device = Annotated[str, option("--device")]
+NPROC = inspect.Parameter(
+    "nproc",
+    inspect.Parameter.KEYWORD_ONLY,
+    default=1,
+    annotation=Annotated[
+        int,
+        option(
+            "--nproc",
+            min=1,
+            help="Train on N processes of this host (data-parallel, torch.distributed; the same as `torchrun "
+            "--nproc-per-node N -m relu_opt ...`, which also spans hosts). Only rank 0 writes and prints.",
+        ),
+    ],
+)
 Json = Annotated[Path | None, option("--json")]
 MaxDrop = Annotated[float | None, option("--max-drop")]
 Strategy = Annotated[str, option("--strategy")]

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from relu_opt import atomic
+from relu_opt import atomic, distributed
 from relu_opt.checked_io import load_torch
 from relu_opt.data import Dataset
 from relu_opt.errors import CorruptFileError, ReluOptError
@@ -128,6 +128,20 @@ def _scaled_checkpoint(state: dict, target: Path, factor: float) -> None:
     atomic.save_torch(state, target)
 
 
+def _judge(model: nn.Module, data: Dataset, device: str, floor: float, baseline_val: float) -> tuple[str | None, float]:
+    """Return (why the fine-tuned `model` failed or None, its validation accuracy %)."""
+    logits = predict(model, data.val.x, device=device)
+    val = 100 * float((logits.argmax(1) == data.val.y).float().mean())
+    # A polynomial composition fed far outside its fitted range overflows on a few images while
+    # the accuracy still looks fine; the export's parity check would then refuse the model.
+    overflow = int((~torch.isfinite(logits).all(1)).sum())
+    if overflow:
+        return f"the output overflows (NaN or infinite) on {overflow} of {len(logits)} validation images", val
+    if val < floor and baseline_val - 100.0 / data.num_classes >= _clearly_above_chance(len(data.val)):
+        return f"validation accuracy {val:.2f}% fell toward chance (below {floor:.2f}%)", val
+    return None, val
+
+
 def guarded_fit(
     model: nn.Module,
     data: Dataset,
@@ -178,7 +192,7 @@ def guarded_fit(
 
         def on_epoch_start(epoch: int, frac: float, path=path, snap=snap) -> None:
             # the checkpoint on disk now holds the epoch just finished; keep it in case a later one collapses
-            if epoch > 0 and snap is not None and path.is_file():
+            if epoch > 0 and snap is not None and distributed.is_main() and path.is_file():
                 shutil.copyfile(path, snap)
             if user_epoch_start:
                 user_epoch_start(epoch, frac)
@@ -203,27 +217,19 @@ def guarded_fit(
         else:
             if finalize:
                 finalize(model)
-            logits = predict(model, data.val.x, device=cfg.device)
-            val = 100 * float((logits.argmax(1) == data.val.y).float().mean())
-            # A polynomial composition fed far outside its fitted range overflows on a few images while
-            # the accuracy still looks fine; the export's parity check would then refuse the model.
-            overflow = int((~torch.isfinite(logits).all(1)).sum())
-            if overflow:
-                failure = f"the output overflows (NaN or infinite) on {overflow} of {len(logits)} validation images"
-            elif val < floor and baseline_val - 100.0 / data.num_classes >= _clearly_above_chance(len(data.val)):
-                failure = f"validation accuracy {val:.2f}% fell toward chance (below {floor:.2f}%)"
+            failure, val = distributed.on_main(lambda c=cfg: _judge(model, data, c.device, floor, baseline_val))
         attempts.append(Attempt(cfg.lr, val, failure, from_epoch, safer))
         if failure is None:
-            if snap is not None:
+            if snap is not None and distributed.is_main():
                 snap.unlink(missing_ok=True)
             return GuardedResult(result, tuple(attempts), val)
-        state = _good_epoch(snap, floor)
+        state = distributed.on_main(lambda snap=snap: _good_epoch(snap, floor))
         if state is not None:
             good = (state, attempt)
         where = f"epoch {good[0]['epoch']}" if good else "the start"
         log(f"fine-tuning attempt {attempt + 1} at lr {cfg.lr:.3g} failed ({failure}); rolling back to {where}")
         model.load_state_dict(start)
-        if path is not None:
+        if path is not None and distributed.is_main():
             path.unlink(missing_ok=True)
     tried = ", ".join(f"lr {a.lr:.3g}: {a.failure}" for a in attempts)
     raise FinetuneFailed(

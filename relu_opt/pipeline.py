@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from relu_opt import atomic
+from relu_opt import atomic, distributed
 from relu_opt.backends import Pricing
 from relu_opt.cache import cache_dir, file_digest
 from relu_opt.checked_io import load_cache, load_torch
@@ -185,9 +185,6 @@ def run(
 ) -> RunResult:
     """Run the main job and write runs/<timestamp>/; returns the RunResult (also in report.json). Caches
     (baseline, rankings, cost model) go to cfg.optimize.pricing.cache, else the user cache."""
-    from relu_opt.encrypted import bench
-    from relu_opt.modeled_cost import read_folder_costs
-    from relu_opt.reports import result_key, result_label, write_optimize_report
 
     o = cfg.optimize
     cache = Path(o.pricing.cache) if o.pricing.cache else cache_dir()
@@ -206,7 +203,7 @@ def run(
         budgets = [None] if o.selector == "latency" else [max(1, int(before.total_relu * cfg.fraction))]
 
     t = time.perf_counter()
-    weights_key = file_digest(baseline_info["source"])[:10]
+    weights_key = distributed.on_main(lambda: file_digest(baseline_info["source"]))[:10]
     work = cache / "runs" / f"{_slug(cfg.model)}_{cfg.data}_{weights_key}"
     folder = work / f"{o.strategy}_{o.replace}_{o.granularity}_{o.selector}"
     method = f"({o.strategy}, {o.replace}, {o.granularity})"
@@ -226,6 +223,22 @@ def run(
         log(f"optimize: {ocfg.label} of {before.total_relu:,} ReLUs {method}")
         results.append(optimize(model, data, ocfg, folder / ocfg.dirname, cfg.model, work=folder / ".work"))
     seconds["optimize"] = time.perf_counter() - t
+    # export, bench and the report folder are rank 0's (with several ranks the others wait for its result)
+    return distributed.on_main(
+        lambda: _measure_and_report(
+            cfg, data, model, baseline_info, before, results, pricing, runs_dir, command, log, seconds
+        )
+    )
+
+
+def _measure_and_report(cfg, data, model, baseline_info, before, results, pricing, runs_dir, command, log, seconds):
+    """Bench original vs optimized vs floor and write the run folder; return the RunResult."""
+    from relu_opt.encrypted import bench
+    from relu_opt.modeled_cost import read_folder_costs
+    from relu_opt.reports import result_key, result_label, write_optimize_report
+
+    o = cfg.optimize
+    example = data.train.x[:1]
     best = results[-1]
     optimized = load(best.outdir)
     after = census_of(optimized, example, f"{cfg.model} @ {result_label(best.to_dict())}")

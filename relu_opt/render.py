@@ -324,3 +324,9 @@ def usage_line(e) -> str:
     """Return a usage error (click's: a bad or missing option) as one line naming where help is."""
     ctx = getattr(e, "ctx", None)
     return f"error: {e.format_message()}" + (f" (see {ctx.command_path} --help)" if ctx is not None else "")
+
+
+def train_line(r) -> str:
+    """Return the line `relu-opt train` ends with: accuracies, the file written, and where it resumed."""
+    resumed = f" (resumed from epoch {r.result.resumed_from + 1})" if r.result.resumed_from else ""
+    return f"val accuracy {r.val_accuracy:.2f}%, test accuracy {r.test_accuracy:.2f}%; wrote {r.path}{resumed}"

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import Tensor, nn
 
-from relu_opt import atomic
+from relu_opt import atomic, distributed
 from relu_opt.checked_io import load_cache, load_torch
 from relu_opt.data import Dataset, Split, batches
 from relu_opt.errors import ConfigError, ReluOptError
@@ -82,7 +82,8 @@ class TrainConfig:
 
 
 def note(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    if distributed.is_main():
+        print(message, file=sys.stderr, flush=True)
 
 
 def _prepare_input(x: Tensor, device: str) -> Tensor:
@@ -169,6 +170,29 @@ def _exploded(recent: deque[float], growth: float | None) -> bool:
     return now > growth * max(before, 1.0)
 
 
+def _data_parallel(model: nn.Module, device: str) -> nn.Module:
+    """Return `model` wrapped in DistributedDataParallel when several ranks train it, else `model`."""
+    if not distributed.active():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [torch.cuda.current_device()] if device.startswith("cuda") else None
+    # masks and replacements leave some parameters without a gradient in some steps
+    with distributed.collective():
+        return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+
+
+def _lost_meanwhile() -> distributed.RankLost | None:
+    """Return the RankLost behind a stop signal when another rank is gone (torchrun stops the rest), else None."""
+    if distributed.world_size() < 2:
+        return None
+    distributed.hold_signals()
+    lost = [r for r in distributed.lost_ranks() if r != distributed.rank()]
+    if not lost:
+        return None
+    return distributed.RankLost(f"rank {', '.join(map(str, lost))} of {distributed.world_size()} stopped")
+
+
 def _ce(logits: Tensor, x: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(logits, y)
 
@@ -205,6 +229,8 @@ def fit(
     checkpoint is removed and training starts again; one written with other settings is a ConfigError."""
     device = config.device
     model.to(device).to(memory_format=torch.channels_last)
+    net = _data_parallel(model, device)
+    progress = progress and distributed.is_main()
     groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
     opt = torch.optim.SGD(
         groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True
@@ -258,7 +284,7 @@ def fit(
     resumed_from = start_epoch
 
     def save(epoch: int, step: int = 0, stats: tuple = (0.0, 0, 0)) -> None:
-        if ckpt:
+        if ckpt and distributed.is_main():
             atomic.save_torch(
                 {
                     "model": model.state_dict(),
@@ -314,27 +340,32 @@ def fit(
                         continue
                     if on_step:
                         on_step((epoch + step / steps_per_epoch) / config.epochs)
+                    x, y, weight = distributed.shard(x, y)
                     x, y = _prepare_input(x, device), y.to(device)
-                    logits = model(x)
+                    logits = model(x) if net is model else net(x)
                     loss = loss_fn(logits, x, y)
-                    recent.append(loss.item())
+                    # the whole batch's loss and hits, so every rank judges (and logs) the same numbers
+                    batch_loss, hits, n = distributed.all_sum(
+                        [loss.item() * len(y), int((logits.argmax(1) == y).sum()), len(y)]
+                    )
+                    recent.append(batch_loss / n)
                     exploded = _exploded(recent, config.max_loss_growth)
-                    if not torch.isfinite(loss) or exploded:
+                    if not math.isfinite(batch_loss) or exploded:
                         where = f"'{ckpt}' (epoch {len(history)})" if ckpt and ckpt.is_file() else "none"
                         raise TrainingDiverged(
-                            f"loss became {loss.item():.4g}{' (exploding)' if exploded else ''} at epoch {epoch + 1}, "
-                            f"step {step + 1}; stopped. Last good checkpoint: {where}. Try a lower --lr"
+                            f"loss became {batch_loss / n:.4g}{' (exploding)' if exploded else ''} at epoch "
+                            f"{epoch + 1}, step {step + 1}; stopped. Last good checkpoint: {where}. Try a lower --lr"
                         )
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                    (loss * weight if weight != 1.0 else loss).backward()
                     if config.clip_grad:
                         nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
                     opt.step()
                     sched.step()
                     done = sched.last_epoch - epoch * steps_per_epoch
-                    total_loss += loss.item() * len(y)
-                    correct += int((logits.argmax(1) == y).sum())
-                    seen += len(y)
+                    total_loss += batch_loss
+                    correct += int(hits)
+                    seen += int(n)
                     bar.update(task, advance=1, info=f"loss {total_loss / seen:.3f} acc {correct / seen:.1%}")
                 val_loss, val_acc = evaluate(model, data.val, device=device)
                 history.append(
@@ -351,7 +382,12 @@ def fit(
                 bar.update(task, info=f"loss {total_loss / max(seen, 1):.3f} val acc {val_acc:.2%}")
                 save(epoch + 1)
                 open_epoch = None
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit, RuntimeError, distributed.RankLost) as exc:
+        # Ctrl-C, a stop signal (torchrun stops the ranks when one fails), or another rank lost
+        failed = isinstance(exc, RuntimeError | distributed.RankLost)
+        lost = distributed.rank_lost(exc) if failed else _lost_meanwhile()
+        if failed and lost is None:
+            raise
         if open_epoch is not None:
             if sched is not None:  # the steps the schedule took are the steps done, wherever Ctrl-C hit
                 done = sched.last_epoch - open_epoch * steps_per_epoch
@@ -359,10 +395,16 @@ def fit(
             save(open_epoch, done, (total_loss, correct, seen))
         else:
             epoch, done = len(history), 0
+        where = f"state saved to '{ckpt}' (epoch {epoch + 1}, step {done})" if ckpt else "nothing saved"
+        if lost is not None:
+            raise distributed.RankLost(f"{lost} during {description}; {where}; {resume_hint}") from None
+        if isinstance(exc, SystemExit) and distributed.world_size() < 2:  # the signal handler said why
+            raise
         raise TrainingInterrupted(
             f"interrupted in epoch {epoch + 1} after step {done}; state saved to '{ckpt}', {resume_hint}"
             if ckpt
             else f"interrupted in epoch {epoch + 1}"
         ) from None
     model.to(memory_format=torch.contiguous_format)
+    distributed.sync_state(model)
     return TrainResult(tuple(history), str(ckpt) if ckpt else None, resumed_from)

@@ -154,3 +154,16 @@ def test_latency_frontier_compares_at_equal_accuracy_loss_limits():
     assert (a["latency"], a["count"], a["fewer_rounds"], a["lower_wan"]) == ("0.35x latency", "7,212 ReLUs", 1.76, True)
     assert (b["latency"], b["count"], b["rounds"]) == ("0.3x latency", "7,212 ReLUs", [49, 102])
     assert lf.at_limits(rows[:3], 94.08, [0.5])[0]["latency"] is None
+
+
+@pytest.mark.slow
+def test_distributed_epochs_records_one_row_per_process_count(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "distributed_epochs.py"), "--model", "small_cnn"]
+    cmd += ["--data", "digits", "--epochs", "2", "--nprocs", "1,2", "--out", str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    result = json.loads((tmp_path / "distributed_epochs.json").read_text())
+    assert [row["processes"] for row in result["rows"]] == [1, 2]
+    for row in result["rows"]:
+        assert len(row["epoch_s"]) == 2 and all(s > 0 for s in row["epoch_s"]) and row["val_accuracy"] > 30
+    assert "| 2 |" in (tmp_path / "distributed_epochs.md").read_text()

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -343,3 +344,38 @@ def test_spu_parties_on_two_namespaces(tmp_path):
     # (setup + steady state) and one more (2 samples, one at a time)
     counted = sum(2 * m["sent_per_party"][0] + m["offline_sent_per_party"][0] for m in d[0]["models"])
     assert sent >= counted > 0 and orig["offline_bytes"] > 5e6
+
+
+@pytest.mark.slow
+@pytest.mark.multihost
+@pytest.mark.skipif(_shaped_link().available() is not None, reason="needs root with ip and tc")
+def test_training_on_two_hosts_is_one_job(tmp_path):
+    """Data-parallel training across two hosts (network namespaces on a bridge), each started by the same
+    torchrun command with its --node-rank: the weights one process trains, written once, by node 0."""
+    from tests.test_distributed import MLP
+
+    sl = _shaped_link()
+    (tmp_path / "mlp.py").write_text(MLP)
+    train = ["train", f"{tmp_path / 'mlp.py'}:MLP", "--data", "digits", "--epochs", "3", "--lr", "0.05"]
+    one = subprocess.run([sys.executable, "-m", "relu_opt", *train, "-o", tmp_path / "one.pt"], capture_output=True)
+    assert one.returncode == 0, one.stderr
+    port, env = str(29400 + os.getpid() % 500), {k: v for k, v in os.environ.items() if k not in sl._HIDDEN}
+    env["OMP_NUM_THREADS"] = "1"
+    try:
+        with sl.Hosts(None, n=2) as hosts:
+            procs = []
+            for node, ns in enumerate(hosts.ns):
+                launch = ["torch.distributed.run", "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1"]
+                launch += ["--master-addr", sl.ADDRS[0], "--master-port", port]
+                cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", *launch, "-m", "relu_opt", *map(str, train)]
+                procs.append(subprocess.Popen([*cmd, "-o", str(tmp_path / "two.pt")], env=env, text=True,
+                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE))  # fmt: skip
+                time.sleep(0.2)
+            res = [p.communicate(timeout=300) for p in procs]
+    finally:
+        assert not any(ns.startswith("ro") and len(ns) == 12 for ns in _my_namespaces()), "namespaces left"
+    for p, (_, err) in zip(procs, res):
+        assert p.returncode == 0, err[-2000:]
+    assert "val accuracy" in res[0][0] and "val accuracy" not in res[1][0]  # only rank 0 prints
+    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4  # gloo over the veth pair: one job

@@ -95,7 +95,13 @@ class Pricing:
 
     def cost_model(self, measure: bool = True, timeout: float = 300, note: Callable[[str], None] | None = None):
         """Return the cost model for these prices: the cached one, else (with `measure`) measured once
-        under the backend with real parties and cached; None when none is cached and `measure` is off."""
+        under the backend with real parties and cached; None when none is cached and `measure` is off. Of
+        several ranks (relu_opt.distributed), rank 0 loads or measures it and hands it to the others."""
+        from relu_opt import distributed
+
+        return distributed.on_main(lambda: self._cost_model(measure, timeout, note))
+
+    def _cost_model(self, measure: bool, timeout: float, note: Callable[[str], None] | None):
         engine = self.engine()
         cached = engine.load_cost_model(self, note)
         if not measure:

@@ -19,6 +19,15 @@ from pathlib import Path
 
 from relu_opt.errors import BackendError
 
+_JOB_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+             "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")  # fmt: skip
+
+
+def outside_job_env() -> dict[str, str]:
+    """Return this environment without a torchrun job's variables: parties started by rank 0 of a
+    data-parallel job set up their own torch.distributed group, and would otherwise join the job's."""
+    return {k: v for k, v in os.environ.items() if k not in _JOB_VARS and not k.startswith("TORCHELASTIC_")}
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """Return a TCP port free now on `host`, an address of this machine (default localhost)."""
@@ -143,6 +152,7 @@ def run_members(members: list[Member], module: str, timeout: float, stale: float
                         stdout=logf,
                         stderr=subprocess.STDOUT,
                         start_new_session=True,  # its own process group, so it can be killed whole
+                        env=outside_job_env(),
                     )
                 )
         deadline = time.monotonic() + timeout

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from torch import nn
 
-from relu_opt import atomic
+from relu_opt import atomic, distributed
 from relu_opt.checked_io import load_cache, read_json
 from relu_opt.data import Dataset
 from relu_opt.optimizer.config import OptimizeConfig, check_budget, check_config
@@ -56,7 +56,6 @@ def optimize(
     Plan (rank, select, rewrite), fine-tune, save: OUTDIR gets plan.json, model.pt (the rewritten state
     dict), model.onnx (verified, elements counted) and report.json. A finished OUTDIR with the same
     configuration is returned as is. WORK (default OUTDIR/.work) keeps rankings and checkpoints."""
-    from relu_opt.optimizer.exporter import save
     from relu_opt.optimizer.tuner import tune
 
     t0 = time.perf_counter()
@@ -70,7 +69,15 @@ def optimize(
         return done
     planned = plan(model, data, config, work, progress)
     tuned = tune(planned, data, config, work / f"finetune_{run_key}.ckpt", progress)
-    result = save(planned, tuned, data, config, outdir, base_spec or type(model).__name__, t0)
+    base = base_spec or type(model).__name__
+    return distributed.on_main(lambda: _saved(planned, tuned, data, config, outdir, base, t0, run_key))
+
+
+def _saved(planned, tuned, data, config, outdir: Path, base: str, t0: float, run_key: str) -> OptimizeResult:
+    """Export, verify and save the fine-tuned plan (rank 0's work); return the result."""
+    from relu_opt.optimizer.exporter import save
+
+    result = save(planned, tuned, data, config, outdir, base, t0)
     record = {"config_key": run_key, "config": asdict(config), "result": result.to_dict()}
     atomic.write_json(outdir / "report.json", record)
     return result

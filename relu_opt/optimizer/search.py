@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from relu_opt import atomic
+from relu_opt import atomic, distributed
 from relu_opt.cache import state_digest
 from relu_opt.checked_io import load_cache, read_json
 from relu_opt.data import Dataset
@@ -38,12 +38,37 @@ def optimize_frontier(
     base_spec: str = "",
     progress: bool = True,
 ) -> list[OptimizeResult]:
-    """Return the results of optimizing to each budget, in OUTDIR/budget_N/ (rankings shared in OUTDIR/.work)."""
-    from relu_opt.optimizer import optimize
+    """Return the results of optimizing to each budget, in OUTDIR/budget_N/ (rankings shared in OUTDIR/.work).
 
-    outdir = Path(outdir)
+    With several ranks (relu_opt.distributed) the budgets are spread over them: the ranking they share is
+    computed once by all of them together, then each rank optimizes its budgets by itself, and rank 0 gets
+    every budget's folder (written again where it has no such file: ranks on other hosts)."""
+    from relu_opt.optimizer import optimize, rank_model
+
+    outdir, work = Path(outdir), Path(outdir) / ".work"
     configs = [replace(config, budget=b) for b in budgets]
-    return [optimize(model, data, c, outdir / c.dirname, base_spec, progress, work=outdir / ".work") for c in configs]
+    if not distributed.active() or len(configs) < 2:
+        return [optimize(model, data, c, outdir / c.dirname, base_spec, progress, work=work) for c in configs]
+    rank_model(model, data, configs[0], work, progress)  # cached in WORK for every budget that shares it
+    config.pricing.cost_model(note=note)  # measured (once, by rank 0) before the ranks go their own ways
+    share = distributed.mine(configs)  # this rank's budgets
+    with distributed.alone():
+        mine = [(i, optimize(model, data, c, outdir / c.dirname, base_spec, progress, work=work)) for i, c in share]
+        mine = [(i, r, {} if distributed.is_main() else _files(Path(r.outdir))) for i, r in mine]
+    done = sorted((x for part in distributed.gather(mine) for x in part), key=lambda x: x[0])
+    if distributed.is_main():
+        for _, r, files in done:
+            for rel, blob in files.items():
+                if not (Path(r.outdir) / rel).is_file():
+                    atomic.write_bytes(Path(r.outdir) / rel, blob)
+    return [r for _, r, _ in done]
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    """Return every file in `folder` (not its work folder) by relative path."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file() and ".work" not in p.parts
+    }
 
 
 def optimize_lowest_latency(
