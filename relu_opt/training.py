@@ -396,6 +396,8 @@ def fit(
         else:
             epoch, done = len(history), 0
         where = f"state saved to '{ckpt}' (epoch {epoch + 1}, step {done})" if ckpt else "nothing saved"
+        if ckpt and not distributed.is_main():  # rank 0 writes checkpoints; its last one stays
+            where = f"'{ckpt}' keeps rank 0's last save"
         if lost is not None:
             raise distributed.RankLost(f"{lost} during {description}; {where}; {resume_hint}") from None
         if isinstance(exc, SystemExit) and distributed.world_size() < 2:  # the signal handler said why
