@@ -30,10 +30,10 @@ out, err = Console(quiet=(_worker := os.environ.get("RANK", "0") != "0")), Conso
 _debug = {"on": bool(os.environ.get("RELU_OPT_DEBUG"))}
 
 
-def _fail(message: str, code: int) -> None:
+def _fail(message: str, code: int, quiet: bool = False) -> None:
     if _debug["on"]:
         raise
-    if (line := ro.distributed.error_line(message)) is not None:  # of a torchrun job's ranks, each error once
+    if (line := ro.distributed.error_line(message, quiet)) is not None:  # of a torchrun job's ranks, each error once
         Console(stderr=True).print(escape(line), soft_wrap=True)
     raise typer.Exit(code) from None
 
@@ -50,8 +50,8 @@ def command(*args, nproc: bool = False, **kwargs):
                     raise typer.Exit(ro.distributed.spawn(n, sys.argv[1:]))
                 ro.distributed.setup(k.get("device", "cpu"))  # a torchrun rank joins its job first
                 return fn(*a, **k)
-            except ro.TrainingInterrupted as exc:
-                _fail(str(exc), 130)
+            except ro.TrainingInterrupted as exc:  # a signal stopped every rank: rank 0 says so
+                _fail(str(exc), 130, quiet=True)
             except ro.ReluOptError as exc:
                 _fail(f"error: {exc}", 2)
             except (EOFError, MemoryError) as exc:  # a truncated file somewhere, or a job too big for memory

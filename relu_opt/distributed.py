@@ -147,11 +147,15 @@ def lost_ranks(wait: float = _PROBE_WAIT_S) -> list[int]:
         return [0]
 
 
-def error_line(message: str, wait: float = _PROBE_WAIT_S) -> str | None:
+def error_line(message: str, quiet: bool = False, wait: float = _PROBE_WAIT_S) -> str | None:
     """Return the line this rank prints for its error, or None: rank 0 prints (and posts) its own; another rank
-    stays silent when rank 0 said the same (every rank fails alike in most errors) and else names itself."""
+    stays silent when rank 0 has said something (every rank fails alike in most errors, or with the same
+    cause), and else names itself (an error of its own stops it before rank 0 can know of it); `quiet`: a
+    stop every rank got (a signal), which only rank 0 reports."""
     if world_size() < 2:
         return message
+    if quiet and not is_main():
+        return None
     import torch.distributed as dist
 
     try:
@@ -162,7 +166,7 @@ def error_line(message: str, wait: float = _PROBE_WAIT_S) -> str | None:
         deadline = time.monotonic() + wait
         while not store.check(["relu_opt/error"]) and time.monotonic() < deadline:
             time.sleep(0.1)
-        if store.check(["relu_opt/error"]) and store.get("relu_opt/error").decode() == message:
+        if store.check(["relu_opt/error"]):
             return None
     except Exception:  # no store (rank 0's host is gone): say it here
         pass
@@ -233,14 +237,15 @@ def all_sum(values: Sequence[float]) -> list[float]:
         return [float(v) for v in values]
     import torch.distributed as dist
 
-    t = torch.tensor(list(values), dtype=torch.float64)
+    on = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces GPU tensors only
+    t = torch.tensor(list(values), dtype=torch.float64, device=on)
     with collective():
         dist.all_reduce(t)
-    return t.tolist()
+    return t.cpu().tolist()
 
 
 def sum_tensors(tensors: Sequence[Tensor]) -> None:
-    """Sum each tensor over the ranks, in place (on CPU, as gloo needs)."""
+    """Sum each tensor over the ranks, in place (on the device the backend reduces on)."""
     if not active():
         return
     import torch.distributed as dist
@@ -322,6 +327,7 @@ def spawn(nproc: int, argv: Sequence[str]) -> int:
     return the exit code of rank 0 (or of the first rank that failed)."""
     import logging
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -330,7 +336,10 @@ def spawn(nproc: int, argv: Sequence[str]) -> int:
     from relu_opt.backends.processes import free_port
 
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the ranks say what happened
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")  # rank 0's lines reach a log file as they are printed
+    for name in list(logging.root.manager.loggerDict):  # the ranks say what happened (each logger has a level)
+        if name.startswith(("torch.distributed.elastic", "torch.distributed.launcher")):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -339,15 +348,20 @@ def spawn(nproc: int, argv: Sequence[str]) -> int:
         rdzv_endpoint=f"127.0.0.1:{free_port()}",
         run_id=f"relu-opt-{os.getpid()}",
         max_restarts=0,
-        # a lost rank is noticed by the others' next collective at once; the agent's own check comes later,
-        # so rank 0 saves its state and names the rank before the agent stops it
-        monitor_interval=5,
+        # how often the agent looks at the ranks (the job outlives its end by up to this). A lost rank is
+        # noticed by the others' next collective at once, so rank 0 names it before the agent stops the job
+        monitor_interval=2,
     )
     try:
         elastic_launch(config, sys.executable)("-m", "relu_opt", *argv)
+    except SignalException as exc:  # Ctrl-C or a stop signal: the ranks saved and rank 0 said so
+        return 128 + int(exc.sigval)
     except ChildFailedError as exc:
         failures = exc.failures
-        first = failures.get(0) or next(iter(failures.values()))
-        code = first.exitcode
+        lost, why = exc.get_first_failure()
+        if lost != 0 and why.exitcode < 0 and getattr(failures.get(0), "exitcode", 0) != 2:
+            # rank 0 was stopped by the agent before a collective told it (it said "interrupted")
+            print(f"rank {lost} of {nproc} died ({why.signal_name()}); the job was stopped", file=sys.stderr)
+        code = (failures.get(0) or why).exitcode
         return code if code > 0 else 128 - code if code < 0 else 1
     return 0

@@ -192,7 +192,7 @@ def guarded_fit(
 
         def on_epoch_start(epoch: int, frac: float, path=path, snap=snap) -> None:
             # the checkpoint on disk now holds the epoch just finished; keep it in case a later one collapses
-            if epoch > 0 and snap is not None and distributed.is_main() and path.is_file():
+            if epoch > 0 and snap is not None and distributed.writes() and path.is_file():
                 shutil.copyfile(path, snap)
             if user_epoch_start:
                 user_epoch_start(epoch, frac)
@@ -220,7 +220,7 @@ def guarded_fit(
             failure, val = distributed.on_main(lambda c=cfg: _judge(model, data, c.device, floor, baseline_val))
         attempts.append(Attempt(cfg.lr, val, failure, from_epoch, safer))
         if failure is None:
-            if snap is not None and distributed.is_main():
+            if snap is not None and distributed.writes():
                 snap.unlink(missing_ok=True)
             return GuardedResult(result, tuple(attempts), val)
         state = distributed.on_main(lambda snap=snap: _good_epoch(snap, floor))
@@ -229,7 +229,7 @@ def guarded_fit(
         where = f"epoch {good[0]['epoch']}" if good else "the start"
         log(f"fine-tuning attempt {attempt + 1} at lr {cfg.lr:.3g} failed ({failure}); rolling back to {where}")
         model.load_state_dict(start)
-        if path is not None and distributed.is_main():
+        if path is not None and distributed.writes():
             path.unlink(missing_ok=True)
     tried = ", ".join(f"lr {a.lr:.3g}: {a.failure}" for a in attempts)
     raise FinetuneFailed(

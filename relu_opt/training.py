@@ -182,17 +182,6 @@ def _data_parallel(model: nn.Module, device: str) -> nn.Module:
         return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
 
 
-def _lost_meanwhile() -> distributed.RankLost | None:
-    """Return the RankLost behind a stop signal when another rank is gone (torchrun stops the rest), else None."""
-    if distributed.world_size() < 2:
-        return None
-    distributed.hold_signals()
-    lost = [r for r in distributed.lost_ranks() if r != distributed.rank()]
-    if not lost:
-        return None
-    return distributed.RankLost(f"rank {', '.join(map(str, lost))} of {distributed.world_size()} stopped")
-
-
 def _ce(logits: Tensor, x: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(logits, y)
 
@@ -284,7 +273,7 @@ def fit(
     resumed_from = start_epoch
 
     def save(epoch: int, step: int = 0, stats: tuple = (0.0, 0, 0)) -> None:
-        if ckpt and distributed.is_main():
+        if ckpt and distributed.writes():
             atomic.save_torch(
                 {
                     "model": model.state_dict(),
@@ -383,10 +372,9 @@ def fit(
                 save(epoch + 1)
                 open_epoch = None
     except (KeyboardInterrupt, SystemExit, RuntimeError, distributed.RankLost) as exc:
-        # Ctrl-C, a stop signal (torchrun stops the ranks when one fails), or another rank lost
-        failed = isinstance(exc, RuntimeError | distributed.RankLost)
-        lost = distributed.rank_lost(exc) if failed else _lost_meanwhile()
-        if failed and lost is None:
+        # Ctrl-C, a stop signal (torchrun's, too, when a rank failed: the launcher names it), or a rank lost
+        lost = distributed.rank_lost(exc) if isinstance(exc, RuntimeError | distributed.RankLost) else None
+        if lost is None and not isinstance(exc, KeyboardInterrupt | SystemExit):
             raise
         if open_epoch is not None:
             if sched is not None:  # the steps the schedule took are the steps done, wherever Ctrl-C hit
@@ -396,7 +384,7 @@ def fit(
         else:
             epoch, done = len(history), 0
         where = f"state saved to '{ckpt}' (epoch {epoch + 1}, step {done})" if ckpt else "nothing saved"
-        if ckpt and not distributed.is_main():  # rank 0 writes checkpoints; its last one stays
+        if ckpt and not distributed.writes():  # rank 0 writes checkpoints; its last one stays
             where = f"'{ckpt}' keeps rank 0's last save"
         if lost is not None:
             raise distributed.RankLost(f"{lost} during {description}; {where}; {resume_hint}") from None

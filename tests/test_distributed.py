@@ -171,3 +171,32 @@ def test_a_frontier_spreads_its_budgets_over_the_ranks(tmp_path):
         assert [s["score"] for s in res[1]["sites"]] == pytest.approx([s["score"] for s in res[0]["sites"]], rel=1e-4)
         assert res[0]["val_accuracy_after"] == pytest.approx(res[1]["val_accuracy_after"], abs=1.0)
     assert (tmp_path / "two" / "pareto.md").is_file() and two.stdout.count("pareto.md") == 1
+    assert len(list((tmp_path / "two" / ".work").glob("finetune_*.ckpt"))) == 2  # rank 1's budget resumes too
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_a_stop_signal_on_nproc_is_one_line_and_resumes(tmp_path, sig):
+    out = tmp_path / "w.pt"
+    args = ["train", "small_cnn", "--data", "digits", "--epochs", "3", "--batch-size", "4", "-o", out, "--nproc", "2"]
+    # a session of its own, as a terminal's Ctrl-C reaches the launcher and every rank; SIGINT at its default
+    proc = subprocess.Popen(
+        _argv(*args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "w.pt.ckpt").is_file():
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.killpg(proc.pid, sig)
+    _, stderr = proc.communicate(timeout=120)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert proc.returncode == 128 + sig and len(lines) == 1, stderr
+    assert lines[0].startswith("interrupted in epoch") and "rerun with --resume" in lines[0]
+    again = _run(*args, "--resume")
+    assert again.returncode == 0 and "resumed from epoch" in again.stdout, again.stderr

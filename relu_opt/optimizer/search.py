@@ -50,7 +50,10 @@ def optimize_frontier(
     if not distributed.active() or len(configs) < 2:
         return [optimize(model, data, c, outdir / c.dirname, base_spec, progress, work=work) for c in configs]
     rank_model(model, data, configs[0], work, progress)  # cached in WORK for every budget that shares it
-    config.pricing.cost_model(note=note)  # measured (once, by rank 0) before the ranks go their own ways
+    from relu_opt.selection import get_selector
+
+    # measured (once, by rank 0) before the ranks go their own ways, where the selector needs prices
+    config.pricing.cost_model(measure=get_selector(config.selector).needs_prices, note=note)
     share = distributed.mine(configs)  # this rank's budgets
     with distributed.alone():
         mine = [(i, optimize(model, data, c, outdir / c.dirname, base_spec, progress, work=work)) for i, c in share]
