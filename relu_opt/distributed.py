@@ -25,7 +25,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
-from relu_opt.errors import ConfigError, ReluOptError
+from relu_opt.errors import ConfigError, ReluOptError, first_line
 
 T = TypeVar("T")
 _solo = {"depth": 0, "alone": 0}  # inside rank 0's on_main work or a rank's own work: no collectives
@@ -133,18 +133,24 @@ def lost_ranks(wait: float = _PROBE_WAIT_S) -> list[int]:
     import torch.distributed as dist
 
     _lost_probe["n"] += 1
+    prefix = f"relu_opt/alive/{_lost_probe['n']}/"
     try:
         store = dist.distributed_c10d._get_default_store()
-        prefix = f"relu_opt/alive/{_lost_probe['n']}/"
         store.set(f"{prefix}{rank()}", "1")
-        deadline = time.monotonic() + wait
-        while True:
-            missing = [r for r in range(world_size()) if not store.check([f"{prefix}{r}"])]
-            if not missing or time.monotonic() > deadline:
-                return missing
-            time.sleep(0.1)
+        missing = _missing(store, [f"{prefix}{r}" for r in range(world_size())], wait)
+        return [r for r in range(world_size()) if f"{prefix}{r}" in missing]
     except Exception:  # the store lives on rank 0's host (or torchrun's agent there): that is what went
         return [0]
+
+
+def _missing(store, keys: list[str], wait: float) -> set[str]:
+    """Return which of `keys` the job's store still lacks after waiting up to `wait` seconds for them all."""
+    deadline = time.monotonic() + wait
+    while True:
+        missing = {k for k in keys if not store.check([k])}
+        if not missing or time.monotonic() > deadline:
+            return missing
+        time.sleep(0.1)
 
 
 def error_line(message: str, quiet: bool = False, wait: float = _PROBE_WAIT_S) -> str | None:
@@ -163,10 +169,7 @@ def error_line(message: str, quiet: bool = False, wait: float = _PROBE_WAIT_S) -
         if is_main():
             store.set("relu_opt/error", message)
             return message
-        deadline = time.monotonic() + wait
-        while not store.check(["relu_opt/error"]) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if store.check(["relu_opt/error"]):
+        if not _missing(store, ["relu_opt/error"], wait):
             return None
     except Exception:  # no store (rank 0's host is gone): say it here
         pass
@@ -182,7 +185,7 @@ def rank_lost(exc: BaseException) -> RankLost | None:
     hold_signals()
     lost = [r for r in lost_ranks() if r != rank()]
     who = f"rank {', '.join(map(str, lost))}" if lost else "another rank"
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    first = first_line(exc)
     reason = "connection to it closed" if "Connection" in first or "pipe" in first else first[:120]
     return RankLost(f"{who} of {world_size()} stopped ({reason})")
 
@@ -319,7 +322,7 @@ def _portable(exc: BaseException) -> BaseException:
         pickle.loads(pickle.dumps(exc))
         return exc
     except Exception:
-        return ReluOptError(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        return ReluOptError(first_line(exc))
 
 
 def spawn(nproc: int, argv: Sequence[str]) -> int:

@@ -261,10 +261,10 @@ def _taylor(ctx: RankContext) -> Criticality:
             model.zero_grad()
             x, y, weight = distributed.shard(x, y)  # each rank a part of the batch, summed before |.|
             (F.cross_entropy(model(x), y) * weight / distributed.parts()).backward()
-            grads = [m.alpha.grad for _, m in model_sites(model, mods)]
-            distributed.sum_tensors(grads)
-            for (s, _), g in zip(model_sites(model, mods), grads):
-                sal[s] += g.abs()
+            sites = list(model_sites(model, mods))
+            distributed.sum_tensors([m.alpha.grad for _, m in sites])
+            for s, m in sites:
+                sal[s] += m.alpha.grad.abs()
     scores = {s: v / unit[s] for s, v in sal.items()}
     return Criticality("taylor", ctx.granularity, scores, unit, {s: float(v.sum()) for s, v in sal.items()})
 

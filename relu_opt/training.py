@@ -331,7 +331,7 @@ def fit(
                         on_step((epoch + step / steps_per_epoch) / config.epochs)
                     x, y, weight = distributed.shard(x, y)
                     x, y = _prepare_input(x, device), y.to(device)
-                    logits = model(x) if net is model else net(x)
+                    logits = net(x)
                     loss = loss_fn(logits, x, y)
                     # the whole batch's loss and hits, so every rank judges (and logs) the same numbers
                     batch_loss, hits, n = distributed.all_sum(
@@ -346,7 +346,7 @@ def fit(
                             f"{epoch + 1}, step {step + 1}; stopped. Last good checkpoint: {where}. Try a lower --lr"
                         )
                     opt.zero_grad(set_to_none=True)
-                    (loss * weight if weight != 1.0 else loss).backward()
+                    (loss * weight).backward()
                     if config.clip_grad:
                         nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
                     opt.step()
